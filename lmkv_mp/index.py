@@ -1,0 +1,383 @@
+"""ChunkIndex: which chunks the host tier holds, their states, leases and LRU (no sockets).
+
+Invariants the rest of the system relies on:
+
+* Only COMMITTED entries are visible to :meth:`lookup` and :meth:`pin`.
+* A read lease pins its entries: a pinned entry is never evicted, and a cleared pinned
+  entry disappears from lookups at once but its slot is freed only when the last pin goes.
+* A write lease owns WRITING entries; releasing or expiring it frees their slots, so a
+  writer that dies between RESERVE and COMMIT leaks nothing and exposes nothing.
+* Eviction takes the least recently used unpinned COMMITTED entries, first of the size
+  class that needs a slot, else a whole span of another class; it happens only under
+  allocation pressure.
+
+Owners are opaque hashable ids (the server uses client ids). Lease expiry is driven from
+outside: the server calls :meth:`drop_owner` for clients that stopped heartbeating.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Hashable, Iterable
+
+from lmkv_mp.keys import HASH_BYTES
+from lmkv_mp.memory.allocator import SlotId
+from lmkv_mp.memory.pool import HostPool, Record, SlotState
+from lmkv_mp.protocol import SlotStatus
+
+Owner = Hashable
+
+
+class EntryState(enum.Enum):
+    WRITING = 1
+    COMMITTED = 2
+    DOOMED = 3   # cleared or expired while pinned: invisible, freed when unpinned
+
+
+class LeaseKind(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    key: bytes          # namespace id (16) + chain hash (16)
+    slot: SlotId
+    offset: int
+    length: int
+    slot_bytes: int
+    state: EntryState
+    pins: int = 0
+    checksum: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    id: int
+    kind: LeaseKind
+    owner: Owner
+    entries: list[Entry] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """Result of :meth:`ChunkIndex.pin`: per namespace, the locations of the leading hits."""
+
+    hits: int
+    lease_id: int
+    offsets: list[list[int]]
+    checksums: list[list[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    lease_id: int           # 0 when nothing was reserved
+    status: list[SlotStatus]
+    offsets: list[int]
+
+
+@dataclass(slots=True)
+class IndexCounters:
+    evictions: int = 0
+    evicted_bytes: int = 0
+    committed: int = 0
+    committed_bytes: int = 0
+    aborted: int = 0
+
+
+class LeaseError(KeyError):
+    """A lease id the owner does not hold."""
+
+
+class ChunkIndex:
+    """The host tier's index. ``chunk_bytes`` of a namespace is fixed once declared."""
+
+    def __init__(self, pool: HostPool) -> None:
+        self.pool = pool
+        self._entries: dict[bytes, Entry] = {}
+        self._by_slot: dict[SlotId, Entry] = {}
+        self._lru: dict[int, OrderedDict[bytes, Entry]] = {}   # slot_bytes -> committed, oldest first
+        self._leases: dict[int, Lease] = {}
+        self._owner_leases: dict[Owner, set[int]] = {}
+        self._ns_bytes: dict[bytes, int] = {}
+        self._lease_ids = itertools.count(1)
+        self.counters = IndexCounters()
+
+    # -- restore ----------------------------------------------------------------------------
+
+    def restore(self, records: Iterable[Record]) -> int:
+        """Adopt COMMITTED records of a warm restart (oldest use first, so LRU order survives)."""
+        n = 0
+        for rec in sorted(records, key=lambda r: r.last_use_ns):
+            key = rec.namespace + rec.hash
+            slot_bytes = self.pool.alloc_state.span_of(rec.slot).slot_bytes
+            if key in self._entries:  # duplicate record: keep the first, free the other
+                self.pool.free(rec.slot)
+                continue
+            e = Entry(key, rec.slot, self.pool.offset(rec.slot), rec.length, slot_bytes,
+                      EntryState.COMMITTED, checksum=rec.checksum)
+            self._entries[key] = e
+            self._by_slot[rec.slot] = e
+            self._lru.setdefault(slot_bytes, OrderedDict())[key] = e
+            self._ns_bytes.setdefault(rec.namespace, rec.length)
+            n += 1
+        return n
+
+    # -- namespaces -------------------------------------------------------------------------
+
+    def declare(self, namespace: bytes, chunk_bytes: int) -> None:
+        """Fix a namespace's chunk size. Raises ValueError if declared with another size."""
+        have = self._ns_bytes.setdefault(namespace, chunk_bytes)
+        if have != chunk_bytes:
+            raise ValueError(f"namespace {namespace.hex()} holds {have}-byte chunks, not {chunk_bytes}")
+
+    def chunk_bytes(self, namespace: bytes) -> int | None:
+        return self._ns_bytes.get(namespace)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:
+        """Leading chunks COMMITTED in every namespace (a hit refreshes LRU order)."""
+        return len(self._leading(namespaces, hashes))
+
+    def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes) -> Pinned:
+        """Like :meth:`lookup`, and take a read lease on the hits (0 hits: no lease)."""
+        rows = self._leading(namespaces, hashes)
+        if not rows:
+            return Pinned(0, 0, [[] for _ in namespaces], [[] for _ in namespaces])
+        lease = self._new_lease(owner, LeaseKind.READ)
+        for row in rows:
+            for e in row:
+                e.pins += 1
+                lease.entries.append(e)
+        offsets = [[row[i].offset for row in rows] for i in range(len(namespaces))]
+        sums = [[row[i].checksum for row in rows] for i in range(len(namespaces))]
+        return Pinned(len(rows), lease.id, offsets, sums)
+
+    def _leading(self, namespaces: list[bytes], hashes: bytes) -> list[list[Entry]]:
+        rows: list[list[Entry]] = []
+        entries = self._entries
+        for i in range(0, len(hashes), HASH_BYTES):
+            h = hashes[i:i + HASH_BYTES]
+            row = []
+            for ns in namespaces:
+                e = entries.get(ns + h)
+                if e is None or e.state is not EntryState.COMMITTED:
+                    break
+                row.append(e)
+            if len(row) != len(namespaces):
+                break
+            rows.append(row)
+        for row in rows:
+            for e in row:
+                self._lru[e.slot_bytes].move_to_end(e.key)
+        return rows
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes) -> Reserved:
+        """Write slots for chunks not already present. After the first chunk that finds no
+        space, later chunks get NO_SPACE too: a chain hash is useless without its prefix."""
+        chunk_bytes = self._ns_bytes.get(namespace)
+        if chunk_bytes is None:
+            raise ValueError(f"namespace {namespace.hex()} was never declared")
+        statuses: list[SlotStatus] = []
+        offsets: list[int] = []
+        lease: Lease | None = None
+        full = False
+        for i in range(0, len(hashes), HASH_BYTES):
+            key = namespace + hashes[i:i + HASH_BYTES]
+            e = self._entries.get(key)
+            if e is not None:
+                if e.state is EntryState.COMMITTED:
+                    # The writer's prompt uses this prefix: keep it from being evicted by
+                    # the allocations for the chunks that follow it.
+                    self._lru[e.slot_bytes].move_to_end(key)
+                statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
+                offsets.append(0)
+                continue
+            slot = None if full else self._alloc(chunk_bytes)
+            if slot is None:
+                full = True
+                statuses.append(SlotStatus.NO_SPACE)
+                offsets.append(0)
+                continue
+            if lease is None:
+                lease = self._new_lease(owner, LeaseKind.WRITE)
+            e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
+                      self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
+            self.pool.write_record(slot, SlotState.WRITING, namespace, key[HASH_BYTES:], chunk_bytes)
+            self._entries[key] = e
+            self._by_slot[slot] = e
+            lease.entries.append(e)
+            statuses.append(SlotStatus.WRITE)
+            offsets.append(e.offset)
+        return Reserved(lease.id if lease else 0, statuses, offsets)
+
+    def commit(self, owner: Owner, lease_id: int, hashes: bytes = b"", checksums: list[int] | None = None) -> int:
+        """Publish the listed chunks of a write lease (all when ``hashes`` is empty); the lease
+        ends and its unlisted chunks are freed. Returns how many became COMMITTED."""
+        lease = self._take_lease(owner, lease_id, LeaseKind.WRITE)
+        wanted: dict[bytes, int] | None = None
+        if hashes:
+            sums = checksums or [0] * (len(hashes) // HASH_BYTES)
+            wanted = {hashes[i:i + HASH_BYTES]: sums[i // HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)}
+        n = 0
+        for e in lease.entries:
+            h = e.key[HASH_BYTES:]
+            if wanted is not None and h not in wanted:
+                self._drop(e)
+                self.counters.aborted += 1
+                continue
+            e.checksum = wanted[h] if wanted is not None else 0
+            self.pool.write_record(e.slot, SlotState.COMMITTED, e.key[:HASH_BYTES], h, e.length, e.checksum)
+            e.state = EntryState.COMMITTED
+            self._lru.setdefault(e.slot_bytes, OrderedDict())[e.key] = e
+            n += 1
+            self.counters.committed += 1
+            self.counters.committed_bytes += e.length
+        return n
+
+    def release(self, owner: Owner, lease_id: int) -> int:
+        """End a lease: a read lease unpins, a write lease frees its uncommitted slots."""
+        lease = self._take_lease(owner, lease_id, None)
+        return self._end(lease)
+
+    def drop_owner(self, owner: Owner) -> int:
+        """End every lease of an owner (it disconnected or stopped heartbeating)."""
+        n = 0
+        for lease_id in list(self._owner_leases.get(owner, ())):
+            n += self._end(self._take_lease(owner, lease_id, None))
+        self._owner_leases.pop(owner, None)
+        return n
+
+    def clear(self, namespace: bytes | None = None) -> int:
+        """Drop COMMITTED entries (of one namespace, or all). Pinned ones vanish from lookups
+        now and are freed when unpinned; WRITING ones are left to their writers."""
+        n = 0
+        for key, e in list(self._entries.items()):
+            if e.state is not EntryState.COMMITTED or (namespace is not None and key[:HASH_BYTES] != namespace):
+                continue
+            n += 1
+            if e.pins:
+                self._hide(e)
+            else:
+                self._drop(e)
+        return n
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _new_lease(self, owner: Owner, kind: LeaseKind) -> Lease:
+        lease = Lease(next(self._lease_ids), kind, owner)
+        self._leases[lease.id] = lease
+        self._owner_leases.setdefault(owner, set()).add(lease.id)
+        return lease
+
+    def _take_lease(self, owner: Owner, lease_id: int, kind: LeaseKind | None) -> Lease:
+        lease = self._leases.get(lease_id)
+        if lease is None or lease.owner != owner or (kind is not None and lease.kind is not kind):
+            raise LeaseError(f"lease {lease_id} is not held by this client (expired or already ended)")
+        del self._leases[lease_id]
+        self._owner_leases[owner].discard(lease_id)
+        return lease
+
+    def _end(self, lease: Lease) -> int:
+        for e in lease.entries:
+            if lease.kind is LeaseKind.READ:
+                e.pins -= 1
+                if e.pins == 0 and e.state is EntryState.DOOMED:
+                    self._free_slot(e)
+            elif e.state is EntryState.WRITING:
+                self._drop(e)
+                self.counters.aborted += 1
+        return len(lease.entries)
+
+    def _hide(self, e: Entry) -> None:
+        del self._entries[e.key]
+        self._lru[e.slot_bytes].pop(e.key, None)
+        e.state = EntryState.DOOMED
+        self.pool.write_state(e.slot, SlotState.FREE)  # never restored after a crash
+
+    def _drop(self, e: Entry) -> None:
+        if self._entries.get(e.key) is e:
+            del self._entries[e.key]
+        self._lru.get(e.slot_bytes, {}).pop(e.key, None)  # type: ignore[call-overload]
+        self._free_slot(e)
+
+    def _free_slot(self, e: Entry) -> None:
+        del self._by_slot[e.slot]
+        self.pool.free(e.slot)
+
+    def _alloc(self, chunk_bytes: int) -> SlotId | None:
+        slot = self.pool.alloc(chunk_bytes)
+        while slot is None and self._evict_for(self.pool.slot_bytes_for(chunk_bytes)):
+            slot = self.pool.alloc(chunk_bytes)
+        return slot
+
+    def _evict_for(self, slot_bytes: int) -> bool:
+        """Free room for one slot of ``slot_bytes``; False if nothing can be evicted."""
+        lru = self._lru.get(slot_bytes)
+        if lru:
+            for e in lru.values():
+                if e.pins == 0:
+                    self._evict(e)
+                    return True
+        # No evictable entry of this class: free the span of another class whose newest
+        # entry is oldest, if every slot in it is committed and unpinned.
+        best: tuple[int, list[Entry]] | None = None
+        ranks: dict[int, dict[bytes, int]] = {}
+        for span in self.pool.alloc_state.spans():
+            if span.slot_bytes == slot_bytes:
+                continue
+            base = span.head * self.pool.geo.max_slots_per_slab
+            members = [self._by_slot.get(SlotId(base + i)) for i in range(span.nslots)]
+            live = [m for m in members if m is not None]
+            if len(live) != span.used or any(m.pins or m.state is not EntryState.COMMITTED for m in live):
+                continue
+            if span.slot_bytes not in ranks:
+                ranks[span.slot_bytes] = {k: i for i, k in enumerate(self._lru[span.slot_bytes])}
+            rank = max((ranks[span.slot_bytes][m.key] for m in live), default=0)
+            if best is None or rank < best[0]:
+                best = (rank, live)
+        if best is None:
+            return False
+        for e in best[1]:
+            self._evict(e)
+        return True
+
+    def _evict(self, e: Entry) -> None:
+        self.counters.evictions += 1
+        self.counters.evicted_bytes += e.length
+        self._drop(e)
+
+    # -- stats ------------------------------------------------------------------------------
+
+    def leases_by_kind(self) -> dict[str, int]:
+        out = {k.value: 0 for k in LeaseKind}
+        for lease in self._leases.values():
+            out[lease.kind.value] += 1
+        return out
+
+    def entries_by_state(self) -> dict[str, int]:
+        out = {"writing": 0, "committed": 0}
+        for e in self._entries.values():
+            out["committed" if e.state is EntryState.COMMITTED else "writing"] += 1
+        return out
+
+    def bytes_by_namespace(self) -> dict[bytes, tuple[int, int]]:
+        """namespace -> (committed entries, committed bytes)."""
+        out: dict[bytes, tuple[int, int]] = {}
+        for key, e in self._entries.items():
+            if e.state is EntryState.COMMITTED:
+                n, b = out.get(key[:HASH_BYTES], (0, 0))
+                out[key[:HASH_BYTES]] = (n + 1, b + e.length)
+        return out
+
+    def owner_lease_count(self, owner: Owner) -> int:
+        return len(self._owner_leases.get(owner, ()))
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,109 @@
+"""Cache keys: chunking, prefix-chain hashing and namespaces (ARCHITECTURE §3).
+
+A key is (namespace id, chain hash). The chain hash of chunk i identifies the whole
+prefix up to and including chunk i, so the longest cached prefix of a prompt is the
+number of leading chunks that hit. Only full chunks get a hash.
+
+The hash is keyed BLAKE2b-128: without the key an attacker who controls prompt text
+cannot construct a prompt whose chain collides with another prompt's and so read or
+poison its KV. The key is the sidecar's (``--hash-key-file``); clients receive it in
+the HELLO reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import NewType, Sequence
+
+import msgpack
+import numpy as np
+
+HASH_BYTES = 16
+ChunkHash = NewType("ChunkHash", bytes)
+NamespaceId = NewType("NamespaceId", bytes)
+
+_CHAIN_SEED = b"lmkv_mp/chain/v1"
+
+
+def num_full_chunks(num_tokens: int, chunk_tokens: int) -> int:
+    """How many whole chunks ``num_tokens`` tokens make (a partial tail is never cached)."""
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    return max(num_tokens, 0) // chunk_tokens
+
+
+def chain_hashes(
+    tokens: Sequence[int] | np.ndarray,
+    chunk_tokens: int,
+    key: bytes,
+    salt: bytes = b"",
+    max_chunks: int | None = None,
+) -> bytes:
+    """The chain hashes of the full chunks of ``tokens``, concatenated (16 bytes each).
+
+    ``h_0 = H(seed || salt)``, ``h_i = H(h_{i-1} || tokens_i as little-endian int32)``.
+    ``salt`` is a per-request cache salt (vLLM's ``cache_salt``): prompts with different
+    salts never share a key. ``max_chunks`` stops early (the caller only needs a prefix).
+    """
+    arr = np.asarray(tokens, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError("tokens must be a 1-D sequence of token ids")
+    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
+        raise ValueError("token ids must fit in int32")
+    n = num_full_chunks(int(arr.size), chunk_tokens)
+    if max_chunks is not None:
+        n = min(n, max_chunks)
+    raw = arr[: n * chunk_tokens].astype("<i4").tobytes()
+    step = chunk_tokens * 4
+    prev = hashlib.blake2b(_CHAIN_SEED + salt, digest_size=HASH_BYTES, key=key).digest()
+    out = bytearray(n * HASH_BYTES)
+    for i in range(n):
+        h = hashlib.blake2b(prev, digest_size=HASH_BYTES, key=key)
+        h.update(raw[i * step : (i + 1) * step])
+        prev = h.digest()
+        out[i * HASH_BYTES : (i + 1) * HASH_BYTES] = prev
+    return bytes(out)
+
+
+def split_hashes(packed: bytes) -> list[ChunkHash]:
+    """Split a concatenation of 16-byte hashes. Raises ValueError on a ragged length."""
+    if len(packed) % HASH_BYTES:
+        raise ValueError(f"hash list length {len(packed)} is not a multiple of {HASH_BYTES}")
+    return [ChunkHash(packed[i : i + HASH_BYTES]) for i in range(0, len(packed), HASH_BYTES)]
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """Everything that makes KV bytes incompatible. Equal namespaces share keys.
+
+    ``tp_rank`` is the shard index of a tensor-parallel rank; ``None`` where ranks hold
+    identical bytes (MLA), so all ranks share one copy. ``layout`` is the transfer
+    layer's fingerprint of the registered tensors (shapes, strides order, dtypes), so two
+    engines whose paged caches differ in layout never exchange bytes.
+    """
+
+    model: str
+    revision: str
+    dtype: str
+    num_layers: int
+    kv_heads: int
+    head_size: int
+    block_size: int
+    layout: str
+    chunk_tokens: int
+    tp_size: int
+    tp_rank: int | None
+    tenant: str = ""
+
+    @property
+    def id(self) -> NamespaceId:
+        """16-byte fingerprint over every field (canonical msgpack, BLAKE2b-128)."""
+        canon = msgpack.packb(sorted(asdict(self).items()), use_bin_type=True)
+        return NamespaceId(hashlib.blake2b(canon, digest_size=HASH_BYTES, person=b"lmkv-ns-v1").digest())
+
+    @property
+    def display_name(self) -> str:
+        """Readable label for stats: model, dtype and shard."""
+        shard = "all" if self.tp_rank is None else f"{self.tp_rank}/{self.tp_size}"
+        return f"{self.model}[{self.dtype},tp{shard}]"

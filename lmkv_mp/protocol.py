@@ -1,0 +1,499 @@
+"""The control-plane wire protocol (ARCHITECTURE §5): every message is a typed object here.
+
+A request is two ZeroMQ frames, ``[op: 1 byte][msgpack map]``; a reply is
+``[status: 1 byte][msgpack map]``. Maps are keyed by field name, so either side may add
+optional fields without breaking the other. Lists of hashes travel as one concatenated
+``bytes`` (16 × n) and offsets as packed little-endian ``uint64`` arrays. No pickle.
+
+``decode_request`` / ``decode_reply`` validate everything at the boundary: a frame that
+does not decode to a well-formed message raises :class:`ProtocolError` with a stable
+:class:`ErrorCode`, which the server turns into an error reply.
+"""
+
+from __future__ import annotations
+
+import enum
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar, Union
+
+import msgpack
+import numpy as np
+
+from lmkv_mp.keys import HASH_BYTES
+
+PROTOCOL_VERSION = 1
+MAX_FRAME_BYTES = 4 << 20
+"""Largest payload the sidecar decodes (a 1M-token prompt's hashes are ~64 KiB)."""
+MAX_CHUNKS_PER_REQUEST = 65536
+MAX_NAMESPACES_PER_REQUEST = 256
+
+_I64 = 2**63 - 1
+
+
+class Op(enum.IntEnum):
+    HELLO = 1
+    LOOKUP = 2
+    RESERVE = 3
+    COMMIT = 4
+    RELEASE = 5
+    PING = 6
+    STATS = 7
+    CLEAR = 8
+
+
+class Status(enum.IntEnum):
+    OK = 0
+    ERROR = 1
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable error codes; numbers never change meaning."""
+
+    BAD_FRAME = 1          # frame count, op byte or msgpack body malformed
+    UNKNOWN_OP = 2
+    BAD_REQUEST = 3        # fields missing, wrong type or out of range
+    VERSION = 4            # protocol version mismatch
+    NOT_REGISTERED = 5     # no HELLO from this connection (or its lease expired): HELLO again
+    UNKNOWN_NAMESPACE = 6  # RESERVE for a namespace this client did not declare in HELLO
+    UNKNOWN_LEASE = 7      # lease id not held by this client (expired or released)
+    NO_SPACE = 8
+    UNAUTHORIZED = 9       # admin op without the admin token
+    TOO_LARGE = 10         # frame or list beyond the protocol limits
+    QUOTA = 11             # per-client limit reached
+    CONFLICT = 12          # namespace declared with a different chunk size
+    INTERNAL = 13
+
+
+class SlotStatus(enum.IntEnum):
+    """Per-chunk answer to RESERVE."""
+
+    WRITE = 0      # reserved for this writer: copy, then COMMIT
+    PRESENT = 1    # already committed: skip
+    BUSY = 2       # another writer holds it: skip
+    NO_SPACE = 3   # pool full of pinned or in-flight entries: skip (and all later chunks)
+
+
+class ProtocolError(Exception):
+    """A message that cannot be accepted; becomes an :class:`ErrorReply`."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --- values carried inside messages --------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceInfo:
+    """A namespace a client will write: its id and the bytes one chunk occupies."""
+
+    id: bytes
+    chunk_bytes: int
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RegionInfo:
+    """Memory a client maps once: the host pool (``kind='shm'`` or ``'file'``) or a GPU pool."""
+
+    region_id: int
+    kind: str
+    name: str
+    size: int
+    uuid: bytes
+    device: int = -1
+    handle: bytes = b""
+
+
+# --- requests -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    OP: ClassVar[Op] = Op.HELLO
+    req_id: int
+    version: int
+    role: str
+    pid: int = 0
+    name: str = ""
+    namespaces: list[NamespaceInfo] = field(default_factory=list)
+    token: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Count leading chunks committed in *every* namespace; ``pin`` also takes a read lease."""
+
+    OP: ClassVar[Op] = Op.LOOKUP
+    req_id: int
+    namespaces: list[bytes]
+    hashes: bytes
+    pin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    OP: ClassVar[Op] = Op.RESERVE
+    req_id: int
+    namespace: bytes
+    hashes: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Make written chunks of a write lease visible; the lease ends, unlisted chunks are freed.
+
+    ``hashes`` empty means every chunk the lease reserved. ``checksums`` is empty or one
+    little-endian uint64 per committed chunk.
+    """
+
+    OP: ClassVar[Op] = Op.COMMIT
+    req_id: int
+    lease_id: int
+    hashes: bytes = b""
+    checksums: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    OP: ClassVar[Op] = Op.RELEASE
+    req_id: int
+    lease_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    OP: ClassVar[Op] = Op.PING
+    req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    OP: ClassVar[Op] = Op.STATS
+    req_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Clear:
+    OP: ClassVar[Op] = Op.CLEAR
+    req_id: int
+    token: bytes | None = None
+    namespace: bytes | None = None
+
+
+Request = Union[Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear]
+REQUEST_TYPES: dict[Op, type] = {t.OP: t for t in (Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear)}
+
+# --- replies --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HelloReply:
+    OP: ClassVar[Op] = Op.HELLO
+    req_id: int
+    boot_id: bytes
+    client_id: int
+    chunk_tokens: int
+    hash_key: bytes
+    lease_timeout: float
+    heartbeat_interval: float
+    regions: list[RegionInfo]
+    verify: bool = False
+    version: int = PROTOCOL_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class LookupReply:
+    """``offsets[i]``/``regions[i]``/``checksums[i]`` belong to ``namespaces[i]`` of the request
+    and hold ``hits`` entries each when pinned (empty otherwise)."""
+
+    OP: ClassVar[Op] = Op.LOOKUP
+    req_id: int
+    boot_id: bytes
+    hits: int
+    lease_id: int = 0
+    offsets: list[bytes] = field(default_factory=list)
+    regions: list[bytes] = field(default_factory=list)
+    checksums: list[bytes] = field(default_factory=list)
+    pending: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveReply:
+    """One :class:`SlotStatus` byte, one uint64 offset and one region byte per requested chunk."""
+
+    OP: ClassVar[Op] = Op.RESERVE
+    req_id: int
+    boot_id: bytes
+    lease_id: int
+    status: bytes
+    offsets: bytes
+    regions: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CommitReply:
+    OP: ClassVar[Op] = Op.COMMIT
+    req_id: int
+    boot_id: bytes
+    committed: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseReply:
+    OP: ClassVar[Op] = Op.RELEASE
+    req_id: int
+    boot_id: bytes
+    released: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReply:
+    OP: ClassVar[Op] = Op.PING
+    req_id: int
+    boot_id: bytes
+    leases: int
+
+
+@dataclass(frozen=True, slots=True)
+class StatsReply:
+    OP: ClassVar[Op] = Op.STATS
+    req_id: int
+    boot_id: bytes
+    snapshot: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearReply:
+    OP: ClassVar[Op] = Op.CLEAR
+    req_id: int
+    boot_id: bytes
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    req_id: int
+    boot_id: bytes
+    code: int
+    message: str
+
+
+Reply = Union[HelloReply, LookupReply, ReserveReply, CommitReply, ReleaseReply, PingReply,
+              StatsReply, ClearReply, ErrorReply]
+REPLY_TYPES: dict[Op, type] = {t.OP: t for t in (HelloReply, LookupReply, ReserveReply, CommitReply,
+                                                  ReleaseReply, PingReply, StatsReply, ClearReply)}
+
+# --- codec ----------------------------------------------------------------------------
+
+_HINTS: dict[type, list[tuple[str, Any, bool]]] = {}
+
+
+def _schema(cls: type) -> list[tuple[str, Any, bool]]:
+    """(name, type, required) per field, cached."""
+    cached = _HINTS.get(cls)
+    if cached is None:
+        hints = typing.get_type_hints(cls)
+        cached = []
+        for f in fields(cls):
+            required = f.default is MISSING and f.default_factory is MISSING
+            cached.append((f.name, hints[f.name], required))
+        _HINTS[cls] = cached
+    return cached
+
+
+def _check(value: Any, tp: Any, where: str) -> Any:
+    """Validate ``value`` against annotation ``tp``; return it converted (nested dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a list")
+        (item,) = typing.get_args(tp)
+        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a map")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a bool")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool) or not -_I64 <= value <= _I64:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a 64-bit integer")
+        return value
+    if tp is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a string")
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be bytes")
+        return value
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        if not isinstance(value, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a map")
+        return _from_map(tp, value, where)
+    if tp is Any:
+        return value
+    raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _from_map(cls: type, body: dict[str, Any], where: str) -> Any:
+    kwargs: dict[str, Any] = {}
+    for name, tp, required in _schema(cls):
+        if name in body:
+            kwargs[name] = _check(body[name], tp, f"{where}.{name}")
+        elif required:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: missing field '{name}'")
+    return cls(**kwargs)
+
+
+def _to_map(msg: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, _tp, _req in _schema(type(msg)):
+        v = getattr(msg, name)
+        if isinstance(v, list) and v and hasattr(v[0], "__dataclass_fields__"):
+            v = [_to_map(x) for x in v]
+        out[name] = v
+    return out
+
+
+def _unpack(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
+    try:
+        body = msgpack.unpackb(
+            payload, raw=False, strict_map_key=True, max_bin_len=MAX_FRAME_BYTES,
+            max_str_len=1 << 16, max_array_len=MAX_CHUNKS_PER_REQUEST, max_map_len=1024,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"payload is not valid msgpack: {e}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.BAD_FRAME, "payload must be a msgpack map")
+    return body
+
+
+def encode_request(msg: Request) -> list[bytes]:
+    return [bytes((msg.OP,)), msgpack.packb(_to_map(msg), use_bin_type=True)]
+
+
+def encode_reply(msg: Reply) -> list[bytes]:
+    status = Status.ERROR if isinstance(msg, ErrorReply) else Status.OK
+    return [bytes((status,)), msgpack.packb(_to_map(msg), use_bin_type=True)]
+
+
+def peek_req_id(frames: list[bytes]) -> int:
+    """The request id of a frame without decoding the rest (0 if there is none).
+
+    Encoders write ``req_id`` as the first key of every map, so this reads one key and
+    one value: cheap enough for the client to match replies, and safe on garbage."""
+    if len(frames) != 2:
+        return 0
+    try:
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=len(frames[1]) + 1, max_str_len=64,
+                                    max_bin_len=64, max_array_len=16, max_map_len=1024)
+        unpacker.feed(frames[1])
+        if unpacker.read_map_header() < 1 or unpacker.unpack() != "req_id":
+            return 0
+        rid = unpacker.unpack()
+    except (ValueError, msgpack.UnpackException, TypeError, msgpack.OutOfData):
+        return 0
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _I64 else 0
+
+
+def decode_request(frames: list[bytes]) -> Request:
+    """Frames from a client (routing id already stripped) → validated request."""
+    if len(frames) != 2:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"expected 2 frames [op, payload], got {len(frames)}")
+    op_frame, payload = frames
+    if len(op_frame) != 1:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"op frame must be 1 byte, got {len(op_frame)}")
+    try:
+        op = Op(op_frame[0])
+    except ValueError:
+        raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op_frame[0]}") from None
+    msg = _from_map(REQUEST_TYPES[op], _unpack(payload), op.name)
+    _validate(msg)
+    return msg
+
+
+def decode_reply(op: Op, frames: list[bytes]) -> Reply:
+    """Frames from the sidecar for a request of kind ``op`` → validated reply."""
+    if len(frames) != 2 or len(frames[0]) != 1:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "reply must be 2 frames [status, payload]")
+    body = _unpack(frames[1])
+    if frames[0][0] == Status.ERROR:
+        return _from_map(ErrorReply, body, "ERROR")
+    if frames[0][0] != Status.OK:
+        raise ProtocolError(ErrorCode.BAD_FRAME, f"unknown status {frames[0][0]}")
+    return _from_map(REPLY_TYPES[op], body, f"{op.name} reply")
+
+
+def _hash_list(packed: bytes, what: str) -> int:
+    if len(packed) % HASH_BYTES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} length {len(packed)} is not a multiple of {HASH_BYTES}")
+    n = len(packed) // HASH_BYTES
+    if n > MAX_CHUNKS_PER_REQUEST:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"{what}: {n} chunks exceeds {MAX_CHUNKS_PER_REQUEST}")
+    return n
+
+
+def _ns_id(ns: bytes, what: str) -> None:
+    if len(ns) != HASH_BYTES:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} must be {HASH_BYTES} bytes, got {len(ns)}")
+
+
+def _validate(msg: Request) -> None:
+    """Semantic checks beyond types: sizes, ranges, lengths."""
+    if msg.req_id < 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "req_id must be >= 0")
+    if isinstance(msg, Hello):
+        if msg.role not in ("scheduler", "worker", "admin", "client"):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown role {msg.role!r}")
+        if len(msg.namespaces) > MAX_NAMESPACES_PER_REQUEST:
+            raise ProtocolError(ErrorCode.TOO_LARGE, "too many namespaces")
+        for ns in msg.namespaces:
+            _ns_id(ns.id, "namespace id")
+            if not 0 < ns.chunk_bytes <= 1 << 40:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"chunk_bytes {ns.chunk_bytes} out of range")
+    elif isinstance(msg, Lookup):
+        if not msg.namespaces or len(msg.namespaces) > MAX_NAMESPACES_PER_REQUEST:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "LOOKUP needs 1..256 namespaces")
+        for ns in msg.namespaces:
+            _ns_id(ns, "namespace")
+        _hash_list(msg.hashes, "hashes")
+    elif isinstance(msg, Reserve):
+        _ns_id(msg.namespace, "namespace")
+        _hash_list(msg.hashes, "hashes")
+    elif isinstance(msg, Commit):
+        n = _hash_list(msg.hashes, "hashes")
+        if msg.checksums and len(msg.checksums) != 8 * n:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "checksums must be one uint64 per listed hash")
+    elif isinstance(msg, Clear) and msg.namespace is not None:
+        _ns_id(msg.namespace, "namespace")
+
+
+def pack_u64(values: Any) -> bytes:
+    return np.asarray(values, dtype="<u8").tobytes()
+
+
+def unpack_u64(packed: bytes) -> np.ndarray:
+    if len(packed) % 8:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "packed uint64 array has a ragged length")
+    return np.frombuffer(packed, dtype="<u8")

@@ -1,0 +1,356 @@
+"""The sidecar: one ROUTER loop that decodes a request, calls the index, encodes a reply.
+
+``Sidecar.run`` reads as ``while running: serve ready sockets; reap silent clients``. It
+owns every socket; nothing else in the process touches them. Bad input never escapes the
+loop: a request that fails to decode or to apply becomes an error reply with a stable code
+(:class:`~lmkv_mp.protocol.ErrorCode`), and the loop goes on serving everyone else.
+
+Liveness: every message from a client renews it. A client silent for ``lease_timeout`` is
+reaped: its read leases unpin, its write leases free their uncommitted slots.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hmac
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from lmkv_mp import protocol as P
+from lmkv_mp.config import SidecarConfig
+from lmkv_mp.index import ChunkIndex, LeaseError
+from lmkv_mp.memory import HostPool, HostRegion, RegionError, shm_name_for
+from lmkv_mp.metrics import SidecarCounters, snapshot
+
+log = logging.getLogger("lmkv.server")
+
+MAX_LEASES_PER_CLIENT = 4096
+HOST_REGION_ID = 0
+
+
+@dataclass(slots=True)
+class ClientState:
+    client_id: int
+    role: str
+    pid: int
+    name: str
+    last_seen: float
+    namespaces: set[bytes] = field(default_factory=set)
+
+
+class StartupError(RuntimeError):
+    """The sidecar cannot start; the message says what to change."""
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run dir with mode 0700 (owner only), or tighten an existing one we own."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = run_dir.stat()
+    if st.st_uid != os.getuid():
+        raise StartupError(f"run dir {run_dir} belongs to uid {st.st_uid}, not us: choose another --run-dir")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(run_dir, 0o700)
+
+
+class Sidecar:
+    """The daemon. Construct, then :meth:`run` until :meth:`request_stop` or a signal."""
+
+    def __init__(self, cfg: SidecarConfig) -> None:
+        self.cfg = cfg
+        self.boot_id = os.urandom(16)
+        self.counters = SidecarCounters()
+        self.clients: dict[bytes, ClientState] = {}
+        self._next_client = 1
+        self._running = False
+        self._lock_fd = -1
+        self._sockets: list[zmq.Socket] = []
+        prepare_run_dir(cfg.run_dir)
+        self._take_lock()
+        self.region = HostRegion.create_or_attach(shm_name_for(cfg.run_dir), cfg.host_pool_size, cfg.host_pool_path)
+        self.pool, records = HostPool.open(self.region, cfg.slab_size)
+        self.index = ChunkIndex(self.pool)
+        restored = self.index.restore(records)
+        self.ns_names: dict[bytes, str] = {}
+        self.ctx = zmq.Context.instance()
+        self.control = self._bind(zmq.ROUTER, cfg.endpoint)
+        self.stats = self._bind(zmq.ROUTER, cfg.stats_endpoint)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        log.info("start: boot_id=%s endpoint=%s host_pool=%s (%d bytes, %s, %d chunks warm)",
+                 self.boot_id.hex(), cfg.endpoint, self.region.name, self.region.size,
+                 "created" if self.region.created else "re-attached", restored)
+        self._handlers: dict[type, Callable[[bytes, P.Request], P.Reply]] = {
+            P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
+            P.Release: self._release, P.Ping: self._ping, P.Stats: self._stats, P.Clear: self._clear,
+        }
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        path = self.cfg.run_dir / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another lmkv-sidecar is running on {self.cfg.run_dir} (lock held): "
+                               "stop it or use another --run-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * P.MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        if endpoint.startswith("ipc://"):
+            path = Path(endpoint[len("ipc://"):])
+            if path.exists():
+                path.unlink()  # a stale socket of a crashed sidecar: we hold the lock now
+        old = os.umask(0o177)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close()
+            raise StartupError(f"cannot bind {endpoint}: {e}") from e
+        finally:
+            os.umask(old)
+        self._sockets.append(sock)
+        return sock
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler or another thread)."""
+        self._running = False
+        try:
+            self._wake_w.send(b"x")
+        except BlockingIOError:
+            pass
+
+    def run(self) -> None:
+        """Serve until stopped; then close sockets and unmap (always, in ``finally``)."""
+        self._running = True
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.stats, zmq.POLLIN)
+        poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        tick = max(0.05, min(self.cfg.heartbeat_interval, self.cfg.lease_timeout / 4))
+        next_reap = time.monotonic() + tick
+        try:
+            while self._running:
+                timeout_ms = max(0, int((next_reap - time.monotonic()) * 1000))
+                ready = dict(poller.poll(timeout_ms))
+                if self.control in ready:
+                    self._drain(self.control, stats_only=False)
+                if self.stats in ready:
+                    self._drain(self.stats, stats_only=True)
+                if self._wake_r.fileno() in ready:
+                    self._wake_r.recv(4096)
+                now = time.monotonic()
+                if now >= next_reap:
+                    self.reap(now)
+                    next_reap = now + tick
+        finally:
+            self.close()
+
+    def _drain(self, sock: zmq.Socket, stats_only: bool) -> None:
+        """Serve what is queued, but bounded, so one busy socket cannot starve the other."""
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue  # no routing id: cannot answer
+            ident, body = frames[0], frames[1:]
+            sock.send_multipart([ident, *self.handle(ident, body, stats_only)])
+
+    def handle(self, ident: bytes, frames: list[bytes], stats_only: bool = False) -> list[bytes]:
+        """One request's frames → the reply's frames. Never raises."""
+        op_name = "INVALID"
+        try:
+            msg = P.decode_request(frames)
+            op_name = msg.OP.name
+            if stats_only and not isinstance(msg, P.Stats):
+                raise P.ProtocolError(P.ErrorCode.UNKNOWN_OP, "the stats socket only answers STATS")
+            client = self.clients.get(ident)
+            if client is not None:
+                client.last_seen = time.monotonic()
+            elif not isinstance(msg, (P.Hello, P.Stats)):
+                raise P.ProtocolError(P.ErrorCode.NOT_REGISTERED,
+                                      "unknown client (sidecar restarted or your lease expired): send HELLO")
+            reply = self._handlers[type(msg)](ident, msg)
+            self.counters.requests[f"{op_name}:ok"] += 1
+            return P.encode_reply(reply)
+        except P.ProtocolError as e:
+            return self._error(frames, op_name, e.code, e.message)
+        except Exception as e:  # a bug must not take the node's cache down
+            log.exception("error: internal error serving %s", op_name)
+            return self._error(frames, op_name, P.ErrorCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    def _error(self, frames: list[bytes], op_name: str, code: P.ErrorCode, message: str) -> list[bytes]:
+        self.counters.requests[f"{op_name}:error"] += 1
+        self.counters.errors[code.name] += 1
+        log.debug("request %s rejected: %s: %s", op_name, code.name, message)
+        return P.encode_reply(P.ErrorReply(P.peek_req_id(frames), self.boot_id, int(code), message))
+
+    def reap(self, now: float) -> None:
+        """Drop clients silent for longer than the lease timeout, with all their leases."""
+        for ident, c in list(self.clients.items()):
+            if now - c.last_seen > self.cfg.lease_timeout:
+                n = self.index.drop_owner(c.client_id)
+                del self.clients[ident]
+                log.info("client reaped: id=%d role=%s pid=%d silent %.1fs, %d leases ended",
+                         c.client_id, c.role, c.pid, now - c.last_seen, n)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close(linger=0)
+        self._sockets.clear()
+        for ep in (self.cfg.endpoint, self.cfg.stats_endpoint):
+            if ep.startswith("ipc://"):
+                Path(ep[len("ipc://"):]).unlink(missing_ok=True)
+        self._wake_r.close()
+        self._wake_w.close()
+        self.pool.close()
+        self.region.close()
+        if self.cfg.unlink_on_exit:
+            self.region.unlink()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+        log.info("stop: boot_id=%s", self.boot_id.hex())
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _client(self, ident: bytes) -> ClientState:
+        return self.clients[ident]
+
+    def _hello(self, ident: bytes, msg: P.Hello) -> P.HelloReply:
+        if msg.version != P.PROTOCOL_VERSION:
+            raise P.ProtocolError(P.ErrorCode.VERSION,
+                                  f"protocol version {msg.version} is not supported; this sidecar speaks "
+                                  f"{P.PROTOCOL_VERSION}: upgrade lmkv_mp on one side")
+        for ns in msg.namespaces:
+            try:
+                self.index.declare(ns.id, ns.chunk_bytes)
+            except ValueError as e:
+                raise P.ProtocolError(P.ErrorCode.CONFLICT, str(e)) from None
+            if ns.name:
+                self.ns_names[ns.id] = ns.name[:200]
+        client = self.clients.get(ident)
+        if client is None:
+            client = ClientState(self._next_client, msg.role, msg.pid, msg.name[:200], time.monotonic())
+            self._next_client += 1
+            self.clients[ident] = client
+            log.info("client joined: id=%d role=%s pid=%d name=%s", client.client_id, msg.role, msg.pid, msg.name)
+        client.namespaces.update(ns.id for ns in msg.namespaces)
+        region = P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)
+        return P.HelloReply(msg.req_id, self.boot_id, client.client_id, self.cfg.chunk_tokens, self.cfg.hash_key,
+                            self.cfg.lease_timeout, self.cfg.heartbeat_interval, [region], self.cfg.verify)
+
+    def _lookup(self, ident: bytes, msg: P.Lookup) -> P.LookupReply:
+        n = len(msg.hashes) // 16
+        self.counters.lookups += 1
+        self.counters.lookup_chunks += n
+        if not msg.pin:
+            hits = self.index.lookup(msg.namespaces, msg.hashes)
+            self._count_hits(msg.namespaces, hits)
+            return P.LookupReply(msg.req_id, self.boot_id, hits)
+        client = self._client(ident)
+        self._check_quota(client)
+        pinned = self.index.pin(client.client_id, msg.namespaces, msg.hashes)
+        self._count_hits(msg.namespaces, pinned.hits)
+        for ns in msg.namespaces:
+            nbytes = self.index.chunk_bytes(ns) or 0
+            self.counters.loads += pinned.hits
+            self.counters.loaded_bytes += pinned.hits * nbytes
+        region_ids = bytes(pinned.hits)  # all in the host region (id 0) for now
+        return P.LookupReply(msg.req_id, self.boot_id, pinned.hits, pinned.lease_id,
+                             [P.pack_u64(o) for o in pinned.offsets], [region_ids for _ in msg.namespaces],
+                             [P.pack_u64(c) for c in pinned.checksums] if self.cfg.verify else [])
+
+    def _count_hits(self, namespaces: list[bytes], hits: int) -> None:
+        self.counters.hit_chunks += hits
+        if hits:
+            for ns in namespaces:
+                self.counters.ns_hits[ns] += hits
+
+    def _reserve(self, ident: bytes, msg: P.Reserve) -> P.ReserveReply:
+        client = self._client(ident)
+        if msg.namespace not in client.namespaces:
+            raise P.ProtocolError(P.ErrorCode.UNKNOWN_NAMESPACE,
+                                  f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
+        self._check_quota(client)
+        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes)
+        return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.pack_u64(r.offsets),
+                              bytes(len(r.status)))
+
+    def _commit(self, ident: bytes, msg: P.Commit) -> P.CommitReply:
+        client = self._client(ident)
+        sums = P.unpack_u64(msg.checksums).tolist() if msg.checksums else None
+        try:
+            n = self.index.commit(client.client_id, msg.lease_id, msg.hashes, sums)
+        except LeaseError as e:
+            raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+        self.counters.stores += n
+        self.counters.stored_bytes = self.index.counters.committed_bytes
+        return P.CommitReply(msg.req_id, self.boot_id, n)
+
+    def _release(self, ident: bytes, msg: P.Release) -> P.ReleaseReply:
+        client = self._client(ident)
+        try:
+            n = self.index.release(client.client_id, msg.lease_id)
+        except LeaseError as e:
+            raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+        return P.ReleaseReply(msg.req_id, self.boot_id, n)
+
+    def _ping(self, ident: bytes, msg: P.Ping) -> P.PingReply:
+        return P.PingReply(msg.req_id, self.boot_id, self.index.owner_lease_count(self._client(ident).client_id))
+
+    def _stats(self, ident: bytes, msg: P.Stats) -> P.StatsReply:
+        return P.StatsReply(msg.req_id, self.boot_id, self.snapshot())
+
+    def snapshot(self) -> dict:
+        roles: dict[str, int] = {}
+        for c in self.clients.values():
+            roles[c.role] = roles.get(c.role, 0) + 1
+        return snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names)
+
+    def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:
+        if self.cfg.admin_token is not None and not hmac.compare_digest(msg.token or b"", self.cfg.admin_token):
+            raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "CLEAR needs the admin token (--admin-token-file)")
+        n = self.index.clear(msg.namespace)
+        log.info("clear: %d entries dropped (%s)", n, msg.namespace.hex() if msg.namespace else "all namespaces")
+        return P.ClearReply(msg.req_id, self.boot_id, n)
+
+    def _check_quota(self, client: ClientState) -> None:
+        if self.index.owner_lease_count(client.client_id) >= MAX_LEASES_PER_CLIENT:
+            raise P.ProtocolError(P.ErrorCode.QUOTA,
+                                  f"client holds {MAX_LEASES_PER_CLIENT} leases: release some before taking more")
+
+
+def serve(cfg: SidecarConfig) -> int:
+    """Run a sidecar in this process until SIGTERM/SIGINT. Returns the exit status."""
+    try:
+        sidecar = Sidecar(cfg)
+    except (StartupError, RegionError, OSError, ValueError) as e:
+        log.error("start failed: %s", e)
+        return 1
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: sidecar.request_stop())
+    sidecar.run()
+    return 0
