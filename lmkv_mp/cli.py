@@ -90,3 +90,7 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
         return 0
     finally:
         client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(sidecar_main())
