@@ -15,7 +15,6 @@ and dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -100,6 +99,8 @@ class SidecarClient:
         self._lock = threading.RLock()
         self._ctx = zmq.Context.instance()
         self._sock = self._new_socket()
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
         self._region: HostRegion | None = None
         self._old_regions: list[HostRegion] = []
         self._closed = threading.Event()
@@ -276,22 +277,27 @@ class SidecarClient:
 
     def _roundtrip(self, msg: P.Request, deadline: float) -> P.Reply:
         rid = next(self._ids)
-        msg = dataclasses.replace(msg, req_id=rid)
-        frames = P.encode_request(msg)
+        frames = P.encode_request(msg, rid)
         sock = self._sock
         try:
-            if not sock.poll(self._ms_left(deadline), zmq.POLLOUT):
-                raise self._down(f"no sidecar listening at {self.config.endpoint}")
-            sock.send_multipart(frames, zmq.NOBLOCK)
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:  # not connected (yet): wait for the pipe within the deadline
+                if not sock.poll(self._ms_left(deadline), zmq.POLLOUT):
+                    raise self._down(f"no sidecar listening at {self.config.endpoint}") from None
+                sock.send_multipart(frames, zmq.NOBLOCK)
             while True:
-                if not sock.poll(self._ms_left(deadline), zmq.POLLIN):
-                    raise self._down(f"no reply from the sidecar within {self.config.timeout:g}s "
-                                     "(LMKV_CLIENT_TIMEOUT / lmkv.timeout sets the deadline)")
-                got = sock.recv_multipart(zmq.NOBLOCK)
-                if P.peek_req_id(got) != rid:
-                    continue  # a late reply to a request that already timed out
-                reply = P.decode_reply(msg.OP, got)
-                break
+                try:
+                    got = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    if not self._poller.poll(self._ms_left(deadline)):
+                        raise self._down(f"no reply from the sidecar within {self.config.timeout:g}s "
+                                         "(LMKV_CLIENT_TIMEOUT / lmkv.timeout sets the deadline)") from None
+                    continue
+                if P.peek_req_id(got) == rid:
+                    reply = P.decode_reply(msg.OP, got)
+                    break
+                # else: a late reply to a request that already timed out
         except zmq.ZMQError as e:
             raise self._down(f"socket error: {e}") from None
         except P.ProtocolError as e:

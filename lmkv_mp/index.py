@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Hashable, Iterable
 
-from lmkv_mp.keys import HASH_BYTES
+from lmkv_mp.keys import HASH_BYTES, split_hashes
 from lmkv_mp.memory.allocator import SlotId
 from lmkv_mp.memory.pool import HostPool, Record, SlotState
 from lmkv_mp.protocol import SlotStatus
@@ -99,7 +99,8 @@ class ChunkIndex:
         self.pool = pool
         self._entries: dict[bytes, Entry] = {}
         self._by_slot: dict[SlotId, Entry] = {}
-        self._lru: dict[int, OrderedDict[bytes, Entry]] = {}   # slot_bytes -> committed, oldest first
+        self._visible: dict[bytes, dict[bytes, Entry]] = {}    # namespace -> hash -> COMMITTED entry
+        self._lru: dict[int, OrderedDict[Entry, None]] = {}    # slot_bytes -> committed, oldest first
         self._leases: dict[int, Lease] = {}
         self._owner_leases: dict[Owner, set[int]] = {}
         self._ns_bytes: dict[bytes, int] = {}
@@ -121,7 +122,7 @@ class ChunkIndex:
                       EntryState.COMMITTED, checksum=rec.checksum)
             self._entries[key] = e
             self._by_slot[rec.slot] = e
-            self._lru.setdefault(slot_bytes, OrderedDict())[key] = e
+            self._publish(e)
             self._ns_bytes.setdefault(rec.namespace, rec.length)
             n += 1
         return n
@@ -141,40 +142,46 @@ class ChunkIndex:
 
     def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:
         """Leading chunks COMMITTED in every namespace (a hit refreshes LRU order)."""
-        return len(self._leading(namespaces, hashes))
+        cols = self._leading(namespaces, hashes)
+        return len(cols[0]) if cols else 0
 
     def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes) -> Pinned:
         """Like :meth:`lookup`, and take a read lease on the hits (0 hits: no lease)."""
-        rows = self._leading(namespaces, hashes)
-        if not rows:
+        cols = self._leading(namespaces, hashes)
+        hits = len(cols[0]) if cols else 0
+        if not hits:
             return Pinned(0, 0, [[] for _ in namespaces], [[] for _ in namespaces])
         lease = self._new_lease(owner, LeaseKind.READ)
-        for row in rows:
-            for e in row:
+        for col in cols:
+            for e in col:
                 e.pins += 1
-                lease.entries.append(e)
-        offsets = [[row[i].offset for row in rows] for i in range(len(namespaces))]
-        sums = [[row[i].checksum for row in rows] for i in range(len(namespaces))]
-        return Pinned(len(rows), lease.id, offsets, sums)
+            lease.entries.extend(col)
+        return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
+                      [[e.checksum for e in col] for col in cols])
 
     def _leading(self, namespaces: list[bytes], hashes: bytes) -> list[list[Entry]]:
-        rows: list[list[Entry]] = []
-        entries = self._entries
-        for i in range(0, len(hashes), HASH_BYTES):
-            h = hashes[i:i + HASH_BYTES]
-            row = []
-            for ns in namespaces:
-                e = entries.get(ns + h)
-                if e is None or e.state is not EntryState.COMMITTED:
-                    break
-                row.append(e)
-            if len(row) != len(namespaces):
-                break
-            rows.append(row)
-        for row in rows:
-            for e in row:
-                self._lru[e.slot_bytes].move_to_end(e.key)
-        return rows
+        """Per namespace, the entries of the leading chunks committed in all of them.
+
+        The hot path of every LOOKUP, so the per-chunk work runs in C: one ``map`` of
+        ``dict.get`` over the hash slices per namespace, and LRU refresh via ``map`` too.
+        """
+        keys = split_hashes(hashes)
+        cols: list[list[Entry]] = []
+        n = len(keys)
+        for ns in namespaces:
+            visible = self._visible.get(ns)
+            if visible is None or n == 0:
+                return []
+            col: list[Entry | None] = list(map(visible.get, keys[:n]))
+            if None in col:
+                n = col.index(None)
+            cols.append(col)  # type: ignore[arg-type]
+        if n == 0:
+            return []
+        cols = [col[:n] for col in cols]
+        for col in cols:
+            deque(map(self._lru[col[0].slot_bytes].move_to_end, col), maxlen=0)
+        return cols
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -195,7 +202,7 @@ class ChunkIndex:
                 if e.state is EntryState.COMMITTED:
                     # The writer's prompt uses this prefix: keep it from being evicted by
                     # the allocations for the chunks that follow it.
-                    self._lru[e.slot_bytes].move_to_end(key)
+                    self._lru[e.slot_bytes].move_to_end(e)
                 statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
                 offsets.append(0)
                 continue
@@ -235,7 +242,7 @@ class ChunkIndex:
             e.checksum = wanted[h] if wanted is not None else 0
             self.pool.write_record(e.slot, SlotState.COMMITTED, e.key[:HASH_BYTES], h, e.length, e.checksum)
             e.state = EntryState.COMMITTED
-            self._lru.setdefault(e.slot_bytes, OrderedDict())[e.key] = e
+            self._publish(e)
             n += 1
             self.counters.committed += 1
             self.counters.committed_bytes += e.length
@@ -295,16 +302,28 @@ class ChunkIndex:
                 self.counters.aborted += 1
         return len(lease.entries)
 
+    def _publish(self, e: Entry) -> None:
+        self._visible.setdefault(e.key[:HASH_BYTES], {})[e.key[HASH_BYTES:]] = e
+        self._lru.setdefault(e.slot_bytes, OrderedDict())[e] = None
+
+    def _unpublish(self, e: Entry) -> None:
+        visible = self._visible.get(e.key[:HASH_BYTES])
+        if visible is not None and visible.get(e.key[HASH_BYTES:]) is e:
+            del visible[e.key[HASH_BYTES:]]
+        lru = self._lru.get(e.slot_bytes)
+        if lru is not None:
+            lru.pop(e, None)
+
     def _hide(self, e: Entry) -> None:
         del self._entries[e.key]
-        self._lru[e.slot_bytes].pop(e.key, None)
+        self._unpublish(e)
         e.state = EntryState.DOOMED
         self.pool.write_state(e.slot, SlotState.FREE)  # never restored after a crash
 
     def _drop(self, e: Entry) -> None:
         if self._entries.get(e.key) is e:
             del self._entries[e.key]
-        self._lru.get(e.slot_bytes, {}).pop(e.key, None)  # type: ignore[call-overload]
+        self._unpublish(e)
         self._free_slot(e)
 
     def _free_slot(self, e: Entry) -> None:
@@ -321,7 +340,7 @@ class ChunkIndex:
         """Free room for one slot of ``slot_bytes``; False if nothing can be evicted."""
         lru = self._lru.get(slot_bytes)
         if lru:
-            for e in lru.values():
+            for e in lru:
                 if e.pins == 0:
                     self._evict(e)
                     return True
@@ -338,7 +357,7 @@ class ChunkIndex:
             if len(live) != span.used or any(m.pins or m.state is not EntryState.COMMITTED for m in live):
                 continue
             if span.slot_bytes not in ranks:
-                ranks[span.slot_bytes] = {k: i for i, k in enumerate(self._lru[span.slot_bytes])}
+                ranks[span.slot_bytes] = {k.key: i for i, k in enumerate(self._lru[span.slot_bytes])}
             rank = max((ranks[span.slot_bytes][m.key] for m in live), default=0)
             if best is None or rank < best[0]:
                 best = (rank, live)

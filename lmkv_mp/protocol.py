@@ -290,74 +290,83 @@ REPLY_TYPES: dict[Op, type] = {t.OP: t for t in (HelloReply, LookupReply, Reserv
 
 # --- codec ----------------------------------------------------------------------------
 
-_HINTS: dict[type, list[tuple[str, Any, bool]]] = {}
+class _Bad(Exception):
+    """A field value of the wrong shape; the message is relative to the field."""
 
 
-def _schema(cls: type) -> list[tuple[str, Any, bool]]:
-    """(name, type, required) per field, cached."""
-    cached = _HINTS.get(cls)
+_Checker = typing.Callable[[Any], Any]
+_SCHEMAS: dict[type, list[tuple[str, _Checker, bool]]] = {}
+
+
+def _schema(cls: type) -> list[tuple[str, _Checker, bool]]:
+    """(name, checker, required) per field, compiled once per message class."""
+    cached = _SCHEMAS.get(cls)
     if cached is None:
         hints = typing.get_type_hints(cls)
-        cached = []
-        for f in fields(cls):
-            required = f.default is MISSING and f.default_factory is MISSING
-            cached.append((f.name, hints[f.name], required))
-        _HINTS[cls] = cached
+        cached = [(f.name, _compile(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
+                  for f in fields(cls)]
+        _SCHEMAS[cls] = cached
     return cached
 
 
-def _check(value: Any, tp: Any, where: str) -> Any:
-    """Validate ``value`` against annotation ``tp``; return it converted (nested dataclasses)."""
+def _compile(tp: Any) -> _Checker:
+    """A checker for annotation ``tp``: returns the (converted) value or raises _Bad.
+    msgpack yields exact builtin types, so exact ``type(v) is`` tests are correct and fast."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check(value, inner[0], where)
+        inner = _compile(next(a for a in args if a is not type(None)))
+        nullable = type(None) in args
+        return lambda v: None if v is None and nullable else inner(v)
     if origin is list:
-        if not isinstance(value, list):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a list")
-        (item,) = typing.get_args(tp)
-        return [_check(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a map")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a bool")
-        return value
+        item = _compile(typing.get_args(tp)[0])
+
+        def check_list(v: Any) -> list[Any]:
+            if type(v) is not list:
+                raise _Bad("must be a list")
+            return [item(x) for x in v]
+        return check_list
+    if origin is dict or tp is Any:
+        return _exact(dict, "a map") if origin is dict else (lambda v: v)
     if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool) or not -_I64 <= value <= _I64:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a 64-bit integer")
-        return value
+        def check_int(v: Any) -> int:
+            if type(v) is not int or not -_I64 <= v <= _I64:
+                raise _Bad("must be a 64-bit integer")
+            return v
+        return check_int
     if tp is float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a string")
-        return value
-    if tp is bytes:
-        if not isinstance(value, bytes):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be bytes")
-        return value
+        def check_float(v: Any) -> float:
+            if type(v) is float or type(v) is int:
+                return float(v)
+            raise _Bad("must be a number")
+        return check_float
+    if tp in (bool, str, bytes):
+        return _exact(tp, {bool: "a bool", str: "a string", bytes: "bytes"}[tp])
     if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
-        if not isinstance(value, dict):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where} must be a map")
-        return _from_map(tp, value, where)
-    if tp is Any:
-        return value
+        def check_obj(v: Any) -> Any:
+            if type(v) is not dict:
+                raise _Bad("must be a map")
+            return _from_map(tp, v, tp.__name__)
+        return check_obj
     raise TypeError(f"unsupported annotation {tp!r}")
+
+
+def _exact(tp: type, what: str) -> _Checker:
+    def check(v: Any) -> Any:
+        if type(v) is not tp:
+            raise _Bad(f"must be {what}")
+        return v
+    return check
 
 
 def _from_map(cls: type, body: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
-    for name, tp, required in _schema(cls):
+    for name, check, required in _schema(cls):
         if name in body:
-            kwargs[name] = _check(body[name], tp, f"{where}.{name}")
+            try:
+                kwargs[name] = check(body[name])
+            except _Bad as e:
+                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}.{name} {e}") from None
         elif required:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: missing field '{name}'")
     return cls(**kwargs)
@@ -365,7 +374,7 @@ def _from_map(cls: type, body: dict[str, Any], where: str) -> Any:
 
 def _to_map(msg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, _tp, _req in _schema(type(msg)):
+    for name, _check, _req in _schema(type(msg)):
         v = getattr(msg, name)
         if isinstance(v, list) and v and hasattr(v[0], "__dataclass_fields__"):
             v = [_to_map(x) for x in v]
@@ -389,8 +398,15 @@ def _unpack(payload: bytes) -> dict[str, Any]:
     return body
 
 
-def encode_request(msg: Request) -> list[bytes]:
-    return [bytes((msg.OP,)), msgpack.packb(_to_map(msg), use_bin_type=True)]
+def encode_request(msg: Request, req_id: int | None = None) -> list[bytes]:
+    """Frames for a request; ``req_id`` overrides the message's own (clients number calls)."""
+    body = _to_map(msg)
+    if req_id is not None:
+        body["req_id"] = req_id
+    return [_OP_FRAMES[msg.OP], msgpack.packb(body, use_bin_type=True)]
+
+
+_OP_FRAMES = {op: bytes((op,)) for op in Op}
 
 
 def encode_reply(msg: Reply) -> list[bytes]:

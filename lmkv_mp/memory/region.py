@@ -151,13 +151,18 @@ class HostRegion:
 
     def tensor(self) -> torch.Tensor:
         """The whole region as a 1-D uint8 tensor (shares memory; keep the region alive)."""
-        return torch.frombuffer(self.mm, dtype=torch.uint8, count=self.size)
+        # torch.frombuffer keeps a reference to the object but not a buffer export, so on the
+        # bare mmap close() would unmap under a live tensor (a segfault on its next use). The
+        # tensor owns this memoryview, whose export makes close() refuse while the tensor lives.
+        return torch.frombuffer(memoryview(self.mm), dtype=torch.uint8, count=self.size)
 
     def close(self) -> None:
-        """Unmap. Raises BufferError while tensors or views of the region still exist."""
+        """Unmap. Raises BufferError while tensors or views of the region still exist; the
+        region's own view is released anyway and a later close() finishes the unmap."""
         if self._view is not None:
             self._view.release()
             self._view = None
+        if not self.mm.closed:
             self.mm.close()
 
     def unlink(self) -> None:
