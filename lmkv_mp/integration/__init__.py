@@ -1,0 +1,1 @@
+"""Engine integrations (each imports its engine; lmkv_mp itself never does)."""

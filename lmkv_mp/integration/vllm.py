@@ -1,0 +1,208 @@
+"""LMKVConnector: vLLM's KV connector (v1 API) backed by the node's lmkv-sidecar.
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector":"LMKVConnector",
+                           "kv_connector_module_path":"lmkv_mp.integration.vllm",
+                           "kv_role":"kv_both"}'
+
+Settings come from ``kv_connector_extra_config`` (``lmkv.endpoint``, ``lmkv.timeout``,
+``lmkv.heartbeat_interval``, ``lmkv.retry_interval``, ``lmkv.chunk_tokens``,
+``lmkv.tenant``) or the ``LMKV_*`` environment; with neither, the sidecar's default
+endpoint for this user is used.
+
+It is a best-effort cache: a failed or impossible load is reported to vLLM as a load
+error and recomputed, so the connector switches ``kv_load_failure_policy`` to
+``recompute`` (vLLM's default ``fail`` would turn a cache miss into a user-visible error).
+
+Supported: vLLM 0.32 (the ``(vllm_config, role, kv_cache_config)`` constructor), models
+with one KV cache group (full attention or MLA). Hybrid models are declined with one log
+line: the connector then does nothing and the engine runs as if it were absent.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import vllm
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                               KVConnectorRole)
+
+from lmkv_mp.client import SidecarClient
+from lmkv_mp.config import load_client_config
+from lmkv_mp.integration.plan import StepPlan, rank_namespaces
+from lmkv_mp.integration.vllm_scheduler import SchedulerSide
+from lmkv_mp.integration.vllm_worker import WorkerSide
+from lmkv_mp.keys import Namespace
+from lmkv_mp.transfer import PagedKV
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("lmkv.vllm")
+
+DEFAULT_CHUNK_TOKENS = 256
+_CLIENT_KEYS = ("endpoint", "timeout", "heartbeat_interval", "retry_interval")
+
+if "kv_cache_config" not in inspect.signature(KVConnectorBase_V1.__init__).parameters:
+    raise ImportError(f"lmkv_mp's connector needs vLLM's v1 connector API with a kv_cache_config constructor "
+                      f"argument (vLLM 0.32); this vLLM is {vllm.__version__}")
+
+
+@dataclass
+class LMKVConnectorMetadata(KVConnectorMetadata):
+    plan: StepPlan | None
+
+
+class LMKVConnector(KVConnectorBase_V1):
+    """See the module docstring. Scheduler role: :class:`SchedulerSide`; worker role:
+    :class:`WorkerSide`; the connector itself only adapts vLLM's types."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = self._kv_transfer_config
+        if ktc.kv_load_failure_policy != "recompute":
+            log.info("lmkv: setting kv_load_failure_policy=recompute (a cache miss must never fail a request)")
+            ktc.kv_load_failure_policy = "recompute"
+        extra = dict(ktc.kv_connector_extra_config or {})
+        overrides = {k: extra.get(f"lmkv.{k}") for k in _CLIENT_KEYS}
+        self._client_config = load_client_config(overrides=overrides)
+        self._sched: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        self._declined = self._check_supported(kv_cache_config)
+        if self._declined:
+            log.warning("lmkv: connector disabled: %s", self._declined)
+            return
+        group = kv_cache_config.kv_cache_groups[0]
+        self._spec = group.kv_cache_spec
+        self._layer_names = list(group.layer_names)
+        self._block_size = self._spec.block_size
+        tp_size = vllm_config.parallel_config.tensor_parallel_size
+        chunk_tokens = int(extra.get("lmkv.chunk_tokens") or 0)
+        self._client = SidecarClient(self._client_config, role="scheduler" if role == KVConnectorRole.SCHEDULER
+                                     else "worker", name=f"vllm-{role.name.lower()}")
+        if role == KVConnectorRole.SCHEDULER:
+            if not chunk_tokens:
+                chunk_tokens = self._client.hello.chunk_tokens if self._client.connect() else DEFAULT_CHUNK_TOKENS
+            chunk_tokens = max(1, -(-chunk_tokens // self._block_size)) * self._block_size
+            namespaces = self._namespaces(vllm_config, kv_cache_config, chunk_tokens, tp_size, str(extra.get("lmkv.tenant", "")))
+            self._sched = SchedulerSide(self._client, namespaces, chunk_tokens, self._block_size)
+            log.info("lmkv: scheduler connected=%s endpoint=%s chunk_tokens=%d namespaces=%s",
+                     self._client.available, self._client_config.endpoint, chunk_tokens,
+                     [ns.display_name for ns in namespaces])
+
+    # -- setup ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_supported(kv_cache_config: Any) -> str:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            return f"hybrid model with {len(groups)} KV cache groups is not supported"
+        spec = groups[0].kv_cache_spec
+        if getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
+            return f"{type(spec).__name__} with a window is not supported"
+        if not hasattr(spec, "num_kv_heads") or not hasattr(spec, "head_size"):
+            return f"KV cache spec {type(spec).__name__} is not an attention spec"
+        return ""
+
+    def _namespaces(self, vllm_config: Any, kv_cache_config: Any, chunk_tokens: int, tp_size: int,
+                    tenant: str) -> list[Namespace]:
+        mc = vllm_config.model_config
+        spec = self._spec
+        mla = type(spec).__name__.startswith("MLA")
+        layout = (f"vllm-{vllm.__version__}|{getattr(kv_cache_config, 'kv_cache_layout', None)}|"
+                  f"{type(spec).__name__}|hv{getattr(spec, 'head_size_v', spec.head_size)}|"
+                  f"q{getattr(getattr(spec, 'kv_quant_mode', None), 'name', '')}|page{spec.page_size_bytes}")
+        return rank_namespaces(model=str(mc.model), revision=str(mc.revision or ""), dtype=str(spec.dtype),
+                               num_layers=len(self._layer_names), kv_heads=spec.num_kv_heads,
+                               head_size=spec.head_size, block_size=self._block_size, layout=layout,
+                               chunk_tokens=chunk_tokens, tp_size=tp_size, mla=mla, tenant=tenant)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped store is only a future miss
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, "torch.Tensor"]) -> None:
+        if self._declined:
+            return
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        tensors = [kv_caches[name] for name in self._layer_names if name in kv_caches]
+        if len(tensors) != len(self._layer_names):
+            self._declined = "registered KV caches do not match the KV cache group's layers"
+            log.warning("lmkv: connector disabled on this rank: %s", self._declined)
+            return
+        paged = PagedKV(tensors, num_blocks=self._kv_cache_config.num_blocks)
+        expected = self._spec.page_size_bytes * len(tensors)
+        self._worker = WorkerSide(self._client, paged, get_tensor_model_parallel_rank(), expected)
+        self._client.connect()
+
+    def _plan(self) -> StepPlan | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta.plan if isinstance(meta, LMKVConnectorMetadata) else None
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        if self._worker is not None:
+            self._worker.wait_for_inflight()
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        plan = self._plan()
+        if self._worker is not None and plan is not None and plan.loads:
+            self._worker.submit_loads(plan)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        plan = self._plan()
+        if self._worker is not None and plan is not None and plan.stores:
+            self._worker.submit_stores(plan)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._worker is None:
+            return None, None
+        return self._worker.finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.load_errors() if self._worker is not None else set()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        elif not self._declined:
+            self._client.close()
+
+    # -- scheduler side -------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        if self._sched is None:
+            return 0, False
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if self._sched is not None and num_external_tokens > 0:
+            self._sched.update_state_after_alloc(request, list(blocks.get_block_ids()[0]), num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        if self._sched is None:
+            return LMKVConnectorMetadata(None)
+        return LMKVConnectorMetadata(self._sched.build_plan(scheduler_output))
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        if self._sched is not None:
+            self._sched.on_worker_output(connector_output.finished_recving)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self._sched is None:
+            return False, None
+        return self._sched.request_finished(request), None

@@ -1,0 +1,172 @@
+"""The scheduler half of the vLLM connector: lookups, leases and the per-step plan.
+
+Contract with vLLM's scheduler (0.32 semantics, see ``vllm.py``):
+
+* ``get_num_new_matched_tokens`` claims only whole chunks that a pinned LOOKUP found in
+  every rank's namespace, never the prompt's last token, and answers from a per-request
+  cache on the repeated calls vLLM makes while a request waits. A sidecar that is down
+  answers "0 tokens" within the client deadline.
+* The read lease taken by that LOOKUP is held until every rank reported the load done
+  (``finished_recving``), or the request ends without a load. Nothing else releases it,
+  so a chunk cannot be evicted and rewritten while a rank copies from it.
+* Stores: once a step's forward has computed a full prompt chunk, the next plan tells
+  every rank to store it. ``request_finished`` asks vLLM to keep the blocks of a request
+  with planned stores until the ranks report those stores done.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmkv_mp.client import LookupResult, SidecarClient
+from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
+from lmkv_mp.keys import HASH_BYTES, Namespace, chain_hashes
+
+log = logging.getLogger("lmkv.vllm")
+
+
+@dataclass(slots=True)
+class _Req:
+    request: Any
+    hashes: bytes                       # chain hashes of the prompt's full chunks
+    lookup: LookupResult | None = None
+    local_tokens: int = 0               # engine-local prefix hit at the last lookup
+    block_ids: list[int] = field(default_factory=list)
+    stored_chunks: int = 0              # chunks already planned for store (or known present)
+    saving: bool = False                # any store planned: blocks must outlive it
+    load_planned: bool = False
+
+
+class SchedulerSide:
+    def __init__(self, client: SidecarClient, namespaces: list[Namespace], chunk_tokens: int, block_size: int) -> None:
+        self.client = client
+        self.namespaces = namespaces
+        self.ns_ids = [ns.id for ns in namespaces]
+        self.chunk_tokens = chunk_tokens
+        self.block_size = block_size
+        self._reqs: dict[str, _Req] = {}
+        self._loads: list[LoadJob] = []
+        self._stores: list[StoreJob] = []
+        self._awaiting_load: dict[str, int] = {}      # req id -> lease to release on finished_recving
+        self.stats = {"lookups": 0, "hit_tokens": 0, "claimed_tokens": 0, "load_jobs": 0, "store_chunks": 0}
+
+    # -- lookups --------------------------------------------------------------------------
+
+    def _state(self, request: Any) -> _Req:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            salt = (request.cache_salt or "").encode()
+            key = self.client.hello.hash_key if self.client.hello else b""
+            hashes = chain_hashes(request.prompt_token_ids, self.chunk_tokens, key, salt) if key else b""
+            st = _Req(request, hashes)
+            self._reqs[request.request_id] = st
+        return st
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        if self.client.hello is None and not self.client.connect():
+            return 0, False
+        st = self._state(request)
+        if not st.hashes:
+            st.hashes = chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
+                                     (request.cache_salt or "").encode())
+        # Never the last prompt token: the engine must compute at least one.
+        max_chunks = (len(request.prompt_token_ids) - 1) // self.chunk_tokens
+        if st.lookup is None and max_chunks > 0:
+            self.stats["lookups"] += 1
+            st.lookup = self.client.lookup(self.ns_ids, st.hashes[:max_chunks * HASH_BYTES], pin=True)
+            self.stats["hit_tokens"] += st.lookup.hits * self.chunk_tokens
+            st.stored_chunks = max(st.stored_chunks, st.lookup.hits)  # present: no need to store again
+        hits = st.lookup.hits if st.lookup else 0
+        ext = hits * self.chunk_tokens - num_computed_tokens
+        st.local_tokens = num_computed_tokens
+        if ext <= 0:
+            self._drop_lease(st)
+            return 0, False
+        return ext, True
+
+    def update_state_after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None or num_external_tokens <= 0 or st.lookup is None or not st.lookup.lease_id:
+            return
+        local = st.local_tokens
+        c0 = local // self.chunk_tokens
+        c1 = (local + num_external_tokens) // self.chunk_tokens
+        first_block = local // self.block_size
+        last_block = (local + num_external_tokens) // self.block_size
+        job = LoadJob(request.request_id, st.lookup.boot_id,
+                      [o[c0:c1].tolist() for o in st.lookup.offsets],
+                      [c[c0:c1].tolist() for c in st.lookup.checksums],
+                      list(block_ids[first_block:last_block]), (local % self.chunk_tokens) // self.block_size)
+        self._loads.append(job)
+        self._awaiting_load[request.request_id] = st.lookup.lease_id
+        st.lookup = LookupResult(st.lookup.hits, 0, (), (), st.lookup.boot_id)  # lease now owned by the load
+        st.load_planned = True
+        self.stats["claimed_tokens"] += num_external_tokens
+        self.stats["load_jobs"] += 1
+
+    def _drop_lease(self, st: _Req) -> None:
+        if st.lookup is not None and st.lookup.lease_id:
+            self.client.release(st.lookup.lease_id)
+            st.lookup = LookupResult(st.lookup.hits, 0, (), (), st.lookup.boot_id)
+
+    # -- the plan -------------------------------------------------------------------------
+
+    def build_plan(self, so: Any) -> StepPlan:
+        preempted = sorted(getattr(so, "preempted_req_ids", None) or ())
+        for rid in preempted:
+            st = self._reqs.get(rid)
+            if st is not None:
+                st.block_ids = []
+        for new in so.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is not None:
+                st.block_ids = list(new.block_ids[0])
+                self._plan_store(st, new.num_computed_tokens + so.num_scheduled_tokens.get(new.req_id, 0))
+        cached = so.scheduled_cached_reqs
+        resumed = getattr(cached, "resumed_req_ids", set()) or set()
+        for i, rid in enumerate(cached.req_ids):
+            st = self._reqs.get(rid)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if rid in resumed:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                st.block_ids.extend(new_ids[0])
+            self._plan_store(st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0))
+        plan = StepPlan(self.chunk_tokens, self.block_size, self.ns_ids, [ns.display_name for ns in self.namespaces],
+                        self._loads, self._stores, preempted)
+        self._loads, self._stores = [], []
+        return plan
+
+    def _plan_store(self, st: _Req, computed_tokens: int) -> None:
+        n_full = len(st.hashes) // HASH_BYTES
+        done = min(computed_tokens // self.chunk_tokens, n_full)
+        bpc = self.chunk_tokens // self.block_size
+        if done <= st.stored_chunks or len(st.block_ids) < done * bpc:
+            return
+        c0 = st.stored_chunks
+        self._stores.append(StoreJob(st.request.request_id, st.hashes[c0 * HASH_BYTES:done * HASH_BYTES],
+                                     st.block_ids[c0 * bpc:done * bpc]))
+        self.stats["store_chunks"] += done - c0
+        st.stored_chunks = done
+        st.saving = True
+
+    # -- completion -----------------------------------------------------------------------
+
+    def on_worker_output(self, finished_recving: set[str] | None) -> None:
+        for rid in finished_recving or ():
+            lease = self._awaiting_load.pop(rid, 0)
+            if lease:
+                self.client.release(lease)
+
+    def request_finished(self, request: Any) -> bool:
+        """Forget the request; True if its blocks must wait for planned stores."""
+        st = self._reqs.pop(request.request_id, None)
+        if st is None:
+            return False
+        if request.request_id not in self._awaiting_load:
+            self._drop_lease(st)
+        return st.saving

