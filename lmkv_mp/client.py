@@ -21,15 +21,20 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 import zmq
 
 from lmkv_mp import protocol as P
 from lmkv_mp.config import ClientConfig, load_client_config
-from lmkv_mp.memory import HostRegion, RegionError
+
+if TYPE_CHECKING:
+    # torch (via lmkv_mp.memory) is imported on first use of the host region: it costs
+    # seconds, and schedulers' lookups and `lmkv-stats` never map memory.
+    import torch
+
+    from lmkv_mp.memory import HostRegion
 
 log = logging.getLogger("lmkv.client")
 
@@ -104,6 +109,7 @@ class SidecarClient:
         self._region: HostRegion | None = None
         self._old_regions: list[HostRegion] = []
         self._closed = threading.Event()
+        self._hb_wake = threading.Event()  # set on close, and when a HELLO may change the period
         self._hb: threading.Thread | None = None
         if heartbeat:
             self._hb = threading.Thread(target=self._heartbeat, name="lmkv-heartbeat", daemon=True)
@@ -223,6 +229,8 @@ class SidecarClient:
     def host_tensor(self) -> torch.Tensor | None:
         """The sidecar's host region as a uint8 tensor, mapped once per region identity.
         None if not connected or the region cannot be mapped (the caller treats it as a miss)."""
+        from lmkv_mp.memory import HostRegion, RegionError
+
         with self._lock:
             if self.hello is None and not self.connect():
                 return None
@@ -274,6 +282,7 @@ class SidecarClient:
         assert isinstance(reply, P.HelloReply)
         self.hello = reply
         self._registered = True
+        self._hb_wake.set()
 
     def _roundtrip(self, msg: P.Request, deadline: float) -> P.Reply:
         rid = next(self._ids)
@@ -309,6 +318,7 @@ class SidecarClient:
                 log.info("restart detected: sidecar boot_id %s -> %s", self._boot_id.hex(), reply.boot_id.hex())
             self._boot_id = reply.boot_id
         self._last_ok = time.monotonic()
+        self._down_until = 0.0  # it answered: an explicit connect() ends a back-off early
         return reply
 
     @staticmethod
@@ -320,9 +330,21 @@ class SidecarClient:
         self._registered = False
         return SidecarUnavailable(why)
 
+    def _heartbeat_period(self) -> float:
+        """The configured interval, or the sidecar's (announced in HELLO) when shorter: a client
+        beating slower than the sidecar expects would lose its leases between beats."""
+        hello = self.hello
+        if hello is not None and 0 < hello.heartbeat_interval < self.config.heartbeat_interval:
+            return hello.heartbeat_interval
+        return self.config.heartbeat_interval
+
     def _heartbeat(self) -> None:
-        interval = self.config.heartbeat_interval
-        while not self._closed.wait(interval / 2):
+        while True:
+            self._hb_wake.wait(self._heartbeat_period() / 2)
+            self._hb_wake.clear()
+            if self._closed.is_set():
+                return
+            interval = self._heartbeat_period()
             if time.monotonic() - self._last_ok < interval / 2:
                 continue
             if time.monotonic() < self._down_until:
@@ -331,6 +353,7 @@ class SidecarClient:
 
     def close(self) -> None:
         self._closed.set()
+        self._hb_wake.set()
         if self._hb is not None:
             self._hb.join(timeout=2)
         with self._lock:

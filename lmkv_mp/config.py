@@ -36,6 +36,9 @@ IPC_PATH_MAX = 107
 MAX_SIZE = (1 << 63) - 1
 
 DEFAULT_SLAB_SIZE = 64 * MiB
+# Room the host pool needs besides its slabs: header, slab and slot tables, alignment of
+# the slab area (see lmkv_mp.memory.pool.Geometry); a pool below slab + this cannot start.
+POOL_TABLES_ALLOWANCE = 4 * MiB
 DEFAULT_CHUNK_TOKENS = 256
 DEFAULT_DISK_SIZE = 64 * GiB
 DEFAULT_LEASE_TIMEOUT = 5.0
@@ -368,32 +371,32 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
           "allocator slab size; a multiple of 4KiB, at least 1MiB"),
     _Flag("--chunk-tokens", "N", str(DEFAULT_CHUNK_TOKENS),
           "tokens per cached chunk; a multiple of the engine's block size"),
-    _Flag("--gpu-pool-size", "SIZE", "0 (no GPU tier)", "GPU tier size per device"),
-    _Flag("--gpu-devices", "LIST", "none", "GPU tier devices, e.g. 0,1"),
-    _Flag("--disk-dir", "DIR", "no disk tier", "disk tier directory (SSD or DAX)"),
+    _Flag("--gpu-pool-size", "SIZE", "0 (no GPU tier)", "GPU tier size per device (not implemented yet: refused at start)"),
+    _Flag("--gpu-devices", "LIST", "none", "GPU tier devices, e.g. 0,1 (not implemented yet: refused at start)"),
+    _Flag("--disk-dir", "DIR", "no disk tier", "disk tier directory, SSD or DAX (not implemented yet: refused at start)"),
     _Flag("--disk-size", "SIZE", f"{format_size(DEFAULT_DISK_SIZE)} when --disk-dir is set",
           "disk tier size"),
     _Flag("--remote-url", "URL", "no remote tier",
-          "remote tier, redis:// rediss:// unix:// or redis+cluster://"),
+          "remote tier, redis:// rediss:// unix:// or redis+cluster:// (not implemented yet: refused at start)"),
     _Flag("--write-policy", "|".join(WRITE_POLICIES), DEFAULT_WRITE_POLICY,
-          "write-through: new entries go to lower tiers at once; write-back: when evicted"),
+          "write-through: new entries go to lower tiers at once; write-back: when evicted (no effect until a lower tier exists)"),
     _Flag("--lease-timeout", "DURATION", _fmt_seconds(DEFAULT_LEASE_TIMEOUT),
           "a client's leases expire after this long without a heartbeat"),
     _Flag("--heartbeat-interval", "DURATION", _fmt_seconds(DEFAULT_HEARTBEAT_INTERVAL),
           "expected client heartbeat period; below --lease-timeout"),
-    _Flag("--verify", "on|off", "off", "write checksums at COMMIT and check them on load"),
+    _Flag("--verify", "on|off", "off", "write checksums at COMMIT and check them on load (on: not implemented yet, refused at start)"),
     _Flag("--hash-key-file", "FILE", "a fixed built-in key",
           "file holding the 16..64-byte chain hash key"),
     _Flag("--admin-token-file", "FILE", "none (admin ops are refused)",
           "file holding the token that admin ops (CLEAR) must present"),
-    _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST, "Prometheus endpoint address"),
+    _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST, "Prometheus endpoint address (endpoint not served yet)"),
     _Flag("--metrics-port", "PORT", str(DEFAULT_METRICS_PORT),
-          "Prometheus endpoint port; 0 disables it"),
+          "Prometheus endpoint port; 0 disables it (endpoint not served yet)"),
     _Flag("--log-level", "|".join(LOG_LEVELS), "info", "log level"),
     _Flag("--unlink-on-exit", "", "off (the host pool persists for a warm restart)",
           "remove the host pool segment on exit"),
     _Flag("--allow-group", "GROUP", "none (owner only)",
-          "also grant this group access to the run dir and host pool"),
+          "also grant this group access to the run dir and host pool (not implemented yet: refused at start)"),
 )
 _FLAGS_BY_NAME: dict[str, _Flag] = {f.flag: f for f in _SIDECAR_FLAGS}
 
@@ -569,10 +572,10 @@ def load_sidecar_config(
     if slab_size % 4096 or slab_size < MiB:
         raise _error("--slab-size", f"{src.shown('--slab-size', format_size(slab_size))} must be a "
                      "multiple of 4KiB and at least 1MiB; use e.g. 64MiB")
-    if host_pool_size < slab_size:
+    if host_pool_size < slab_size + POOL_TABLES_ALLOWANCE:
         raise _error("--host-pool-size", f"{src.shown('--host-pool-size', format_size(host_pool_size))}"
-                     f" is smaller than one slab ({format_size(slab_size)}, --slab-size); "
-                     "use a larger size or a smaller --slab-size")
+                     f" cannot hold one slab ({format_size(slab_size)}, --slab-size) and its tables "
+                     f"({format_size(POOL_TABLES_ALLOWANCE)}); use a larger size or a smaller --slab-size")
 
     chunk_tokens = src.parse("--chunk-tokens", lambda t: _parse_int(t, 1), DEFAULT_CHUNK_TOKENS)
 

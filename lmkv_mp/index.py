@@ -195,33 +195,41 @@ class ChunkIndex:
         offsets: list[int] = []
         lease: Lease | None = None
         full = False
-        for i in range(0, len(hashes), HASH_BYTES):
-            key = namespace + hashes[i:i + HASH_BYTES]
-            e = self._entries.get(key)
-            if e is not None:
-                if e.state is EntryState.COMMITTED:
-                    # The writer's prompt uses this prefix: keep it from being evicted by
-                    # the allocations for the chunks that follow it.
-                    self._lru[e.slot_bytes].move_to_end(e)
-                statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
-                offsets.append(0)
-                continue
-            slot = None if full else self._alloc(chunk_bytes)
-            if slot is None:
-                full = True
-                statuses.append(SlotStatus.NO_SPACE)
-                offsets.append(0)
-                continue
-            if lease is None:
-                lease = self._new_lease(owner, LeaseKind.WRITE)
-            e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
-                      self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
-            self.pool.write_record(slot, SlotState.WRITING, namespace, key[HASH_BYTES:], chunk_bytes)
-            self._entries[key] = e
-            self._by_slot[slot] = e
-            lease.entries.append(e)
-            statuses.append(SlotStatus.WRITE)
-            offsets.append(e.offset)
+        held: list[Entry] = []
+        try:
+            for i in range(0, len(hashes), HASH_BYTES):
+                key = namespace + hashes[i:i + HASH_BYTES]
+                e = self._entries.get(key)
+                if e is not None:
+                    if e.state is EntryState.COMMITTED:
+                        # The writer's prompt uses this prefix: the allocations for the chunks
+                        # that follow must not evict it (PRESENT would then be a lie and the
+                        # chunks written after it unreachable), so hold it until we return.
+                        self._lru[e.slot_bytes].move_to_end(e)
+                        e.pins += 1
+                        held.append(e)
+                    statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
+                    offsets.append(0)
+                    continue
+                slot = None if full else self._alloc(chunk_bytes)
+                if slot is None:
+                    full = True
+                    statuses.append(SlotStatus.NO_SPACE)
+                    offsets.append(0)
+                    continue
+                if lease is None:
+                    lease = self._new_lease(owner, LeaseKind.WRITE)
+                e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
+                          self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
+                self.pool.write_record(slot, SlotState.WRITING, namespace, key[HASH_BYTES:], chunk_bytes)
+                self._entries[key] = e
+                self._by_slot[slot] = e
+                lease.entries.append(e)
+                statuses.append(SlotStatus.WRITE)
+                offsets.append(e.offset)
+        finally:
+            for e in held:
+                e.pins -= 1
         return Reserved(lease.id if lease else 0, statuses, offsets)
 
     def commit(self, owner: Owner, lease_id: int, hashes: bytes = b"", checksums: list[int] | None = None) -> int:

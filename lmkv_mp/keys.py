@@ -48,7 +48,10 @@ def chain_hashes(
     ``salt`` is a per-request cache salt (vLLM's ``cache_salt``): prompts with different
     salts never share a key. ``max_chunks`` stops early (the caller only needs a prefix).
     """
-    arr = np.asarray(tokens, dtype=np.int64)
+    try:
+        arr = np.asarray(tokens, dtype=np.int64)
+    except OverflowError:  # a Python int beyond int64: same answer as any other bad id
+        raise ValueError("token ids must fit in int32") from None
     if arr.ndim != 1:
         raise ValueError("tokens must be a 1-D sequence of token ids")
     if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):

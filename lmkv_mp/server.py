@@ -76,7 +76,13 @@ class Sidecar:
         prepare_run_dir(cfg.run_dir)
         self._take_lock()
         self.region = HostRegion.create_or_attach(shm_name_for(cfg.run_dir), cfg.host_pool_size, cfg.host_pool_path)
-        self.pool, records = HostPool.open(self.region, cfg.slab_size)
+        try:
+            self.pool, records = HostPool.open(self.region, cfg.slab_size)
+        except ValueError:
+            self.region.close()
+            if self.region.created:  # an unusable segment we just made would outlive us in /dev/shm
+                self.region.unlink()
+            raise
         self.index = ChunkIndex(self.pool)
         restored = self.index.restore(records)
         self.ns_names: dict[bytes, str] = {}
@@ -331,7 +337,11 @@ class Sidecar:
         return snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names)
 
     def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:
-        if self.cfg.admin_token is not None and not hmac.compare_digest(msg.token or b"", self.cfg.admin_token):
+        if self.cfg.admin_token is None:
+            # No token configured means admin ops are refused (ARCHITECTURE §7), not open to all.
+            raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED,
+                                  "admin ops are disabled: start the sidecar with --admin-token-file")
+        if not hmac.compare_digest(msg.token or b"", self.cfg.admin_token):
             raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "CLEAR needs the admin token (--admin-token-file)")
         n = self.index.clear(msg.namespace)
         log.info("clear: %d entries dropped (%s)", n, msg.namespace.hex() if msg.namespace else "all namespaces")
@@ -343,8 +353,30 @@ class Sidecar:
                                   f"client holds {MAX_LEASES_PER_CLIENT} leases: release some before taking more")
 
 
+def unimplemented(cfg: SidecarConfig) -> list[str]:
+    """Settings this build accepts but cannot honour yet: refusing them beats pretending."""
+    out = []
+    if cfg.gpu_pool_size or cfg.gpu_devices:
+        out.append("--gpu-pool-size/--gpu-devices (the GPU tier)")
+    if cfg.disk_dir is not None:
+        out.append("--disk-dir (the disk tier)")
+    if cfg.remote_url is not None:
+        out.append("--remote-url (the remote tier)")
+    if cfg.verify:
+        out.append("--verify on (checksums)")
+    if cfg.allow_group is not None:
+        out.append("--allow-group")
+    return out
+
+
 def serve(cfg: SidecarConfig) -> int:
     """Run a sidecar in this process until SIGTERM/SIGINT. Returns the exit status."""
+    missing = unimplemented(cfg)
+    if missing:
+        log.error("start failed: not implemented in this version: %s", ", ".join(missing))
+        return 2
+    if cfg.metrics_port:
+        log.info("metrics: the Prometheus endpoint is not served yet (use lmkv-stats)")
     try:
         sidecar = Sidecar(cfg)
     except (StartupError, RegionError, OSError, ValueError) as e:

@@ -334,7 +334,7 @@ def test_config_is_frozen(env: dict[str, str], meminfo: str) -> None:
     [
         (["--host-pool-size", "12XB"], {}, "--host-pool-size", ["'12XB' is not a size", "512MiB"]),
         ([], {"LMKV_HOST_POOL_SIZE": "-1G"}, "--host-pool-size", ["'-1G' is negative"]),
-        (["--host-pool-size", "0"], {}, "--host-pool-size", ["smaller than one slab"]),
+        (["--host-pool-size", "0"], {}, "--host-pool-size", ["cannot hold one slab"]),
         (["--host-pool-size", "32MiB"], {}, "--host-pool-size", ["--slab-size"]),
         (["--slab-size", "1000000"], {}, "--slab-size", ["4KiB"]),
         (["--slab-size", "512KiB"], {}, "--slab-size", ["1MiB"]),

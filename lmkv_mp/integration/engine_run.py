@@ -9,8 +9,9 @@ user's vLLM would, with or without the lmkv connector. SPEC::
      "turns": [[{"prompt_token_ids": [...], "cache_salt": "..."}, ...], ...]}
 
 Every turn is one ``generate`` call; its outputs (token ids, logprobs, num_cached_tokens)
-and its wall time are recorded. ``ttft`` mode (``"max_tokens": 1``) makes the wall time
-of a one-prompt turn the time to first token.
+and its wall time are recorded. With ``--serve`` instead of OUT.json the engine stays up
+and answers prompts from stdin (see :func:`serve`), for drivers that build each turn from
+the previous answer.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import time
 from typing import Any
 
 
-def run(spec: dict[str, Any]) -> dict[str, Any]:
+SERVE_MARK = "@lmkv "
+"""Prefix of the serve protocol's stdout lines (vLLM prints to stdout too)."""
+
+
+def make_llm(spec: dict[str, Any]) -> Any:
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t0 = time.perf_counter()
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -42,26 +46,56 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             kv_connector="LMKVConnector", kv_connector_module_path="lmkv_mp.integration.vllm",
             kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=spec["lmkv"])
     llm = LLM(**kw)
-    started = time.perf_counter()
-    sp = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 8), logprobs=1, ignore_eos=True)
     if spec.get("warmup", True):  # the first generate pays one-off warm-up; keep it out of timings
         llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=1), use_tqdm=False)
-    turns = []
-    for prompts in spec["turns"]:
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        wall = time.perf_counter() - t
-        turns.append({"wall_s": wall, "outputs": [{
-            "prompt_len": len(o.prompt_token_ids),
-            "num_cached_tokens": o.num_cached_tokens,
-            "token_ids": list(o.outputs[0].token_ids),
-            "logprobs": [d[tid].logprob for tid, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
-        } for o in outs]})
+    return llm
+
+
+def generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> dict[str, Any]:
+    """One ``generate`` call: its wall time and, per prompt, what a test compares."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    wall = time.perf_counter() - t
+    return {"wall_s": wall, "outputs": [{
+        "prompt_len": len(o.prompt_token_ids),
+        "num_cached_tokens": o.num_cached_tokens,
+        "token_ids": list(o.outputs[0].token_ids),
+        "logprobs": [d[tid].logprob for tid, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
+    } for o in outs]}
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    llm = make_llm(spec)
+    started = time.perf_counter()
+    turns = [generate(llm, prompts, spec.get("max_tokens", 8)) for prompts in spec["turns"]]
     return {"start_s": started - t0, "turns": turns}
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Line protocol for interactive drivers (the demo): print ``{"ready": true}``, then for
+    each stdin line ``{"prompt_token_ids": [...], "max_tokens": N}`` print one line with the
+    time to first token (a ``max_tokens=1`` call) and the full greedy answer."""
+    llm = make_llm(spec)
+    print(SERVE_MARK + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        prompt = [{"prompt_token_ids": req["prompt_token_ids"]}]
+        first = generate(llm, prompt, 1)
+        full = generate(llm, prompt, req.get("max_tokens", 16))
+        print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"], "num_cached_tokens": first["outputs"][0]["num_cached_tokens"],
+                          **{k: full["outputs"][0][k] for k in ("token_ids", "logprobs")}}), flush=True)
 
 
 def main() -> int:
     spec = json.loads(open(sys.argv[1]).read())
+    if sys.argv[2] == "--serve":
+        serve(spec)
+        sys.stdout.flush()
+        os._exit(0)
     result = run(spec)
     with open(sys.argv[2], "w") as f:
         json.dump(result, f)

