@@ -12,7 +12,6 @@ are identical token for token.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -20,53 +19,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import IO, Any
 
 import posix_ipc
 
-from lmkv_mp.integration.engine_run import SERVE_MARK
+from lmkv_mp.integration.engine_run import EngineProcess
 from lmkv_mp.memory import shm_name_for
-
-
-class Engine:
-    """One engine process in ``engine_run --serve`` mode."""
-
-    def __init__(self, name: str, spec: dict[str, Any], work: Path, env: dict[str, str]) -> None:
-        self.name = name
-        spec_path = work / f"{name}.json"
-        spec_path.write_text(json.dumps(spec))
-        self.log = open(work / f"{name}.log", "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "lmkv_mp.integration.engine_run", str(spec_path), "--serve"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, start_new_session=True)
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(SERVE_MARK):
-                return json.loads(line[len(SERVE_MARK):])
-        raise RuntimeError(f"engine {self.name} exited; see {self.log.name}")
-
-    def wait_ready(self) -> None:
-        while not self._read().get("ready"):
-            pass
-
-    def ask(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-        stdin: IO[str] | None = self.proc.stdin
-        assert stdin is not None
-        stdin.write(json.dumps({"prompt_token_ids": prompt, "max_tokens": max_tokens}) + "\n")
-        stdin.flush()
-        return self._read()
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # head_dim 32: vLLM's CPU attention then computes a prompt bit-identically whether or not
     # a prefix came from cache (at head_dim 64 it does not, even with its own prefix cache),
     # so "identical" below can be checked exactly.
-    model = build_tiny_llama(work / "model", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+    model = build_tiny_llama(work / "model", hidden_size=512, num_layers=8, num_heads=16, num_kv_heads=4,
                              head_dim=32, vocab_size=512, max_position=8192)
     run_dir = work / "run"
     sidecar = subprocess.Popen([sys.executable, "-m", "lmkv_mp.cli", "--run-dir", str(run_dir), "--host-pool-size",
@@ -94,12 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     env.update(VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
                VLLM_LOGGING_LEVEL="WARNING")
     lmkv = {"lmkv.endpoint": f"ipc://{run_dir}/control.sock"}
-    spec = {"model": model, "max_model_len": 8192, "kv_cache_bytes": 512 << 20}
-    engines: dict[str, Engine] = {}
+    spec = {"model": model, "max_model_len": 8192, "kv_cache_bytes": 512 << 20,
+            "warmup_tokens": args.system_tokens + args.turns * (args.user_tokens + args.answer_tokens)}
+    engines: dict[str, EngineProcess] = {}
     try:
         print("starting the sidecar and 4 vLLM engines (A, B with lmkv; X, Y without) ...", flush=True)
         for name, extra in (("A", lmkv), ("B", lmkv), ("X", None), ("Y", None)):
-            engines[name] = Engine(name, {**spec, "lmkv": extra}, work, env)
+            engines[name] = EngineProcess(name, {**spec, "lmkv": extra}, work, env)
         for e in engines.values():
             e.wait_ready()
         rng = random.Random(0)

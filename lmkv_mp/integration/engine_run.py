@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 
 SERVE_MARK = "@lmkv "
@@ -46,8 +49,13 @@ def make_llm(spec: dict[str, Any]) -> Any:
             kv_connector="LMKVConnector", kv_connector_module_path="lmkv_mp.integration.vllm",
             kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=spec["lmkv"])
     llm = LLM(**kw)
-    if spec.get("warmup", True):  # the first generate pays one-off warm-up; keep it out of timings
-        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=1), use_tqdm=False)
+    # The first long prompt an engine sees pays several seconds of one-off warm-up (measured:
+    # 8.4 s, then 0.5 s for the next prompt of the same length); keep it out of timings. The
+    # salt keeps the warm-up prompt out of every cache the measured prompts could hit.
+    n = spec.get("warmup_tokens", 3)
+    warm = [3 + (i * 7919) % 491 for i in range(n)]
+    llm.generate([{"prompt_token_ids": warm, "cache_salt": "lmkv-warmup"}],
+                 SamplingParams(temperature=0.0, max_tokens=2, logprobs=1, ignore_eos=True), use_tqdm=False)
     return llm
 
 
@@ -88,6 +96,46 @@ def serve(spec: dict[str, Any]) -> None:
         full = generate(llm, prompt, req.get("max_tokens", 16))
         print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"], "num_cached_tokens": first["outputs"][0]["num_cached_tokens"],
                           **{k: full["outputs"][0][k] for k in ("token_ids", "logprobs")}}), flush=True)
+
+
+class EngineProcess:
+    """The driver's handle on one engine process in ``--serve`` mode (its own process group,
+    so :meth:`stop` also ends any worker processes vLLM started)."""
+
+    def __init__(self, name: str, spec: dict[str, Any], work: Path, env: dict[str, str]) -> None:
+        self.name = name
+        spec_path = work / f"{name}.json"
+        spec_path.write_text(json.dumps(spec))
+        self.log = open(work / f"{name}.log", "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "lmkv_mp.integration.engine_run", str(spec_path), "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     env=env, start_new_session=True)
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(SERVE_MARK):
+                return json.loads(line[len(SERVE_MARK):])
+        raise RuntimeError(f"engine {self.name} exited; see {self.log.name}")
+
+    def wait_ready(self) -> None:
+        while not self._read().get("ready"):
+            pass
+
+    def ask(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+        stdin: IO[str] | None = self.proc.stdin
+        assert stdin is not None
+        stdin.write(json.dumps({"prompt_token_ids": prompt, "max_tokens": max_tokens}) + "\n")
+        stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
 
 
 def main() -> int:

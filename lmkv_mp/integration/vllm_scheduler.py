@@ -73,7 +73,12 @@ class SchedulerSide:
                                      (request.cache_salt or "").encode())
         # Never the last prompt token: the engine must compute at least one.
         max_chunks = (len(request.prompt_token_ids) - 1) // self.chunk_tokens
-        if st.lookup is None and max_chunks > 0:
+        # Answer repeated calls from the cached lookup, but never claim tokens without a
+        # lease: after a load consumed the lease (then a preemption) or after it was dropped,
+        # a claim needs a fresh pinned lookup.
+        known = st.lookup.hits * self.chunk_tokens if st.lookup else 0
+        stale = st.lookup is not None and not st.lookup.lease_id and known > num_computed_tokens
+        if (st.lookup is None or stale) and max_chunks > 0:
             self.stats["lookups"] += 1
             st.lookup = self.client.lookup(self.ns_ids, st.hashes[:max_chunks * HASH_BYTES], pin=True)
             self.stats["hit_tokens"] += st.lookup.hits * self.chunk_tokens

