@@ -296,13 +296,10 @@ class SidecarClient:
                     raise self._down(f"no sidecar listening at {self.config.endpoint}") from None
                 sock.send_multipart(frames, zmq.NOBLOCK)
             while True:
-                try:
-                    got = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    if not self._poller.poll(self._ms_left(deadline)):
-                        raise self._down(f"no reply from the sidecar within {self.config.timeout:g}s "
-                                         "(LMKV_CLIENT_TIMEOUT / lmkv.timeout sets the deadline)") from None
-                    continue
+                if not self._poller.poll(self._ms_left(deadline)):
+                    raise self._down(f"no reply from the sidecar within {self.config.timeout:g}s "
+                                     "(LMKV_CLIENT_TIMEOUT / lmkv.timeout sets the deadline)")
+                got = sock.recv_multipart(zmq.NOBLOCK)
                 if P.peek_req_id(got) == rid:
                     reply = P.decode_reply(msg.OP, got)
                     break

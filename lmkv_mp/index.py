@@ -141,8 +141,9 @@ class ChunkIndex:
     # -- reads ------------------------------------------------------------------------------
 
     def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:
-        """Leading chunks COMMITTED in every namespace (a hit refreshes LRU order)."""
-        cols = self._leading(namespaces, hashes)
+        """Leading chunks COMMITTED in every namespace. A plain lookup is a question, not a
+        use: it leaves LRU order alone (a pinned lookup, i.e. a load, refreshes it)."""
+        cols = self._leading(namespaces, hashes, touch=False)
         return len(cols[0]) if cols else 0
 
     def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes) -> Pinned:
@@ -159,7 +160,7 @@ class ChunkIndex:
         return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
                       [[e.checksum for e in col] for col in cols])
 
-    def _leading(self, namespaces: list[bytes], hashes: bytes) -> list[list[Entry]]:
+    def _leading(self, namespaces: list[bytes], hashes: bytes, touch: bool = True) -> list[list[Entry]]:
         """Per namespace, the entries of the leading chunks committed in all of them.
 
         The hot path of every LOOKUP, so the per-chunk work runs in C: one ``map`` of
@@ -179,8 +180,9 @@ class ChunkIndex:
         if n == 0:
             return []
         cols = [col[:n] for col in cols]
-        for col in cols:
-            deque(map(self._lru[col[0].slot_bytes].move_to_end, col), maxlen=0)
+        if touch:
+            for col in cols:
+                deque(map(self._lru[col[0].slot_bytes].move_to_end, col), maxlen=0)
         return cols
 
     # -- writes -----------------------------------------------------------------------------

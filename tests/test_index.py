@@ -357,11 +357,13 @@ def test_no_eviction_without_pressure() -> None:
     assert all(hit(idx, NS0, i) for i in range(8))
 
 
-def test_eviction_is_lru_and_lookup_refreshes() -> None:
+def test_eviction_is_lru_and_a_load_refreshes() -> None:
     idx = make_index(num_slabs=1)
     for i in range(4):
         store(idx, NS0, i)
-    assert idx.lookup([NS0], hs(0)) == 1   # 0 becomes the newest; 1 is now the oldest
+    assert idx.lookup([NS0], hs(1)) == 1   # a plain lookup is a question: no refresh
+    pinned = idx.pin("reader", [NS0], hs(0))
+    idx.release("reader", pinned.lease_id)  # a load: 0 becomes the newest; 1 is now the oldest
     store(idx, NS0, 10)
     assert not hit(idx, NS0, 1)
     store(idx, NS0, 11)
@@ -408,12 +410,17 @@ def test_writing_entries_are_never_evicted() -> None:
     assert idx.commit("w", r.lease_id) == 4
 
 
-def test_lookup_of_many_namespaces_refreshes_each() -> None:
+def load(idx: ChunkIndex, namespaces: list[bytes], key: bytes) -> None:
+    """What a reader does: a pinned lookup, then release (this is what refreshes LRU)."""
+    idx.release("reader", idx.pin("reader", namespaces, key).lease_id)
+
+
+def test_load_of_many_namespaces_refreshes_each() -> None:
     idx = make_index(num_slabs=2)
     for i in range(4):
         store(idx, NS0, i)
         store(idx, NS1, i)
-    idx.lookup([NS0, NS1], hs(0))
+    load(idx, [NS0, NS1], hs(0))
     store(idx, NS0, 10)
     assert hit(idx, NS0, 0) and hit(idx, NS1, 0)
     assert not hit(idx, NS0, 1)
@@ -426,7 +433,7 @@ def fill_two_small_spans(idx: ChunkIndex) -> None:
     """Chunks 0-3 in one slab, 4-7 in the other; 0 refreshed, so 4-7's span is older."""
     for i in range(8):
         store(idx, NS0, i)
-    idx.lookup([NS0], hs(0))
+    load(idx, [NS0], hs(0))
 
 
 def test_other_class_span_is_evicted_whole() -> None:
