@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmkv.client")
 
+CONNECT_GRACE = 0.2
+"""Longest wait for a connection to the sidecar inside one call (seconds)."""
+
 
 class SidecarError(Exception):
     """The sidecar answered with an error (``code`` is a :class:`~lmkv_mp.protocol.ErrorCode`)."""
@@ -205,9 +208,10 @@ class SidecarClient:
             log.debug("release of lease %d failed (%s)", lease_id, e)
             return False
 
-    def ping(self) -> bool:
+    def ping(self, probe: bool = False) -> bool:
+        """Heartbeat. ``probe``: try even while backing off (the heartbeat thread's job)."""
         try:
-            self.call(P.Ping(0))
+            self.call(P.Ping(0), probe=probe)
             return True
         except SidecarError:
             return False
@@ -252,13 +256,20 @@ class SidecarClient:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def call(self, msg: P.Request, retry: bool = True) -> P.Reply:
+    def call(self, msg: P.Request, retry: bool = True, probe: bool = False) -> P.Reply:
         """Send one request and wait for its reply within the deadline. Raises SidecarError
         on an error reply, SidecarUnavailable on no answer. Re-HELLOs when the sidecar does
-        not know us (restart or expiry) and, if ``retry``, sends the request once more."""
-        with self._lock:
-            deadline = time.monotonic() + self.config.timeout
-            if time.monotonic() < self._down_until:
+        not know us (restart or expiry) and, if ``retry``, sends the request once more.
+
+        After a failure, calls fail at once: while a heartbeat thread runs, until its probe
+        (``probe=True``) gets an answer; without one, for ``retry_interval``. So a dead
+        sidecar costs the engine one short wait, not one per call."""
+        start = time.monotonic()
+        if not self._lock.acquire(timeout=self.config.timeout):  # a probe holds it: no waiting on it
+            raise SidecarUnavailable("sidecar busy (another call of this client is still waiting)")
+        try:
+            deadline = start + self.config.timeout
+            if self._down_until and not probe and (self._hb is not None or time.monotonic() < self._down_until):
                 raise SidecarUnavailable("sidecar unreachable recently; backing off")
             if not self._registered and not isinstance(msg, (P.Hello, P.Stats)):
                 self._hello(deadline)
@@ -272,6 +283,8 @@ class SidecarClient:
             if isinstance(reply, P.ErrorReply):
                 raise SidecarError(reply.code, reply.message)
             return reply
+        finally:
+            self._lock.release()
 
     def _hello(self, deadline: float) -> None:
         msg = P.Hello(0, P.PROTOCOL_VERSION, self.role, os.getpid(), self.name, list(self.namespaces),
@@ -292,7 +305,10 @@ class SidecarClient:
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:  # not connected (yet): wait for the pipe within the deadline
-                if not sock.poll(self._ms_left(deadline), zmq.POLLOUT):
+                # A live sidecar's pipe is up within milliseconds (ZeroMQ reconnects in the
+                # background); waiting the whole deadline for a dead one would stall the engine.
+                grace = min(deadline, time.monotonic() + CONNECT_GRACE)
+                if not sock.poll(self._ms_left(grace), zmq.POLLOUT):
                     raise self._down(f"no sidecar listening at {self.config.endpoint}") from None
                 sock.send_multipart(frames, zmq.NOBLOCK)
             while True:
@@ -346,7 +362,7 @@ class SidecarClient:
                 continue
             if time.monotonic() < self._down_until:
                 continue
-            self.ping()
+            self.ping(probe=True)
 
     def close(self) -> None:
         self._closed.set()
