@@ -137,7 +137,16 @@ class LMKVConnector(KVConnectorBase_V1):
             self._declined = "registered KV caches do not match the KV cache group's layers"
             log.warning("lmkv: connector disabled on this rank: %s", self._declined)
             return
-        paged = PagedKV(tensors, num_blocks=self._kv_cache_config.num_blocks)
+        num_blocks = self._kv_cache_config.num_blocks
+        # vLLM puts the block dimension first in most layouts; when a cache's other sizes
+        # happen to equal num_blocks, that is the one to pick rather than a guess.
+        block_dim = 0 if all(t.shape[0] == num_blocks for t in tensors) else None
+        try:
+            paged = PagedKV(tensors, num_blocks=num_blocks, block_dim=block_dim)
+        except (ValueError, TypeError) as e:
+            self._declined = f"cannot read the KV cache layout: {e}"
+            log.warning("lmkv: connector disabled on this rank: %s", self._declined)
+            return
         expected = self._spec.page_size_bytes * len(tensors)
         self._worker = WorkerSide(self._client, paged, get_tensor_model_parallel_rank(), expected)
         self._client.connect()

@@ -116,11 +116,12 @@ class WorkerSide:
     def _try_load(self, plan: StepPlan, job: LoadJob) -> bool:
         if self.disabled:
             return False
+        host = self.client.host_tensor()  # connects first if this rank has not yet
+        # A fresh boot id: a restart since the lookup ended the lease that protects the slots.
+        if host is None or not self.client.ping():
+            return False
         if self.client.boot_id != job.boot_id:
             log.info("lmkv: sidecar restarted since lookup of %s: recomputing", job.req_id)
-            return False
-        host = self.client.host_tensor()
-        if host is None:
             return False
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)

@@ -1,0 +1,91 @@
+"""The connector's worker half against a real sidecar: a store job lands in the pool, a load
+job scatters it byte-identically into other blocks, and every doubt (stale boot id, a layout
+that does not match the KV spec) becomes a reported load error, never wrong blocks."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
+from lmkv_mp.integration.vllm_worker import WorkerSide
+from lmkv_mp.keys import chain_hashes
+from lmkv_mp.transfer import PagedKV
+from tests.conftest import SidecarHandle
+
+NB, BLOCK, CHUNK = 40, 32, 64
+BPC = CHUNK // BLOCK
+NS = bytes(range(16))
+
+
+def cache(seed: int) -> PagedKV:
+    """vLLM CPU layout: per layer [blocks, heads, block, 2*head] views of one buffer."""
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randint(0, 100, (2 * NB * 2 * BLOCK * 64,), generator=g).to(torch.bfloat16)
+    return PagedKV([buf[i * NB * 4096:(i + 1) * NB * 4096].view(NB, 2, BLOCK, 64) for i in range(2)], num_blocks=NB)
+
+
+def plan(loads: list[LoadJob] = (), stores: list[StoreJob] = ()) -> StepPlan:
+    return StepPlan(CHUNK, BLOCK, [NS], ["test"], list(loads), list(stores))
+
+
+def blocks(paged: PagedKV, ids: list[int]) -> list[torch.Tensor]:
+    return [p[ids].clone() for p in paged.parts]
+
+
+@pytest.fixture
+def handle(sidecar: Callable[..., SidecarHandle]) -> SidecarHandle:
+    return sidecar()
+
+
+def worker(handle: SidecarHandle, paged: PagedKV, expected: int | None = None) -> WorkerSide:
+    return WorkerSide(handle.client("worker"), paged, 0, paged.chunk_bytes(1) if expected is None else expected)
+
+
+def test_store_then_load_into_other_blocks(handle: SidecarHandle) -> None:
+    a, b = cache(1), cache(2)
+    wa = worker(handle, a)
+    tokens = list(range(3 * CHUNK))
+    key = handle.client("scheduler")
+    assert key.connect()
+    hashes = chain_hashes(tokens, CHUNK, key.hello.hash_key)
+    wa.submit_stores(plan(stores=[StoreJob("r1", hashes, list(range(0, 3 * BPC)))]))
+    wa.wait_for_inflight()
+    assert wa.finished({"r1"}) == ({"r1"}, None)   # store done: vLLM may free r1's blocks
+
+    found = key.lookup([NS], hashes, pin=True)
+    assert found.hits == 3
+    wb = worker(handle, b)
+    dst = list(range(10, 10 + 3 * BPC))
+    wb.submit_loads(plan(loads=[LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], dst, 0)]))
+    wb.wait_for_inflight()
+    assert wb.finished(set()) == (None, {"r2"})
+    assert wb.load_errors() == set()
+    for got, want in zip(blocks(b, dst), blocks(a, list(range(0, 3 * BPC)))):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    key.release(found.lease_id)
+
+
+def test_stale_boot_id_is_a_reported_load_error(handle: SidecarHandle) -> None:
+    b = cache(3)
+    before = blocks(b, [4, 5])
+    wb = worker(handle, b)
+    assert wb.client.connect()
+    wb.submit_loads(plan(loads=[LoadJob("r3", b"another-boot-id!", [[4096]], [], [4, 5], 0)]))
+    wb.wait_for_inflight()
+    assert wb.load_errors() == {4, 5}
+    assert wb.finished(set()) == (None, {"r3"})   # reported done, so vLLM recomputes instead of waiting
+    assert all(torch.equal(x, y) for x, y in zip(blocks(b, [4, 5]), before))
+
+
+def test_unexpected_layout_disables_the_rank(handle: SidecarHandle) -> None:
+    a = cache(4)
+    wa = worker(handle, a, expected=a.chunk_bytes(1) + 2)
+    assert wa.disabled
+    wa.submit_stores(plan(stores=[StoreJob("r4", bytes(16), [0, 1])]))
+    wa.submit_loads(plan(loads=[LoadJob("r5", b"x" * 16, [[0]], [], [2, 3], 0)]))
+    wa.wait_for_inflight()
+    assert wa.load_errors() == {2, 3}
+    assert wa.stats["store_chunks"] == 0
