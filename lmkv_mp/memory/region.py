@@ -127,12 +127,20 @@ class HostRegion:
         if actual < size:
             os.close(fd)
             raise RegionError(f"host pool {name} has {actual} bytes, the sidecar announced {size}")
-        return cls(kind, name, fd, size, created=False)
+        region = cls(kind, name, fd, size, created=False)
+        # The pool's pages exist already (the sidecar allocated them); map them all now, once,
+        # rather than taking a fault per 4 KiB page on each slot's first copy.
+        region.prefault(touch=False)
+        return region
 
     # -- use ---------------------------------------------------------------------------
 
-    def prefault(self) -> None:
-        """Populate page tables now so the first copy into a slot does not fault per page."""
+    def prefault(self, touch: bool = True) -> None:
+        """Populate page tables now so the first copy into a slot does not fault per page.
+
+        ``touch``: on kernels without MADV_POPULATE_WRITE, fall back to rewriting one byte
+        per page. Only the creator may do that (before anyone else maps the region): on a
+        live pool that read-modify-write would race with other processes' copies."""
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         buf = (ctypes.c_char * self.size).from_buffer(self.mm)
         try:
@@ -140,7 +148,7 @@ class HostRegion:
                               _MADV_POPULATE_WRITE)
         finally:
             del buf  # drop the exported pointer so the mmap can be closed later
-        if rc != 0:
+        if rc != 0 and touch:
             # Older kernels: touch one byte per page with a read-modify-write that keeps data.
             view = self.view
             for off in range(0, self.size, _PAGE):
