@@ -1,129 +1,368 @@
-"""transfer.py: chunks round-trip byte-identically between paged caches of any supported
-layout, into other block ids, without touching other blocks; bad input is refused."""
+"""transfer.py: chunks round-trip byte-identically between paged caches of every supported
+layout, into other block ids, without touching other blocks; the slot holds the documented
+byte layout; bad input is refused before anything is copied."""
 
 from __future__ import annotations
 
 import mmap
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from lmkv_mp.transfer import PagedKV
 
-NB = 24  # blocks per cache
+NB = 40  # blocks per cache: room for two disjoint 16-block chunks
+BS, H, D = 4, 2, 16  # block size, kv heads, head size (all != NB, so the block dim is unique)
+LAYERS = 3
+INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
+
+Caches = list | dict
+Layout = Callable[[torch.dtype, int], Caches]
 
 
-def cpu_layout(dtype: torch.dtype) -> list[torch.Tensor]:
-    """vLLM CPU: per layer [num_blocks, kv_heads, block_size, 2*head] views of ONE buffer."""
-    buf = torch.empty(3 * NB * 2 * 16 * 64, dtype=dtype)
-    return [buf[i * NB * 2048:(i + 1) * NB * 2048].view(NB, 2, 16, 64) for i in range(3)]
+def cpu_views(dtype: torch.dtype, nb: int) -> Caches:
+    """vLLM CPU attention: per layer [nb, heads, 2*block, head], contiguous views of ONE buffer."""
+    per = nb * H * 2 * BS * D
+    buf = torch.empty(LAYERS * per, dtype=dtype)
+    return [buf[i * per:(i + 1) * per].view(nb, H, 2 * BS, D) for i in range(LAYERS)]
 
 
-def flash_layout(dtype: torch.dtype) -> list[torch.Tensor]:
-    """GPU flash-attn style [2, num_blocks, block, heads, head], stored block-major and
-    presented K/V-first through a permutation (non-contiguous views)."""
-    return [torch.empty(NB, 2, 16, 2, 32, dtype=dtype).permute(1, 0, 2, 3, 4) for _ in range(2)]
+def cpu_views_strided(dtype: torch.dtype, nb: int) -> Caches:
+    """Views of one block-major buffer [nb, layers, ...]: each layer's blocks are strided."""
+    buf = torch.empty(nb, LAYERS, H, 2 * BS, D, dtype=dtype)
+    return [buf[:, i] for i in range(LAYERS)]
 
 
-def mla_layout(dtype: torch.dtype) -> list[torch.Tensor]:
-    return [torch.empty(NB, 16, 96, dtype=dtype) for _ in range(2)]
+def flash(dtype: torch.dtype, nb: int) -> Caches:
+    """Flash-attention style [2, nb, block, heads, head]: block dim 1."""
+    return [torch.empty(2, nb, BS, H, D, dtype=dtype) for _ in range(LAYERS)]
 
 
-def split_kv_layout(dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {f"l{i}": (torch.empty(NB, 16, 2, 32, dtype=dtype), torch.empty(NB, 16, 2, 32, dtype=dtype))
-            for i in range(2)}
+def flash_permuted(dtype: torch.dtype, nb: int) -> Caches:
+    """Stored block-major [nb, 2, ...], presented K/V-first through a permutation."""
+    return [torch.empty(nb, 2, BS, H, D, dtype=dtype).permute(1, 0, 2, 3, 4) for _ in range(LAYERS)]
 
 
-LAYOUTS: dict[str, tuple[Callable, int | None]] = {
-    "cpu": (cpu_layout, None), "flash-permuted": (flash_layout, 1), "mla": (mla_layout, None),
-    "split-kv": (split_kv_layout, None),
+def flash_hnd(dtype: torch.dtype, nb: int) -> Caches:
+    """Stored [2, nb, heads, block, head], presented [2, nb, block, heads, head] (HND)."""
+    return [torch.empty(2, nb, H, BS, D, dtype=dtype).transpose(2, 3) for _ in range(LAYERS)]
+
+
+def kv_concat(dtype: torch.dtype, nb: int) -> Caches:
+    """[nb, block, heads, head_k + head_v] with unequal K and V head sizes."""
+    return [torch.empty(nb, BS, H, D + D // 2, dtype=dtype) for _ in range(LAYERS)]
+
+
+def mla(dtype: torch.dtype, nb: int) -> Caches:
+    """MLA latent cache [nb, block, head_dim]."""
+    return [torch.empty(nb, BS, 3 * D // 2, dtype=dtype) for _ in range(LAYERS)]
+
+
+def split_kv(dtype: torch.dtype, nb: int) -> Caches:
+    """Older split K/V: layer name -> (k_cache, v_cache)."""
+    return {f"layers.{i}": (torch.empty(nb, BS, H, D, dtype=dtype), torch.empty(nb, BS, H, D, dtype=dtype))
+            for i in range(LAYERS)}
+
+
+def split_kv_halves(dtype: torch.dtype, nb: int) -> Caches:
+    """(k, v) pairs that are the two strided halves of one [nb, 2, ...] buffer per layer."""
+    bufs = [torch.empty(nb, 2, BS, H, D, dtype=dtype) for _ in range(LAYERS)]
+    return [(b[:, 0], b[:, 1]) for b in bufs]
+
+
+def innermost_strided(dtype: torch.dtype, nb: int) -> Caches:
+    """The head dim is not innermost in memory, so no wider element view exists."""
+    return [torch.empty(nb, D, BS, H, dtype=dtype).permute(0, 2, 3, 1) for _ in range(LAYERS)]
+
+
+LAYOUTS: dict[str, tuple[Layout, int | None]] = {  # builder, block_dim to pass (None: inferred)
+    "cpu-views": (cpu_views, None),
+    "cpu-views-strided": (cpu_views_strided, None),
+    "flash": (flash, None),
+    "flash-permuted": (flash_permuted, 1),
+    "flash-hnd": (flash_hnd, None),
+    "kv-concat": (kv_concat, None),
+    "mla": (mla, 0),
+    "split-kv": (split_kv, None),
+    "split-kv-halves": (split_kv_halves, None),
+    "innermost-strided": (innermost_strided, None),
 }
 
 
-def fill(parts: list[torch.Tensor], seed: int) -> None:
+def make(layout: str, dtype: torch.dtype, seed: int, nb: int = NB) -> PagedKV:
+    build, block_dim = LAYOUTS[layout]
+    paged = PagedKV(build(dtype, nb), num_blocks=nb, block_dim=block_dim)
+    fill(paged, seed)
+    return paged
+
+
+def fill(paged: PagedKV, seed: int) -> None:
+    """Random bytes (NaN payloads and all), written through same-width integer views."""
     g = torch.Generator().manual_seed(seed)
-    for t in parts:
-        t.copy_(torch.randint(0, 120, t.shape, generator=g).to(t.dtype))
+    for part in paged.parts:
+        ints = part.view(INT[part.element_size()])
+        raw = torch.randint(0, 256, (ints.numel() * part.element_size(),), dtype=torch.uint8, generator=g)
+        ints.copy_(raw.view(ints.dtype).view(ints.shape))
 
 
-def block_bytes(paged: PagedKV, block: int) -> list[bytes]:
-    return [p.select(s.block_dim, block).contiguous().view(torch.uint8).numpy().tobytes()
-            for s, p in zip(paged.specs, paged.parts)]
+def block(paged: PagedKV, b: int) -> list[torch.Tensor]:
+    """Block ``b`` of every part, as integers (compared bit for bit)."""
+    return [p.view(INT[p.element_size()]).select(s.block_dim, b).clone() for s, p in zip(paged.specs, paged.parts)]
 
 
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def new_slot(paged: PagedKV, blocks: int) -> torch.Tensor:
+    return torch.full((paged.chunk_bytes(blocks),), 0xA5, dtype=torch.uint8)
+
+
+CHUNKS = {  # (source ids, destination ids); runs of consecutive ids take a faster path
+    "1-block": ([3], [11]),
+    "16-scattered": ([3, 7, 9, 2, 30, 31, 32, 33, 0, 39, 14, 15, 21, 5, 17, 26],
+                     [11, 0, 5, 6, 36, 37, 38, 1, 22, 23, 8, 10, 12, 13, 19, 28]),
+    "16-runs": (list(range(2, 18)), list(range(20, 36))),
+}
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.uint8])
-@pytest.mark.parametrize("bpc", [1, 4])
-def test_round_trip_into_other_blocks(layout: str, dtype: torch.dtype, bpc: int) -> None:
-    make, block_dim = LAYOUTS[layout]
-    src = PagedKV(make(dtype), num_blocks=NB, block_dim=block_dim)
-    dst = PagedKV(make(dtype), num_blocks=NB, block_dim=block_dim)
-    fill(src.parts, 1)
-    fill(dst.parts, 2)
-    src_ids, dst_ids = [3, 7, 9, 2][:bpc], [11, 0, 5, 6][:bpc]
-    untouched = {b: block_bytes(dst, b) for b in range(NB) if b not in dst_ids}
-    slot = torch.empty(src.chunk_bytes(bpc), dtype=torch.uint8)
+def test_round_trip_into_other_blocks_is_byte_identical(layout: str, dtype: torch.dtype, chunk: str) -> None:
+    src, dst = make(layout, dtype, seed=1), make(layout, dtype, seed=2)
+    src_ids, dst_ids = CHUNKS[chunk]
+    bpc = len(src_ids)
+    before = {b: block(dst, b) for b in range(NB)}
+    slot = new_slot(src, bpc)
     src.gather(src_ids, slot)
     dst.scatter(slot, dst_ids)
     for s, d in zip(src_ids, dst_ids):
-        assert block_bytes(dst, d) == block_bytes(src, s)
-    assert all(block_bytes(dst, b) == v for b, v in untouched.items())
+        assert same(block(dst, d), block(src, s)), f"block {s} -> {d}"
+    for b in set(range(NB)) - set(dst_ids):
+        assert same(block(dst, b), before[b]), f"untouched block {b} changed"
 
 
+@pytest.mark.parametrize("ids", [[5, 1, 33], [6, 7, 8, 9]], ids=["scattered", "run"])
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_slot_holds_each_parts_selected_blocks_in_row_major_order(layout: str, ids: list[int]) -> None:
+    paged = make(layout, torch.bfloat16, seed=3)
+    slot = new_slot(paged, len(ids))
+    paged.gather(torch.tensor(ids), slot)
+    want = [torch.index_select(p.view(torch.int16), s.block_dim, torch.tensor(ids)).contiguous().view(torch.uint8)
+            .flatten() for s, p in zip(paged.specs, paged.parts)]
+    assert torch.equal(slot, torch.cat(want))
+
+
+@pytest.mark.parametrize("layout", ["cpu-views", "flash-permuted", "split-kv-halves"])
+def test_many_equals_one_at_a_time(layout: str) -> None:
+    src = make(layout, torch.float16, seed=4)
+    chunks = [[1, 2, 3, 4], [9, 8, 7, 6], [20, 21, 22, 23]]
+    one = [new_slot(src, 4) for _ in chunks]
+    many = [new_slot(src, 4) for _ in chunks]
+    for ids, slot in zip(chunks, one):
+        src.gather(ids, slot)
+    src.gather_many(list(zip(chunks, many)))
+    assert all(torch.equal(a, b) for a, b in zip(one, many))
+
+    targets = [[30, 31, 32, 33], [0, 5, 10, 15], [39, 38, 37, 36]]
+    a, b = make(layout, torch.float16, seed=5), make(layout, torch.float16, seed=5)
+    for slot, ids in zip(one, targets):
+        a.scatter(slot, ids)
+    b.scatter_many(list(zip(many, targets)))
+    assert all(same(block(a, i), block(b, i)) for i in range(NB))
+
+
+@pytest.mark.parametrize("layout", ["cpu-views", "flash-permuted", "mla"])
 def test_partial_scatter_copies_only_the_tail_of_a_chunk(layout: str) -> None:
-    make, block_dim = LAYOUTS[layout]
-    src = PagedKV(make(torch.bfloat16), num_blocks=NB, block_dim=block_dim)
-    dst = PagedKV(make(torch.bfloat16), num_blocks=NB, block_dim=block_dim)
-    fill(src.parts, 3)
-    fill(dst.parts, 4)
-    slot = torch.empty(src.chunk_bytes(4), dtype=torch.uint8)
+    src, dst = make(layout, torch.bfloat16, seed=6), make(layout, torch.bfloat16, seed=7)
+    slot = new_slot(src, 4)
     src.gather([1, 2, 3, 4], slot)
-    before = block_bytes(dst, 20)
+    before = block(dst, 20)
     dst.scatter(slot, [21, 22], first=2)  # the engine already holds the chunk's first 2 blocks
-    assert block_bytes(dst, 21) == block_bytes(src, 3) and block_bytes(dst, 22) == block_bytes(src, 4)
-    assert block_bytes(dst, 20) == before
+    assert same(block(dst, 21), block(src, 3)) and same(block(dst, 22), block(src, 4))
+    assert same(block(dst, 20), before)
+    dst.scatter(slot, [25], first=1, total=4)
+    assert same(block(dst, 25), block(src, 2))
+    dst.scatter(slot, [30, 27], first=1, total=4)
+    assert same(block(dst, 30), block(src, 2)) and same(block(dst, 27), block(src, 3))
 
 
-def test_slot_in_shared_memory_works() -> None:
-    src = PagedKV(cpu_layout(torch.bfloat16), num_blocks=NB)
-    fill(src.parts, 5)
-    mm = mmap.mmap(-1, src.chunk_bytes(2))
-    slot = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+@pytest.mark.parametrize("offset", [0, 1, 2, 8, 4096])
+@pytest.mark.parametrize("layout", ["cpu-views", "flash-permuted"])
+def test_slot_in_shared_memory_at_any_alignment(layout: str, offset: int) -> None:
+    dtype = torch.uint8 if offset % 2 else torch.bfloat16  # an odd address cannot hold bf16
+    src, dst = make(layout, dtype, seed=8), make(layout, dtype, seed=9)
+    n = src.chunk_bytes(2)
+    mm = mmap.mmap(-1, offset + n)
+    pool = torch.frombuffer(memoryview(mm), dtype=torch.uint8)
+    slot = pool[offset:offset + n]
     src.gather([4, 5], slot)
-    dst = PagedKV(cpu_layout(torch.bfloat16), num_blocks=NB)
     dst.scatter(slot, [0, 1])
-    assert block_bytes(dst, 0) == block_bytes(src, 4)
+    assert same(block(dst, 0), block(src, 4)) and same(block(dst, 1), block(src, 5))
+    del slot, pool
 
 
-@pytest.mark.parametrize("bad", [[-1], [NB], [0, NB + 5]])
+@pytest.mark.parametrize("offset", [0, 8])
+def test_parts_of_mixed_dtypes_and_odd_sizes(offset: int) -> None:
+    """Regions start at odd offsets, so each part is moved in the widest elements its
+    region allows (bytes for some, 16-byte elements for others)."""
+    def build() -> list[torch.Tensor]:
+        return [torch.empty(NB, 8, dtype=torch.float64), torch.empty(NB, 2, 6, dtype=torch.bfloat16),
+                torch.empty(NB, 3, 5, dtype=torch.uint8), torch.empty(NB, 4, 4, dtype=torch.float32)]
+    src, dst = PagedKV(build(), num_blocks=NB), PagedKV(build(), num_blocks=NB)
+    fill(src, 17)
+    fill(dst, 18)
+    pool = torch.zeros(offset + src.chunk_bytes(3), dtype=torch.uint8)
+    src.gather([1, 2, 3], pool[offset:])
+    dst.scatter_many([(pool[offset:], [7, 8, 9])])
+    assert all(same(block(dst, d), block(src, s)) for s, d in zip([1, 2, 3], [7, 8, 9]))
+
+
+def test_misaligned_slot_for_a_strided_innermost_dim_is_refused_untouched() -> None:
+    paged = make("innermost-strided", torch.bfloat16, seed=10)
+    pool = torch.zeros(paged.chunk_bytes(1) + 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="align"):
+        paged.gather([0], pool[1:])
+    assert not pool.any()
+
+
+@pytest.mark.parametrize("bad", [[-1], [NB], [0, NB + 5], [2, -3]])
 def test_out_of_range_block_ids_are_refused(bad: list[int]) -> None:
-    paged = PagedKV(cpu_layout(torch.bfloat16), num_blocks=NB)
-    slot = torch.empty(paged.chunk_bytes(len(bad)), dtype=torch.uint8)
+    paged = make("cpu-views", torch.bfloat16, seed=11)
+    slot = new_slot(paged, len(bad))
     with pytest.raises(ValueError, match="block ids"):
         paged.gather(bad, slot)
     with pytest.raises(ValueError, match="block ids"):
         paged.scatter(slot, bad)
+    with pytest.raises(ValueError, match="block ids"):
+        paged.scatter(slot, torch.tensor(bad))
+    assert torch.all(slot == 0xA5)
 
 
-def test_wrong_slot_is_refused() -> None:
-    paged = PagedKV(cpu_layout(torch.bfloat16), num_blocks=NB)
+@pytest.mark.parametrize("bad", [[1.0], [True], torch.tensor([1.0]), torch.tensor([[1]])])
+def test_block_ids_must_be_a_flat_list_of_ints(bad: list | torch.Tensor) -> None:
+    paged = make("cpu-views", torch.bfloat16, seed=12)
+    with pytest.raises((TypeError, ValueError), match="block ids"):
+        paged.gather(bad, new_slot(paged, 1))
+
+
+def test_scatter_into_a_block_twice_is_refused() -> None:
+    paged = make("cpu-views", torch.bfloat16, seed=13)
+    with pytest.raises(ValueError, match="distinct"):
+        paged.scatter(new_slot(paged, 2), [4, 4])
+    with pytest.raises(ValueError, match="two chunks"):
+        paged.scatter_many([(new_slot(paged, 1), [4]), (new_slot(paged, 1), [4])])
+    slot = new_slot(paged, 2)
+    paged.gather([4, 4], slot)  # reading a block twice is fine
+
+
+def test_wrong_slots_are_refused() -> None:
+    paged = make("cpu-views", torch.bfloat16, seed=14)
+    n = paged.chunk_bytes(1)
     with pytest.raises(ValueError, match="bytes"):
-        paged.gather([0], torch.empty(paged.chunk_bytes(1) - 1, dtype=torch.uint8))
+        paged.gather([0], torch.empty(n - 1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="bytes"):
+        paged.scatter(torch.empty(n + 2, dtype=torch.uint8), [0])
     with pytest.raises(TypeError, match="uint8"):
-        paged.gather([0], torch.empty(paged.chunk_bytes(1) // 2, dtype=torch.float16))
+        paged.gather([0], torch.empty(n // 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="1-D"):
+        paged.gather([0], torch.empty(2, n // 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="contiguous"):
+        paged.gather([0], torch.empty(2 * n, dtype=torch.uint8)[::2])
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        paged.gather([0], bytearray(n))  # type: ignore[arg-type]
 
 
-def test_ambiguous_block_dim_needs_to_be_named() -> None:
+def test_a_bad_chunk_in_a_batch_leaves_everything_untouched() -> None:
+    paged = make("cpu-views", torch.bfloat16, seed=15)
+    good, short = new_slot(paged, 1), torch.empty(paged.chunk_bytes(1) - 1, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        paged.gather_many([([1], good), ([2], short)])
+    assert torch.all(good == 0xA5)
+    before = block(paged, 1)
+    with pytest.raises(ValueError):
+        paged.scatter_many([(good, [1]), (good, [NB])])
+    assert same(block(paged, 1), before)
+
+
+def test_block_dim_is_inferred_or_must_be_named() -> None:
     with pytest.raises(ValueError, match="block_dim"):
         PagedKV([torch.empty(8, 8, 4)], num_blocks=8)
+    with pytest.raises(ValueError, match="block_dim"):
+        PagedKV([torch.empty(2, 6, 4)], num_blocks=8)
     assert PagedKV([torch.empty(8, 8, 4)], num_blocks=8, block_dim=0).chunk_bytes(1) == 8 * 4 * 4
+    assert PagedKV([torch.empty(8, 8, 4)], num_blocks=8, block_dim=-2).specs[0].block_dim == 1
+    assert PagedKV(flash(torch.float16, NB), num_blocks=NB).specs[0].block_dim == 1
+    inferred = PagedKV(cpu_views(torch.bfloat16, NB))  # no num_blocks: dim 0 of the first part
+    assert inferred.num_blocks == NB and inferred.chunk_bytes(2) == 2 * LAYERS * H * 2 * BS * D * 2
+
+
+def test_parts_must_agree() -> None:
+    with pytest.raises(ValueError, match="num_blocks"):
+        PagedKV([torch.empty(NB, 4, 4), torch.empty(NB + 1, 4, 4)], block_dim=0)
+    with pytest.raises(ValueError, match="num_blocks"):
+        PagedKV([torch.empty(NB, 4, 4), torch.empty(NB + 1, 4, 4)], num_blocks=NB)
+    with pytest.raises(ValueError, match="no KV cache"):
+        PagedKV([])
+    with pytest.raises(TypeError):
+        PagedKV([torch.empty(NB, 4), "not a tensor"])  # type: ignore[list-item]
+
+
+def test_specs_describe_the_parts() -> None:
+    paged = make("split-kv", torch.float32, seed=16)
+    assert [s.name for s in paged.specs] == [f"layers.{i}.{j}" for i in range(LAYERS) for j in range(2)]
+    spec = paged.specs[0]
+    assert (spec.shape, spec.block_dim, spec.dtype, spec.block_bytes) == ((NB, BS, H, D), 0, torch.float32,
+                                                                          BS * H * D * 4)
+    assert paged.chunk_bytes(16) == 16 * 2 * LAYERS * BS * H * D * 4
 
 
 def test_layout_fingerprint_tells_layouts_apart_but_not_cache_sizes() -> None:
-    a = PagedKV(cpu_layout(torch.bfloat16), num_blocks=NB).layout_fingerprint()
-    bigger = [torch.empty(NB * 2, 2, 16, 64, dtype=torch.bfloat16) for _ in range(3)]
-    assert PagedKV(bigger, num_blocks=NB * 2).layout_fingerprint() == a
-    assert PagedKV(cpu_layout(torch.float16), num_blocks=NB).layout_fingerprint() != a
-    assert PagedKV(flash_layout(torch.bfloat16), num_blocks=NB, block_dim=1).layout_fingerprint() != a
+    prints = {(layout, dtype): make(layout, dtype, seed=0).layout_fingerprint()
+              for layout in LAYOUTS for dtype in DTYPES}
+    # Parts that differ only in where their blocks sit in memory (one buffer or several,
+    # padded block strides) hold the same slot bytes, so they may share entries.
+    alike = {"cpu-views-strided": "cpu-views", "split-kv-halves": "split-kv"}
+    for (layout, dtype), fp in prints.items():
+        assert fp == prints[(alike.get(layout, layout), dtype)]
+    distinct = {k: v for k, v in prints.items() if k[0] not in alike}
+    assert len(set(distinct.values())) == len(distinct)
+    for layout in LAYOUTS:
+        assert make(layout, torch.bfloat16, seed=0, nb=NB * 3).layout_fingerprint() == \
+            prints[(layout, torch.bfloat16)]
+    wider_heads = PagedKV([torch.empty(NB, H, 2 * BS, 2 * D, dtype=torch.bfloat16) for _ in range(LAYERS)],
+                          num_blocks=NB)
+    fewer_layers = PagedKV(cpu_views(torch.bfloat16, NB)[:2], num_blocks=NB)
+    as_mapping = PagedKV({f"l{i}": t for i, t in enumerate(cpu_views(torch.bfloat16, NB))}, num_blocks=NB)
+    base = prints[("cpu-views", torch.bfloat16)]
+    assert wider_heads.layout_fingerprint() != base
+    assert fewer_layers.layout_fingerprint() != base
+    assert as_mapping.layout_fingerprint() == base  # names and addresses do not matter
+    assert str(NB) not in base
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["cpu-views", "flash-permuted", "innermost-strided"])
+def test_cuda_round_trip_matches_the_cpu_slot_bytes(layout: str) -> None:
+    cpu_src = make(layout, torch.bfloat16, seed=19)
+    block_dim = LAYOUTS[layout][1]
+    # Same strides on the device: new_empty_strided keeps the layout, copy_ the bytes.
+    gpu_parts = [torch.empty_strided(p.shape, p.stride(), dtype=p.dtype, device="cuda") for p in cpu_src.parts]
+    for g, c in zip(gpu_parts, cpu_src.parts):
+        g.copy_(c)
+    gpu_src = PagedKV(gpu_parts, num_blocks=NB, block_dim=block_dim)
+    ids = [3, 7, 9, 2]
+    cpu_slot, gpu_slot = new_slot(cpu_src, 4), new_slot(cpu_src, 4).cuda()
+    cpu_src.gather(ids, cpu_slot)
+    gpu_src.gather(ids, gpu_slot)
+    assert torch.equal(gpu_slot.cpu(), cpu_slot)
+    with pytest.raises(ValueError, match="device"):
+        gpu_src.gather(ids, cpu_slot)
+    gpu_dst = PagedKV([torch.zeros_like(p) for p in gpu_src.parts], num_blocks=NB, block_dim=block_dim)
+    gpu_dst.scatter(gpu_slot, [11, 0, 5, 6])
+    torch.cuda.synchronize()
+    for s, d in zip(ids, [11, 0, 5, 6]):
+        assert same([t.cpu() for t in block(gpu_dst, d)], block(cpu_src, s))

@@ -46,7 +46,11 @@ class WorkerSide:
             self.disabled = (f"registered KV cache holds {actual} bytes per block, the KV spec says "
                              f"{expected_block_bytes}: unknown layout, lmkv disabled on this rank")
             log.warning("lmkv: %s", self.disabled)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkv-copy")
+        # One torch thread for the copies: the engine's own threads own the cores, and a
+        # multi-threaded copy then stalls waiting for a second core (measured: 5 ms copies
+        # taking 0.1-1.6 s on a busy 2-core host). OpenMP's setting is per calling thread.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkv-copy",
+                                        initializer=torch.set_num_threads, initargs=(1,))
         self._lock = threading.Lock()
         self._inflight: list[Future[None]] = []
         self._saving: dict[str, int] = {}        # req id -> store jobs not yet done
