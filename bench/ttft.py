@@ -16,7 +16,6 @@ One JSON line per context length:
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import signal
@@ -29,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-from lmkv_mp.integration.engine_run import EngineProcess  # noqa: E402
+from lmkv_mp.integration.engine_run import EngineProcess, engine_env, start_sidecar  # noqa: E402
 from lmkv_mp.integration.tiny_model import build_tiny_llama  # noqa: E402
 
 
@@ -66,11 +65,8 @@ def main() -> int:
     model = build_tiny_llama(work / "model", hidden_size=args.hidden, num_layers=args.layers, num_heads=heads,
                              num_kv_heads=max(1, heads // 4), head_dim=32, vocab_size=512, max_position=16384)
     run_dir = work / "run"
-    sidecar = subprocess.Popen([sys.executable, "-m", "lmkv_mp.cli", "--run-dir", str(run_dir), "--host-pool-size",
-                                "1GiB", "--metrics-port", "0", "--unlink-on-exit", "--log-level", "warning"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMKV_")}
-    env.update(VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_LOGGING_LEVEL="WARNING")
+    sidecar = start_sidecar(run_dir, "1GiB")
+    env = engine_env()
     top = max(contexts) + args.user_tokens + args.answer_tokens + 64
     spec = {"model": model, "max_model_len": top + 64, "kv_cache_bytes": 1 << 30, "warmup_tokens": top,
             "max_num_batched_tokens": top + 64}

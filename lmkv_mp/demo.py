@@ -23,7 +23,7 @@ from pathlib import Path
 
 import posix_ipc
 
-from lmkv_mp.integration.engine_run import EngineProcess
+from lmkv_mp.integration.engine_run import EngineProcess, engine_env, start_sidecar
 from lmkv_mp.memory import shm_name_for
 
 
@@ -46,11 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_tiny_llama(work / "model", hidden_size=512, num_layers=8, num_heads=16, num_kv_heads=4,
                              head_dim=32, vocab_size=512, max_position=8192)
     run_dir = work / "run"
-    sidecar = subprocess.Popen([sys.executable, "-m", "lmkv_mp.cli", "--run-dir", str(run_dir), "--host-pool-size",
-                                "512MiB", "--metrics-port", "0", "--unlink-on-exit", "--log-level", "warning"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMKV_")}
-    env.update(VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               VLLM_LOGGING_LEVEL="WARNING")
+    sidecar = start_sidecar(run_dir, "512MiB")
+    env = engine_env()
     lmkv = {"lmkv.endpoint": f"ipc://{run_dir}/control.sock"}
     spec = {"model": model, "max_model_len": 8192, "kv_cache_bytes": 512 << 20,
             "warmup_tokens": args.system_tokens + args.turns * (args.user_tokens + args.answer_tokens)}

@@ -98,6 +98,21 @@ def serve(spec: dict[str, Any]) -> None:
                           **{k: full["outputs"][0][k] for k in ("token_ids", "logprobs")}}), flush=True)
 
 
+def engine_env() -> dict[str, str]:
+    """Environment for engine processes a driver starts: the CPU build, offline, engine core
+    in-process, and none of the driver's LMKV_* settings (each spec names its endpoint)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LMKV_")}
+    env.update(VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+               VLLM_LOGGING_LEVEL="WARNING")
+    return env
+
+
+def start_sidecar(run_dir: Path, pool_size: str) -> subprocess.Popen:
+    """A sidecar for a driver's engines on ``run_dir``; its pool goes when it exits."""
+    return subprocess.Popen([sys.executable, "-m", "lmkv_mp.cli", "--run-dir", str(run_dir), "--host-pool-size",
+                             pool_size, "--metrics-port", "0", "--unlink-on-exit", "--log-level", "warning"])
+
+
 class EngineProcess:
     """The driver's handle on one engine process in ``--serve`` mode (its own process group,
     so :meth:`stop` also ends any worker processes vLLM started)."""
