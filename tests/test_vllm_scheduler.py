@@ -91,13 +91,19 @@ def test_load_plan_starts_after_the_engines_own_blocks(side: tuple) -> None:
     assert len(job.offsets) == 1 and len(job.offsets[0]) == 4
 
 
-def test_lease_is_held_until_every_rank_reported_the_load(side: tuple) -> None:
-    handle, s = side
+def planned_load(handle: SidecarHandle, s: SchedulerSide) -> Any:
+    """Three chunks stored, request r1 claims them and its load goes out in a plan."""
     store_chunks(handle, TOKENS, 3)
     req = request("r1", TOKENS)
     ext, _ = s.get_num_new_matched_tokens(req, 0)
     s.update_state_after_alloc(req, list(range(20)), ext)
     s.build_plan(output())
+    return req
+
+
+def test_lease_is_held_until_every_rank_reported_the_load(side: tuple) -> None:
+    handle, s = side
+    req = planned_load(handle, s)
     assert s.request_finished(req) is False        # aborted while loading: lease must stay
     assert stats(handle)["leases"]["read"] == 1
     s.on_worker_output({"r1"})
@@ -106,11 +112,7 @@ def test_lease_is_held_until_every_rank_reported_the_load(side: tuple) -> None:
 
 def test_preempted_request_is_pinned_again_before_claiming(side: tuple) -> None:
     handle, s = side
-    store_chunks(handle, TOKENS, 3)
-    req = request("r1", TOKENS)
-    ext, _ = s.get_num_new_matched_tokens(req, 0)
-    s.update_state_after_alloc(req, list(range(20)), ext)
-    s.build_plan(output())
+    req = planned_load(handle, s)
     s.on_worker_output({"r1"})                      # load done, lease released
     s.build_plan(output(preempted={"r1"}))
     assert s.get_num_new_matched_tokens(req, 0) == (3 * CHUNK, True)

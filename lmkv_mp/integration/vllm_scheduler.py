@@ -55,12 +55,12 @@ class SchedulerSide:
     # -- lookups --------------------------------------------------------------------------
 
     def _state(self, request: Any) -> _Req:
+        """The request's bookkeeping; needs a HELLO (the chain hash key is the sidecar's)."""
         st = self._reqs.get(request.request_id)
         if st is None:
-            salt = (request.cache_salt or "").encode()
-            key = self.client.hello.hash_key if self.client.hello else b""
-            hashes = chain_hashes(request.prompt_token_ids, self.chunk_tokens, key, salt) if key else b""
-            st = _Req(request, hashes)
+            assert self.client.hello is not None
+            st = _Req(request, chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
+                                            (request.cache_salt or "").encode()))
             self._reqs[request.request_id] = st
         return st
 
@@ -68,9 +68,6 @@ class SchedulerSide:
         if self.client.hello is None and not self.client.connect():
             return 0, False
         st = self._state(request)
-        if not st.hashes:
-            st.hashes = chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
-                                     (request.cache_salt or "").encode())
         # Never the last prompt token: the engine must compute at least one.
         max_chunks = (len(request.prompt_token_ids) - 1) // self.chunk_tokens
         # Answer repeated calls from the cached lookup, but never claim tokens without a
