@@ -29,6 +29,7 @@ from lmkv_mp.memory.pool import HostPool, Record, SlotState
 from lmkv_mp.protocol import SlotStatus
 
 Owner = Hashable
+CLEAN_SCAN = 256  # oldest entries eviction searches for one with a lower-tier copy
 
 
 class EntryState(enum.Enum):
@@ -52,6 +53,7 @@ class Entry:
     state: EntryState
     pins: int = 0
     checksum: int = 0
+    in_lower: bool = False  # a copy is in the lower tiers (written there, or promoted from there)
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +88,7 @@ class IndexCounters:
     committed: int = 0
     committed_bytes: int = 0
     aborted: int = 0
+    evicted_dirty: int = 0   # evicted before any lower tier had a copy (meaningful with lower tiers)
 
 
 class LeaseError(KeyError):
@@ -106,6 +109,9 @@ class ChunkIndex:
         self._ns_bytes: dict[bytes, int] = {}
         self._lease_ids = itertools.count(1)
         self.counters = IndexCounters()
+        # With lower tiers, eviction first looks among the oldest entries for one a lower tier
+        # holds a copy of, so evicting it loses nothing (set by the tier hierarchy).
+        self.prefer_clean = False
 
     # -- restore ----------------------------------------------------------------------------
 
@@ -237,26 +243,93 @@ class ChunkIndex:
     def commit(self, owner: Owner, lease_id: int, hashes: bytes = b"", checksums: list[int] | None = None) -> int:
         """Publish the listed chunks of a write lease (all when ``hashes`` is empty); the lease
         ends and its unlisted chunks are freed. Returns how many became COMMITTED."""
+        return len(self.commit_entries(owner, lease_id, hashes, checksums))
+
+    def commit_entries(self, owner: Owner, lease_id: int, hashes: bytes = b"",
+                       checksums: list[int] | None = None) -> list[Entry]:
+        """:meth:`commit`, returning the entries that became COMMITTED (for write-through)."""
         lease = self._take_lease(owner, lease_id, LeaseKind.WRITE)
         wanted: dict[bytes, int] | None = None
         if hashes:
             sums = checksums or [0] * (len(hashes) // HASH_BYTES)
             wanted = {hashes[i:i + HASH_BYTES]: sums[i // HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)}
-        n = 0
+        done: list[Entry] = []
         for e in lease.entries:
             h = e.key[HASH_BYTES:]
             if wanted is not None and h not in wanted:
                 self._drop(e)
                 self.counters.aborted += 1
                 continue
-            e.checksum = wanted[h] if wanted is not None else 0
-            self.pool.write_record(e.slot, SlotState.COMMITTED, e.key[:HASH_BYTES], h, e.length, e.checksum)
-            e.state = EntryState.COMMITTED
-            self._publish(e)
-            n += 1
-            self.counters.committed += 1
-            self.counters.committed_bytes += e.length
-        return n
+            self._make_committed(e, wanted[h] if wanted is not None else 0)
+            done.append(e)
+        return done
+
+    def _make_committed(self, e: Entry, checksum: int) -> None:
+        e.checksum = checksum
+        self.pool.write_record(e.slot, SlotState.COMMITTED, e.key[:HASH_BYTES], e.key[HASH_BYTES:], e.length, checksum)
+        e.state = EntryState.COMMITTED
+        self._publish(e)
+        self.counters.committed += 1
+        self.counters.committed_bytes += e.length
+
+    # -- the sidecar's own reads and writes (tier movers) -------------------------------------
+
+    def is_visible(self, key: bytes) -> bool:
+        """Whether ``key`` (namespace + hash) is COMMITTED here."""
+        visible = self._visible.get(key[:HASH_BYTES])
+        return visible is not None and key[HASH_BYTES:] in visible
+
+    def reserve_internal(self, key: bytes) -> Entry | None:
+        """A WRITING entry for the sidecar itself to fill (a promotion from a lower tier),
+        evicting if needed; None when the key is present or being written, its namespace is
+        undeclared, or no slot can be freed. No lease: the caller must end it with
+        :meth:`finish_internal`, whatever happens."""
+        chunk_bytes = self._ns_bytes.get(key[:HASH_BYTES])
+        if chunk_bytes is None or key in self._entries:
+            return None
+        slot = self._alloc(chunk_bytes)
+        if slot is None:
+            return None
+        e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
+                  self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING, in_lower=True)
+        self.pool.write_record(slot, SlotState.WRITING, key[:HASH_BYTES], key[HASH_BYTES:], chunk_bytes)
+        self._entries[key] = e
+        self._by_slot[slot] = e
+        return e
+
+    def finish_internal(self, e: Entry, ok: bool) -> None:
+        """Publish an entry of :meth:`reserve_internal` once its bytes are in place (``ok``),
+        else free it."""
+        if ok:
+            self._make_committed(e, 0)
+        else:
+            self._drop(e)
+
+    def hold(self, key: bytes) -> Entry | None:
+        """Pin a COMMITTED entry so its slot can be read off the loop (a demotion); None
+        if absent. End with :meth:`unhold`."""
+        visible = self._visible.get(key[:HASH_BYTES])
+        e = visible.get(key[HASH_BYTES:]) if visible is not None else None
+        if e is not None:
+            e.pins += 1
+        return e
+
+    def unhold(self, e: Entry) -> None:
+        e.pins -= 1
+        if e.pins == 0 and e.state is EntryState.DOOMED:
+            self._free_slot(e)
+
+    def cold_dirty(self, limit: int) -> list[Entry]:
+        """Up to ``limit`` least recently used COMMITTED, unpinned entries that no lower tier
+        holds yet: what write-back copies down before eviction would lose them."""
+        out: list[Entry] = []
+        for lru in self._lru.values():
+            for e in lru:
+                if len(out) >= limit:
+                    return out
+                if not e.in_lower and e.pins == 0:
+                    out.append(e)
+        return out
 
     def release(self, owner: Owner, lease_id: int) -> int:
         """End a lease: a read lease unpins, a write lease frees its uncommitted slots."""
@@ -304,9 +377,7 @@ class ChunkIndex:
     def _end(self, lease: Lease) -> int:
         for e in lease.entries:
             if lease.kind is LeaseKind.READ:
-                e.pins -= 1
-                if e.pins == 0 and e.state is EntryState.DOOMED:
-                    self._free_slot(e)
+                self.unhold(e)
             elif e.state is EntryState.WRITING:
                 self._drop(e)
                 self.counters.aborted += 1
@@ -349,6 +420,11 @@ class ChunkIndex:
     def _evict_for(self, slot_bytes: int) -> bool:
         """Free room for one slot of ``slot_bytes``; False if nothing can be evicted."""
         lru = self._lru.get(slot_bytes)
+        if lru and self.prefer_clean:
+            for e in itertools.islice(lru, CLEAN_SCAN):
+                if e.pins == 0 and e.in_lower:
+                    self._evict(e)
+                    return True
         if lru:
             for e in lru:
                 if e.pins == 0:
@@ -380,6 +456,8 @@ class ChunkIndex:
     def _evict(self, e: Entry) -> None:
         self.counters.evictions += 1
         self.counters.evicted_bytes += e.length
+        if not e.in_lower:
+            self.counters.evicted_dirty += 1
         self._drop(e)
 
     # -- stats ------------------------------------------------------------------------------

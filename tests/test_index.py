@@ -776,3 +776,51 @@ def hit_quiet(idx: ChunkIndex, ns: bytes, i: int) -> bool:
 IndexMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=30, deadline=None,
                                           suppress_health_check=[HealthCheck.too_slow])
 TestIndexMachine = IndexMachine.TestCase
+
+
+# -- the sidecar's own reads and writes (tier movers) -------------------------------------------
+
+
+def test_internal_write_is_invisible_until_finished_and_freed_on_failure() -> None:
+    idx = make_index()
+    key = NS0 + hs(7)
+    e = idx.reserve_internal(key)
+    assert e is not None and e.in_lower
+    assert not hit(idx, NS0, 7) and idx.reserve_internal(key) is None, "present (WRITING): not twice"
+    assert idx.reserve("w", NS0, hs(7)).status == [B], "a client writer sees it busy"
+    idx.finish_internal(e, ok=True)
+    assert hit(idx, NS0, 7) and idx.pool.read_record(e.slot).state is SlotState.COMMITTED
+    e2 = idx.reserve_internal(NS0 + hs(8))
+    assert e2 is not None
+    before = used(idx)
+    idx.finish_internal(e2, ok=False)
+    assert not hit(idx, NS0, 8) and used(idx) < before
+    assert idx.reserve_internal(b"\x99" * 16 + hs(1)) is None, "undeclared namespace"
+
+
+def test_hold_keeps_a_cleared_entry_readable_until_unheld() -> None:
+    idx = make_index()
+    store(idx, NS0, 1)
+    e = idx.hold(NS0 + hs(1))
+    assert e is not None and idx.hold(NS0 + hs(2)) is None
+    before = used(idx)
+    assert idx.clear(NS0) == 1
+    assert not hit(idx, NS0, 1) and used(idx) == before, "the slot stays while a copy reads it"
+    idx.unhold(e)
+    assert used(idx) < before
+
+
+def test_eviction_prefers_entries_with_a_lower_copy_and_reports_dirty_ones() -> None:
+    idx = make_index(num_slabs=1)           # 4 SMALL chunks
+    store(idx, NS0, 1, 2, 3, 4)
+    assert [x.key for x in idx.cold_dirty(2)] == [NS0 + hs(1), NS0 + hs(2)]
+    idx.prefer_clean = True
+    e = idx.hold(NS0 + hs(3))
+    assert e is not None
+    e.in_lower = True                       # as a finished demotion marks it
+    idx.unhold(e)
+    store(idx, NS0, 5)
+    assert not hit(idx, NS0, 3) and hit(idx, NS0, 1), "the clean entry went first, not the oldest"
+    assert idx.counters.evicted_dirty == 0
+    store(idx, NS0, 6)
+    assert not hit(idx, NS0, 1) and idx.counters.evicted_dirty == 1
