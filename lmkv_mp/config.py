@@ -41,6 +41,8 @@ DEFAULT_LEASE_TIMEOUT = 5.0
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_METRICS_HOST = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9187
+DEFAULT_METRICS_NAMESPACES = 10
+DEFAULT_STATS_INTERVAL = 1.0
 WRITE_POLICIES = ("write-through", "write-back")
 DEFAULT_WRITE_POLICY = "write-back"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -105,6 +107,11 @@ def default_endpoint(run_dir: Path) -> str:
 def default_stats_endpoint(run_dir: Path) -> str:
     """The stats socket in ``run_dir``: ``ipc://<run_dir>/stats.sock``."""
     return f"ipc://{run_dir / 'stats.sock'}"
+
+
+def default_stats_publish_endpoint(run_dir: Path) -> str:
+    """Where the sidecar publishes its snapshot: ``ipc://<run_dir>/stats-pub.sock``."""
+    return f"ipc://{run_dir / 'stats-pub.sock'}"
 
 
 def default_host_pool_size(meminfo_path: str = "/proc/meminfo") -> int:
@@ -210,15 +217,17 @@ class SidecarConfig:
     """Everything the sidecar runs with, validated; see ARCHITECTURE.md §8.
 
     Invariants (checked by :func:`load_sidecar_config`): paths are absolute; endpoints are
-    valid and distinct; ``slab_size`` is a multiple of 4096 and >= 1MiB; ``host_pool_size``
-    and a non-zero ``gpu_pool_size`` are >= ``slab_size``; ``disk_size > 0`` iff
-    ``disk_dir`` is set; ``0 < heartbeat_interval < lease_timeout``;
-    ``16 <= len(hash_key) <= 64``. Secrets are left out of repr().
+    valid and distinct; ``stats_interval`` is 0 (no publishing) or > 0; ``slab_size`` is a
+    multiple of 4096 and >= 1MiB; ``host_pool_size`` and a non-zero ``gpu_pool_size`` are >=
+    ``slab_size``; ``disk_size > 0`` iff ``disk_dir`` is set; ``0 < heartbeat_interval <
+    lease_timeout``; ``16 <= len(hash_key) <= 64``. Secrets are left out of repr().
     """
 
     run_dir: Path
     endpoint: str
     stats_endpoint: str
+    stats_publish_endpoint: str
+    stats_interval: float
     host_pool_size: int
     host_pool_path: Path | None
     slab_size: int
@@ -236,6 +245,7 @@ class SidecarConfig:
     admin_token: bytes | None = field(repr=False)
     metrics_host: str
     metrics_port: int
+    metrics_namespaces: int
     log_level: str
     unlink_on_exit: bool
     allow_group: str | None
@@ -267,7 +277,12 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
           "directory for sockets, lock file and pid file (created mode 0700)"),
     _Flag("--endpoint", "URL", "ipc://<run-dir>/control.sock",
           "control endpoint, ipc://PATH or tcp://HOST:PORT"),
-    _Flag("--stats-endpoint", "URL", "ipc://<run-dir>/stats.sock", "stats endpoint"),
+    _Flag("--stats-endpoint", "URL", "ipc://<run-dir>/stats.sock",
+          "stats endpoint: answers snapshot requests (lmkv-stats)"),
+    _Flag("--stats-publish-endpoint", "URL", "ipc://<run-dir>/stats-pub.sock",
+          "a ZeroMQ PUB endpoint where the snapshot is published every --stats-interval"),
+    _Flag("--stats-interval", "DURATION", _fmt_seconds(DEFAULT_STATS_INTERVAL),
+          "how often the snapshot is published; 0 turns publishing off"),
     _Flag("--host-pool-size", "SIZE", "20% of MemAvailable, 256MiB..8GiB",
           "host tier size, e.g. 512MiB or 64GiB"),
     _Flag("--host-pool-path", "FILE", "POSIX shared memory",
@@ -294,9 +309,12 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
           "file holding the 16..64-byte chain hash key"),
     _Flag("--admin-token-file", "FILE", "none (admin ops are refused)",
           "file holding the token that admin ops (CLEAR) must present"),
-    _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST, "Prometheus endpoint address (endpoint not served yet)"),
-    _Flag("--metrics-port", "PORT", str(DEFAULT_METRICS_PORT),
-          "Prometheus endpoint port; 0 disables it (endpoint not served yet)"),
+    _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST,
+          "Prometheus endpoint address (http://HOST:PORT/metrics)"),
+    _Flag("--metrics-port", "PORT", str(DEFAULT_METRICS_PORT), "Prometheus endpoint port; 0 disables it"),
+    _Flag("--metrics-namespaces", "N", str(DEFAULT_METRICS_NAMESPACES),
+          "per-namespace Prometheus series for the first N namespaces seen; the rest are summed "
+          "as namespace=\"other\" (labels stay bounded); 0: none"),
     _Flag("--log-level", "|".join(LOG_LEVELS), "info", "log level"),
     _Flag("--unlink-on-exit", "", "off (the host pool persists for a warm restart)",
           "remove the host pool segment on exit"),
@@ -466,6 +484,12 @@ def load_sidecar_config(
     stats_endpoint = _endpoint_setting(src, "--stats-endpoint", default_stats_endpoint(run_dir))
     if stats_endpoint == endpoint:
         raise _error("--stats-endpoint", f"{_show(stats_endpoint)} is also the --endpoint; use another")
+    stats_publish_endpoint = _endpoint_setting(src, "--stats-publish-endpoint", default_stats_publish_endpoint(run_dir))
+    if stats_publish_endpoint in (endpoint, stats_endpoint):
+        raise _error("--stats-publish-endpoint", f"{_show(stats_publish_endpoint)} is also the "
+                     f"{'--endpoint' if stats_publish_endpoint == endpoint else '--stats-endpoint'}; use another")
+    stats_interval = src.parse("--stats-interval", lambda t: parse_duration(t, allow_zero=True),
+                               DEFAULT_STATS_INTERVAL)
 
     if src.raw("--host-pool-size") is None:
         host_pool_size = default_host_pool_size(meminfo_path)
@@ -517,6 +541,8 @@ def load_sidecar_config(
     admin_token = src.optional("--admin-token-file", _token)
     metrics_host = src.parse("--metrics-host", _host, DEFAULT_METRICS_HOST)
     metrics_port = src.parse("--metrics-port", lambda t: _parse_int(t, 0, 65535), DEFAULT_METRICS_PORT)
+    metrics_namespaces = src.parse("--metrics-namespaces", lambda t: _parse_int(t, 0, 1000),
+                                   DEFAULT_METRICS_NAMESPACES)
     log_level = src.parse("--log-level", _choice(LOG_LEVELS), "info")
     unlink_on_exit = src.switch("--unlink-on-exit", False)
     allow_group = src.optional("--allow-group", str.strip) or None
@@ -525,6 +551,8 @@ def load_sidecar_config(
         run_dir=run_dir,
         endpoint=endpoint,
         stats_endpoint=stats_endpoint,
+        stats_publish_endpoint=stats_publish_endpoint,
+        stats_interval=stats_interval,
         host_pool_size=host_pool_size,
         host_pool_path=host_pool_path,
         slab_size=slab_size,
@@ -542,6 +570,7 @@ def load_sidecar_config(
         admin_token=admin_token,
         metrics_host=metrics_host,
         metrics_port=metrics_port,
+        metrics_namespaces=metrics_namespaces,
         log_level=log_level,
         unlink_on_exit=unlink_on_exit,
         allow_group=allow_group,

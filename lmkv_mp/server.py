@@ -29,7 +29,7 @@ from lmkv_mp import protocol as P
 from lmkv_mp.config import SidecarConfig
 from lmkv_mp.index import ChunkIndex, LeaseError
 from lmkv_mp.memory import HostPool, HostRegion, RegionError, shm_name_for
-from lmkv_mp.metrics import SidecarCounters, snapshot
+from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
 
 log = logging.getLogger("lmkv.server")
 
@@ -89,6 +89,11 @@ class Sidecar:
         self.ctx = zmq.Context.instance()
         self.control = self._bind(zmq.ROUTER, cfg.endpoint)
         self.stats = self._bind(zmq.ROUTER, cfg.stats_endpoint)
+        # Snapshots also go out on a PUB socket every --stats-interval, and to the Prometheus
+        # server's threads through the broker (those threads never touch the loop's state).
+        self.publisher = self._bind(zmq.PUB, cfg.stats_publish_endpoint) if cfg.stats_interval else None
+        self.broker = SnapshotBroker(self._wake)
+        self.metrics: MetricsServer | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -99,6 +104,16 @@ class Sidecar:
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Release: self._release, P.Ping: self._ping, P.Stats: self._stats, P.Clear: self._clear,
         }
+        if not cfg.metrics_port:
+            log.info("metrics: off (--metrics-port 0)")
+            return
+        try:
+            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port, self.broker, cfg.metrics_namespaces)
+        except OSError as e:
+            self.close()
+            raise StartupError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e.strerror or e}; "
+                               "choose another --metrics-port or --metrics-host (--metrics-port 0: no metrics)") from None
+        log.info("metrics: serving %s", self.metrics.url)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -115,12 +130,22 @@ class Sidecar:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
 
+    def _wake(self) -> None:
+        """Wake the loop (from a mover thread): a byte on the socketpair it polls."""
+        try:
+            self._wake_w.send(b"w")
+        except (BlockingIOError, OSError):
+            pass  # already woken (buffer full) or closing
+
     def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * P.MAX_FRAME_BYTES)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            sock.setsockopt(zmq.SNDHWM, 100_000)
+        else:  # PUB: a subscriber that falls behind misses snapshots instead of queueing them
+            sock.setsockopt(zmq.SNDHWM, 4)
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[len("ipc://"):])
             if path.exists():
@@ -155,9 +180,10 @@ class Sidecar:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         tick = max(0.05, min(self.cfg.heartbeat_interval, self.cfg.lease_timeout / 4))
         next_reap = time.monotonic() + tick
+        next_publish = time.monotonic() + self.cfg.stats_interval if self.publisher is not None else float("inf")
         try:
             while self._running:
-                timeout_ms = max(0, int((next_reap - time.monotonic()) * 1000))
+                timeout_ms = max(0, int((min(next_reap, next_publish) - time.monotonic()) * 1000))
                 ready = dict(poller.poll(timeout_ms))
                 if self.control in ready:
                     self._drain(self.control, stats_only=False)
@@ -165,7 +191,12 @@ class Sidecar:
                     self._drain(self.stats, stats_only=True)
                 if self._wake_r.fileno() in ready:
                     self._wake_r.recv(4096)
+                if self.broker.wanted:
+                    self.broker.put(self.snapshot())
                 now = time.monotonic()
+                if now >= next_publish:
+                    self.publish()
+                    next_publish = now + self.cfg.stats_interval
                 if now >= next_reap:
                     self.reap(now)
                     next_reap = now + tick
@@ -181,11 +212,13 @@ class Sidecar:
             if len(frames) < 2:
                 continue  # no routing id: cannot answer
             ident, body = frames[0], frames[1:]
+            t0 = time.perf_counter()
             sock.send_multipart([ident, *self.handle(ident, body, stats_only)])
+            self.counters.observe(op_label(body), time.perf_counter() - t0)
 
     def handle(self, ident: bytes, frames: list[bytes], stats_only: bool = False) -> list[bytes]:
         """One request's frames → the reply's frames. Never raises."""
-        op_name = "INVALID"
+        op_name = op_label(frames)  # the op byte's name even if the rest fails to decode
         try:
             msg = P.decode_request(frames)
             op_name = msg.OP.name
@@ -222,10 +255,14 @@ class Sidecar:
                          c.client_id, c.role, c.pid, now - c.last_seen, n)
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         for sock in self._sockets:
             sock.close(linger=0)
         self._sockets.clear()
-        for ep in (self.cfg.endpoint, self.cfg.stats_endpoint):
+        published = [self.cfg.stats_publish_endpoint] if self.publisher is not None else []
+        for ep in (self.cfg.endpoint, self.cfg.stats_endpoint, *published):
             if ep.startswith("ipc://"):
                 Path(ep[len("ipc://"):]).unlink(missing_ok=True)
         self._wake_r.close()
@@ -329,11 +366,25 @@ class Sidecar:
     def _stats(self, ident: bytes, msg: P.Stats) -> P.StatsReply:
         return P.StatsReply(msg.req_id, self.boot_id, self.snapshot())
 
+    def publish(self) -> None:
+        """Send a fresh snapshot to the PUB socket's subscribers (frames: the topic, then a
+        StatsReply with req_id 0) and hand it to the broker's readers."""
+        snap = self.snapshot()
+        self.broker.put(snap)
+        if self.publisher is not None:
+            self.publisher.send_multipart([STATS_TOPIC, *P.encode_reply(P.StatsReply(0, self.boot_id, snap))])
+
+    def _info(self) -> dict[str, str]:
+        """Where this sidecar can be reached, for the snapshot ("" for what is off)."""
+        return {"endpoint": self.cfg.endpoint, "stats_endpoint": self.cfg.stats_endpoint,
+                "publish_endpoint": self.cfg.stats_publish_endpoint if self.publisher is not None else "",
+                "metrics_url": self.metrics.url if self.metrics is not None else ""}
+
     def snapshot(self) -> dict:
         roles: dict[str, int] = {}
         for c in self.clients.values():
             roles[c.role] = roles.get(c.role, 0) + 1
-        return snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names)
+        return snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names, info=self._info())
 
     def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:
         if self.cfg.admin_token is None:
@@ -374,8 +425,6 @@ def serve(cfg: SidecarConfig) -> int:
     if missing:
         log.error("start failed: not implemented in this version: %s", ", ".join(missing))
         return 2
-    if cfg.metrics_port:
-        log.info("metrics: the Prometheus endpoint is not served yet (use lmkv-stats)")
     try:
         sidecar = Sidecar(cfg)
     except (StartupError, RegionError, OSError, ValueError) as e:

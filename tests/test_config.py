@@ -181,6 +181,8 @@ def test_defaults_with_empty_env(meminfo: str) -> None:
         run_dir=run_dir,
         endpoint=f"ipc://{run_dir}/control.sock",
         stats_endpoint=f"ipc://{run_dir}/stats.sock",
+        stats_publish_endpoint=f"ipc://{run_dir}/stats-pub.sock",
+        stats_interval=1.0,
         host_pool_size=2 * GiB,
         host_pool_path=None,
         slab_size=64 * MiB,
@@ -198,6 +200,7 @@ def test_defaults_with_empty_env(meminfo: str) -> None:
         admin_token=None,
         metrics_host="127.0.0.1",
         metrics_port=9187,
+        metrics_namespaces=10,
         log_level="info",
         unlink_on_exit=False,
         allow_group=None,
@@ -215,6 +218,7 @@ def test_run_dir_moves_default_endpoints(tmp_path: Path, meminfo: str) -> None:
     c = load(["--run-dir", str(tmp_path / "r")], {}, meminfo)
     assert c.endpoint == f"ipc://{tmp_path}/r/control.sock"
     assert c.stats_endpoint == f"ipc://{tmp_path}/r/stats.sock"
+    assert c.stats_publish_endpoint == f"ipc://{tmp_path}/r/stats-pub.sock"
 
 
 def test_relative_paths_become_absolute(env: dict[str, str], meminfo: str) -> None:
@@ -241,6 +245,10 @@ def test_relative_paths_become_absolute(env: dict[str, str], meminfo: str) -> No
         ("--verify", "on", "verify", True),
         ("--metrics-host", "0.0.0.0", "metrics_host", "0.0.0.0"),
         ("--metrics-port", "0", "metrics_port", 0),
+        ("--metrics-namespaces", "0", "metrics_namespaces", 0),
+        ("--stats-publish-endpoint", "tcp://127.0.0.1:5557", "stats_publish_endpoint", "tcp://127.0.0.1:5557"),
+        ("--stats-interval", "0", "stats_interval", 0.0),
+        ("--stats-interval", "250ms", "stats_interval", 0.25),
         ("--log-level", "DEBUG", "log_level", "debug"),
         ("--allow-group", "kvcache", "allow_group", "kvcache"),
     ],
@@ -268,7 +276,7 @@ def test_help_names_every_env_twin_and_default() -> None:
     assert parser.prog == "lmkv-sidecar"
     text = parser.format_help()
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
-    assert len(flags) == 23
+    assert len(flags) == 26
     for flag in flags:
         assert "LMKV_" + flag[2:].upper().replace("-", "_") in text
     assert text.count("default:") == len(flags)
@@ -363,6 +371,10 @@ def test_config_is_frozen(env: dict[str, str], meminfo: str) -> None:
         (["--endpoint", "ipc:///" + "x" * 120], {}, "--endpoint", ["107"]),
         (["--run-dir", "/" + "x" * 110], {}, "--run-dir", ["--endpoint", "107"]),
         (["--stats-endpoint", "tcp://h:1", "--endpoint", "tcp://h:1"], {}, "--stats-endpoint", ["also the --endpoint"]),
+        (["--stats-publish-endpoint", "tcp://h:1", "--stats-endpoint", "tcp://h:1"], {}, "--stats-publish-endpoint",
+         ["also the --stats-endpoint"]),
+        ([], {"LMKV_STATS_INTERVAL": "-1s"}, "--stats-interval", ["negative"]),
+        (["--metrics-namespaces", "1001"], {}, "--metrics-namespaces", ["0..1000"]),
         (["--run-dir", ""], {}, "--run-dir", ["not a path"]),
     ],
 )
