@@ -117,7 +117,7 @@ def test_no_flags_lifecycle(xdg: Path, procs: Procs) -> None:
     snap = json.loads(line)
     assert snap["lookups"] == 1 and snap["lookup_chunks"] == 1 and snap["hit_chunks"] == 0
     r = run([exe("lmkv-stats")], stats_env)
-    assert r.returncode == 0 and snap["boot_id"][:12] in r.stdout and "lookups 1" in r.stdout
+    assert r.returncode == 0 and snap["boot_id"][:12] in r.stdout and "lookups 1," in r.stdout
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0, log_text(proc)
@@ -176,8 +176,10 @@ def test_stats_counts_match_traffic(sidecar: Callable[..., SidecarHandle]) -> No
 
     r = lmkv_stats(h)
     assert r.returncode == 0, r.stderr
-    assert "lookups 2" in r.stdout and "errors 1" in r.stdout and "tier host" in r.stdout
-    assert "stats-test" in r.stdout
+    assert "lookups 2," in r.stdout and "hit 10" in r.stdout and "errors     1 (UNKNOWN_NAMESPACE 1)" in r.stdout
+    assert "tier host" in r.stdout and "clients    2 (scheduler 1, worker 1)" in r.stdout
+    assert f"stats-test: {host['entries']} chunks" in r.stdout and "10 hits" in r.stdout
+    assert "latency    LOOKUP   n=2" in r.stdout
 
 
 def test_stats_without_a_sidecar_fails_fast(xdg: Path) -> None:
