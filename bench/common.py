@@ -82,6 +82,24 @@ def sidecar(*args: str, **kw: str) -> Iterator[SidecarProcess]:
         s.close()
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_memory(pid: int) -> dict[str, int]:
+    """A process's resident memory in bytes: ``rss`` (all), ``rss_anon`` (private heap),
+    ``rss_shmem`` (mapped shared memory it has touched, e.g. the host pool) and ``hwm`` (peak)."""
+    keys = {"VmRSS": "rss", "RssAnon": "rss_anon", "RssShmem": "rss_shmem", "VmHWM": "hwm"}
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in keys:
+            out[keys[name]] = int(value.split()[0]) * 1024
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     xs = sorted(values)
     return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
