@@ -5,11 +5,12 @@ process (``python -m lmkv_mp.integration.engine_run SPEC.json OUT.json``), exact
 user's vLLM would, with or without the lmkv connector. SPEC::
 
     {"model": "/path", "lmkv": {"lmkv.endpoint": "ipc://..."} | null, "tp": 1,
-     "max_model_len": 4096, "block_size": 32, "max_tokens": 8,
+     "max_model_len": 4096, "block_size": 32, "max_tokens": 8, "log_stats": false,
      "turns": [[{"prompt_token_ids": [...], "cache_salt": "..."}, ...], ...]}
 
 Every turn is one ``generate`` call; its outputs (token ids, logprobs, num_cached_tokens)
-and its wall time are recorded. With ``--serve`` instead of OUT.json the engine stays up
+and its wall time are recorded. With ``log_stats`` vLLM keeps its stats (as a server
+does), and the connector's ``vllm:lmkv_*`` series are recorded too. With ``--serve`` instead of OUT.json the engine stays up
 and answers prompts from stdin (see :func:`serve`), for drivers that build each turn from
 the previous answer.
 """
@@ -41,7 +42,7 @@ def make_llm(spec: dict[str, Any]) -> Any:
                               max_num_batched_tokens=spec.get("max_num_batched_tokens", 8192),
                               max_num_seqs=8, seed=0, enable_prefix_caching=spec.get("prefix_caching", True),
                               kv_cache_memory_bytes=spec.get("kv_cache_bytes", 256 << 20),
-                              tensor_parallel_size=spec.get("tp", 1))
+                              tensor_parallel_size=spec.get("tp", 1), disable_log_stats=not spec.get("log_stats"))
     if spec.get("tp", 1) > 1:
         kw["distributed_executor_backend"] = "mp"
     if spec.get("lmkv") is not None:
@@ -80,7 +81,25 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     llm = make_llm(spec)
     started = time.perf_counter()
     turns = [generate(llm, prompts, spec.get("max_tokens", 8)) for prompts in spec["turns"]]
-    return {"start_s": started - t0, "turns": turns}
+    out: dict[str, Any] = {"start_s": started - t0, "turns": turns}
+    if spec.get("log_stats"):
+        out["lmkv_metrics"] = lmkv_metrics(llm)
+    return out
+
+
+def lmkv_metrics(llm: Any) -> dict[str, float]:
+    """The connector's ``vllm:lmkv_*`` series from vLLM's registry, summed over label sets:
+    counters by name, histograms as ``<name>_count``."""
+    from vllm.v1.metrics.reader import Counter, Histogram
+
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:lmkv_"):
+            if isinstance(m, Counter):
+                out[m.name] = out.get(m.name, 0) + m.value
+            elif isinstance(m, Histogram):
+                out[f"{m.name}_count"] = out.get(f"{m.name}_count", 0) + m.count
+    return out
 
 
 def serve(spec: dict[str, Any]) -> None:

@@ -35,6 +35,7 @@ from lmkv_mp.client import SidecarClient
 from lmkv_mp.config import load_client_config
 from lmkv_mp.integration.plan import StepPlan, rank_namespaces
 from lmkv_mp.integration.vllm_scheduler import SchedulerSide
+from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, make_stats
 from lmkv_mp.integration.vllm_worker import WorkerSide
 from lmkv_mp.keys import Namespace
 from lmkv_mp.transfer import PagedKV
@@ -43,6 +44,22 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("lmkv.vllm")
+
+
+def _log_through_vllm() -> None:
+    """In a vLLM process, lmkv's loggers (this connector's lines, the client's "restart
+    detected") write where vLLM's do, at vLLM's level (VLLM_LOGGING_LEVEL), unless the
+    "lmkv" logger was configured already. Without this only warnings would show."""
+    ours, theirs = logging.getLogger("lmkv"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
+
+
+_log_through_vllm()
 
 DEFAULT_CHUNK_TOKENS = 256
 _CLIENT_KEYS = ("endpoint", "timeout", "heartbeat_interval", "retry_interval")
@@ -184,6 +201,26 @@ class LMKVConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.load_errors() if self._worker is not None else set()
+
+    # -- stats (vllm_stats.py) ------------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> LMKVConnectorStats | None:
+        """This role's activity since the last call (vLLM calls it every step, on the
+        scheduler and on every worker, and sums the results)."""
+        if self._sched is not None:
+            return make_stats(self._sched.take_stats())
+        if self._worker is not None:
+            return make_stats(self._worker.take_stats())
+        return None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LMKVConnectorStats:
+        return LMKVConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> LMKVPromMetrics:
+        return LMKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

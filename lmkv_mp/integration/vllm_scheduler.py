@@ -50,7 +50,9 @@ class SchedulerSide:
         self._loads: list[LoadJob] = []
         self._stores: list[StoreJob] = []
         self._awaiting_load: dict[str, int] = {}      # req id -> lease to release on finished_recving
-        self.stats = {"lookups": 0, "hit_tokens": 0, "claimed_tokens": 0, "load_jobs": 0, "store_chunks": 0}
+        self.stats = {"lookups": 0, "lookup_tokens": 0, "hit_tokens": 0, "claimed_tokens": 0, "load_jobs": 0,
+                      "store_chunks": 0}
+        self._stats_taken: dict[str, int] = {}
 
     # -- lookups --------------------------------------------------------------------------
 
@@ -79,6 +81,7 @@ class SchedulerSide:
             self.stats["lookups"] += 1
             st.lookup = self.client.lookup(self.ns_ids, st.hashes[:max_chunks * HASH_BYTES], pin=True)
             self.stats["hit_tokens"] += st.lookup.hits * self.chunk_tokens
+            self.stats["lookup_tokens"] += max_chunks * self.chunk_tokens
             st.stored_chunks = max(st.stored_chunks, st.lookup.hits)  # present: no need to store again
         hits = st.lookup.hits if st.lookup else 0
         ext = hits * self.chunk_tokens - num_computed_tokens
@@ -112,6 +115,15 @@ class SchedulerSide:
         if st.lookup is not None and st.lookup.lease_id:
             self.client.release(st.lookup.lease_id)
             st.lookup = LookupResult(st.lookup.hits, 0, (), (), st.lookup.boot_id)
+
+    def take_stats(self) -> dict[str, int]:
+        """Lookups since the last call, as vllm_stats.LMKVConnectorStats ``data`` (zeros left
+        out; ``loaded_tokens`` are the tokens vLLM took from lmkv, i.e. did not compute)."""
+        names = {"lookups": "lookups", "lookup_tokens": "lookup_tokens", "hit_tokens": "hit_tokens",
+                 "claimed_tokens": "loaded_tokens"}
+        data = {name: self.stats[key] - self._stats_taken.get(key, 0) for key, name in names.items()}
+        self._stats_taken = dict(self.stats)
+        return {k: v for k, v in data.items() if v}
 
     # -- the plan -------------------------------------------------------------------------
 

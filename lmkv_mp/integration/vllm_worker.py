@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -58,8 +58,11 @@ class WorkerSide:
         self._recved: set[str] = set()
         self._load_errors: set[int] = set()
         self._declared: set[bytes] = set()
-        self.stats = {"load_chunks": 0, "load_failures": 0, "store_chunks": 0, "store_skipped": 0,
-                      "load_seconds": 0.0, "store_seconds": 0.0}
+        # Cumulative; take_stats() reports the change since its last call to vLLM (vllm_stats.py).
+        self.stats = {"load_jobs": 0, "load_chunks": 0, "load_failures": 0, "store_jobs": 0, "store_chunks": 0,
+                      "store_skipped": 0, "store_failures": 0, "load_seconds": 0.0, "store_seconds": 0.0}
+        self._job_seconds: dict[str, list[float]] = {"load_seconds": [], "store_seconds": []}
+        self._stats_taken: dict[str, int] = {}
 
     # -- per step -------------------------------------------------------------------------
 
@@ -96,6 +99,24 @@ class WorkerSide:
             recving, self._recved = self._recved, set()
         return sending or None, recving or None
 
+    def take_stats(self) -> dict[str, Any]:
+        """What this rank did since the last call: counter increments and per-job seconds
+        (the ``data`` of vllm_stats.LMKVConnectorStats; zero counters left out)."""
+        with self._lock:
+            now = {k: v for k, v in self.stats.items() if not k.endswith("_seconds")}
+            times, self._job_seconds = self._job_seconds, {"load_seconds": [], "store_seconds": []}
+        data: dict[str, Any] = {k: v - self._stats_taken.get(k, 0) for k, v in now.items()
+                                if v != self._stats_taken.get(k, 0)}
+        self._stats_taken = now
+        data.update((k, v) for k, v in times.items() if v)
+        return data
+
+    def _count_job(self, kind: str, seconds: float) -> None:
+        """A finished job, for stats; the caller holds ``self._lock``."""
+        self.stats[f"{kind}_jobs"] += 1
+        self.stats[f"{kind}_seconds"] += seconds
+        self._job_seconds[f"{kind}_seconds"].append(seconds)
+
     def load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
@@ -110,12 +131,13 @@ class WorkerSide:
             ok = self._try_load(plan, job)
         except Exception:  # a failed copy is a miss, never an engine error
             log.exception("lmkv: load for %s failed", job.req_id)
-        with self._lock:
+        seconds = time.perf_counter() - start
+        with self._lock:  # stats first: the step that reports the load done reports them too
             if not ok:
                 self._load_errors.update(job.block_ids)
                 self.stats["load_failures"] += 1
+            self._count_job("load", seconds)
             self._recved.add(job.req_id)
-        self.stats["load_seconds"] += time.perf_counter() - start
 
     def _try_load(self, plan: StepPlan, job: LoadJob) -> bool:
         if self.disabled:
@@ -125,7 +147,7 @@ class WorkerSide:
         if host is None or not self.client.ping():
             return False
         if self.client.boot_id != job.boot_id:
-            log.info("lmkv: sidecar restarted since lookup of %s: recomputing", job.req_id)
+            log.debug("lmkv: sidecar restarted since lookup of %s: recomputing", job.req_id)  # per request
             return False
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)
@@ -142,19 +164,23 @@ class WorkerSide:
             n = bpc - first
             self.paged.scatter(slot, job.block_ids[pos:pos + n], first=first)
             pos += n
-        self.stats["load_chunks"] += len(offsets)
+        with self._lock:
+            self.stats["load_chunks"] += len(offsets)
         return pos == len(job.block_ids)
 
     def _store(self, plan: StepPlan, job: StoreJob) -> None:
         start = time.perf_counter()
+        failed = False
         try:
             self._try_store(plan, job)
         except Exception:  # a failed store is a future miss, never an engine error
+            failed = True
             log.exception("lmkv: store for %s failed", job.req_id)
         finally:
             with self._lock:
+                self.stats["store_failures"] += failed
+                self._count_job("store", time.perf_counter() - start)
                 self._saving[job.req_id] = self._saving.get(job.req_id, 1) - 1
-            self.stats["store_seconds"] += time.perf_counter() - start
 
     def _try_store(self, plan: StepPlan, job: StoreJob) -> None:
         if self.disabled:
@@ -183,9 +209,10 @@ class WorkerSide:
             written.append(job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES])
             if self.checksum is not None:
                 sums.append(self.checksum(slot))
-        self.stats["store_skipped"] += len(res.status) - len(written)
-        if written:
-            self.stats["store_chunks"] += self.client.commit(res.lease_id, b"".join(written), sums or None)
+        committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
+        with self._lock:
+            self.stats["store_skipped"] += len(res.status) - len(written)
+            self.stats["store_chunks"] += committed
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

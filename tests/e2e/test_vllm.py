@@ -44,8 +44,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         out["A"] = run_engine(procs, {**spec, "lmkv": lmkv, "turns": [[{"prompt_token_ids": P1}],
                                                                        [{"prompt_token_ids": P3}]]}, "A")
         out["after_A"] = stats(sidecar)
-        out["B"] = run_engine(procs, {**spec, "lmkv": lmkv, "turns": [[{"prompt_token_ids": P2}],
-                                                                       [{"prompt_token_ids": P1}]]}, "B")
+        # B also keeps vLLM's stats (as a server does) and logs them every step, on stderr.
+        out["B"] = run_engine(procs, {**spec, "lmkv": lmkv, "log_stats": True,
+                                      "turns": [[{"prompt_token_ids": P2}], [{"prompt_token_ids": P1}]]}, "B",
+                              VLLM_LOG_STATS_INTERVAL="0.001", VLLM_LOGGING_STREAM="ext://sys.stderr")
+        out["B_log"] = "".join(p.read_text(errors="replace") for p in base.glob("*-B.log"))
         out["after_B"] = stats(sidecar)
         sidecar.kill(signal.SIGKILL)
         sidecar.restart()
@@ -81,6 +84,22 @@ def test_partial_prefix_hits_exactly_the_shared_chunks(world: dict[str, Any]) ->
     assert b_p2["num_cached_tokens"] == 2 * CHUNK
     assert same_output(b_p2, only(world["ref"], 1))
     assert world["after_B"]["hit_chunks"] - world["after_A"]["hit_chunks"] >= 2 + 2
+
+
+def test_connector_reports_its_stats_to_vllm(world: dict[str, Any]) -> None:
+    """B's connector stats reach vLLM's Prometheus series (vllm:lmkv_*) and its periodic
+    "KV Transfer metrics" log line, and equal what B did: turn 1 (P2, nothing local) loads
+    the 2 chunks P2 shares with P1; turn 2 (P1) has those 2 locally and loads the rest."""
+    m = world["B"]["lmkv_metrics"]
+    p1_chunks = (len(P1) - 1) // CHUNK
+    assert m["vllm:lmkv_lookups"] == 2
+    assert m["vllm:lmkv_hit_tokens"] == 2 * CHUNK + p1_chunks * CHUNK
+    assert m["vllm:lmkv_loaded_tokens"] == 2 * CHUNK + (p1_chunks - 2) * CHUNK
+    assert m["vllm:lmkv_loaded_tokens"] == sum(o["num_cached_tokens"] for t in world["B"]["turns"]
+                                               for o in t["outputs"]) - 2 * CHUNK  # minus turn 2's local hit
+    assert m["vllm:lmkv_load_chunks"] == p1_chunks and m["vllm:lmkv_load_failures"] == 0
+    assert m["vllm:lmkv_load_seconds_count"] == 2
+    assert "KV Transfer metrics: lookups=" in world["B_log"] and "loaded_tokens=" in world["B_log"]
 
 
 def test_warm_restart_between_engines_still_hits(world: dict[str, Any]) -> None:
