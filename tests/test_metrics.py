@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pty
+import re
 import select
 import shutil
 import signal
@@ -30,6 +31,7 @@ import zmq
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 from lmkv_mp import protocol as P
@@ -180,6 +182,33 @@ def test_every_tier_of_the_snapshot_becomes_series() -> None:
         for sample in fam.samples:
             for label, v in sample.labels.items():
                 assert len(v) < 64, f"{fam.name}{{{label}}} has a long (unbounded?) value {v!r}"
+
+
+def test_grafana_dashboard_charts_only_series_that_exist() -> None:
+    """launch/grafana-dashboard.json: every series it queries is served, by the sidecar
+    (lmkv_*, process_*) or by the connector through vLLM (vllm:lmkv_*)."""
+    from lmkv_mp.integration.vllm_stats import COUNTERS, JOB_SECONDS
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "launch" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    used = {name for e in exprs for name in re.findall(r"\b(?:vllm:)?(?:lmkv|process)_[a-z_]+", e)}
+
+    class Fixed:
+        def collect(self) -> Iterable[Metric]:
+            return prometheus_families(snapshot_of_a_real_sidecar(), NamespaceLabels(4))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Fixed())  # type: ignore[arg-type]
+    ProcessCollector(registry=registry)
+    served = {name for name, _ in parse(generate_latest(registry).decode())}
+    served |= {f"vllm:lmkv_{k}_total" for k in COUNTERS}
+    served |= {f"vllm:lmkv_{k}_{suffix}" for k in JOB_SECONDS for suffix in ("bucket", "count", "sum")}
+    assert used <= served, f"the dashboard queries series nobody serves: {sorted(used - served)}"
+    for topic in ("lmkv_hit_chunks_total", "vllm:lmkv_loaded_tokens_total", "lmkv_stored_bytes_total",
+                  "lmkv_loaded_bytes_total", "lmkv_tier_used_bytes", "lmkv_evictions_total", "lmkv_leases",
+                  "lmkv_request_seconds_bucket", "lmkv_errors_total"):
+        assert topic in used, f"the dashboard has no panel on {topic}"
 
 
 # -- real processes -------------------------------------------------------------------------
