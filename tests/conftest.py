@@ -278,3 +278,14 @@ def sidecar(procs: Procs) -> Iterator[Callable[..., SidecarHandle]]:
     yield start
     for handle in handles:
         handle.close()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A private redis-server (tests/redisproc.py) on a free port; ``.url``, ``.kill()``,
+    ``.start()`` (again on the same port). Skips without redis-server, except in CI."""
+    from tests.redisproc import RedisServer, require_redis_server
+
+    require_redis_server()
+    with RedisServer() as server:
+        yield server
