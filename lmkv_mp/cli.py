@@ -109,7 +109,9 @@ def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> str:
         pct = f" ({used / cap:.1%})" if cap else ""
         lines.append(f"tier {name:<5} {_size(used)} / {_size(cap)}{pct}, {t.get('entries', 0)} entries, "
                      f"{t.get('hit_chunks', 0)} hits, {t.get('evictions', 0)} evictions, "
-                     f"{t.get('prefetches', 0)} prefetches")
+                     f"{t.get('prefetches', 0)} prefetches"
+                     + (f", {t.get('errors', 0)} errors, {t.get('corrupt', 0)} corrupt"
+                        if t.get("errors") or t.get("corrupt") else ""))
     lines.append(f"leases     read {snap['leases'].get('read', 0)}, write {snap['leases'].get('write', 0)}")
     lines.append(f"clients    {sum(clients.values())} ({_counts(clients)})")
     lines.append(f"errors     {snap['errors']} ({_counts(snap['errors_by_code'])})")

@@ -38,7 +38,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 of loop time here) to seconds (a stalled loop)."""
 
 TIER_KEYS = ("used_bytes", "capacity_bytes", "entries", "entries_by_state", "hit_chunks", "stored_chunks",
-             "stored_bytes", "loaded_chunks", "loaded_bytes", "evictions", "evicted_bytes", "prefetches")
+             "stored_bytes", "loaded_chunks", "loaded_bytes", "evictions", "evicted_bytes", "prefetches", "errors",
+             "corrupt")
 """Per-tier snapshot keys the Prometheus view reads (``entries_by_state`` maps a state to a
 count; where it is absent, all ``entries`` count as committed)."""
 
@@ -295,6 +296,9 @@ def prometheus_families(snap: dict[str, Any], ns_labels: NamespaceLabels | None 
         (counter, "lmkv_evictions", "Entries evicted from a tier to make room.", "evictions"),
         (counter, "lmkv_evicted_bytes", "Bytes evicted from a tier.", "evicted_bytes"),
         (counter, "lmkv_prefetches", "Chunks prefetched into a tier from a lower one.", "prefetches"),
+        (counter, "lmkv_tier_errors", "Failed operations of a tier (I/O, remote store); each is a miss.", "errors"),
+        (counter, "lmkv_tier_corrupt", "Records a tier returned that failed verification (dropped, a miss).",
+         "corrupt"),
         (gauge, "lmkv_tier_used_bytes", "Bytes of a tier in use.", "used_bytes"),
         (gauge, "lmkv_tier_capacity_bytes", "Bytes a tier can hold.", "capacity_bytes"),
     )

@@ -158,7 +158,7 @@ def test_every_tier_of_the_snapshot_becomes_series() -> None:
     lack read as 0."""
     snap = snapshot_of_a_real_sidecar()
     snap["tiers"]["disk"] = {"used_bytes": 5, "capacity_bytes": 10, "entries": 1, "hit_chunks": 7, "evictions": 2,
-                             "prefetches": 3}
+                             "prefetches": 3, "errors": 4, "its_own_key": "ignored"}
 
     class Fixed:
         def collect(self) -> Iterable[Metric]:
@@ -172,6 +172,7 @@ def test_every_tier_of_the_snapshot_becomes_series() -> None:
     assert value(s, "lmkv_stored_bytes_total", tier="host") == 3 * (64 << 10)
     assert value(s, "lmkv_tier_used_bytes", tier="disk") == 5 and value(s, "lmkv_tier_capacity_bytes", tier="disk") == 10
     assert value(s, "lmkv_prefetches_total", tier="disk") == 3 and value(s, "lmkv_stored_bytes_total", tier="disk") == 0
+    assert value(s, "lmkv_tier_errors_total", tier="disk") == 4 and value(s, "lmkv_tier_errors_total", tier="host") == 0
     assert value(s, "lmkv_entries", tier="host", state="committed") == 3
     assert value(s, "lmkv_entries", tier="disk", state="committed") == 1
     assert value(s, "lmkv_lookup_chunks_total") == 3
