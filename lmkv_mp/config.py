@@ -280,7 +280,7 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
     _Flag("--stats-endpoint", "URL", "ipc://<run-dir>/stats.sock",
           "stats endpoint: answers snapshot requests (lmkv-stats)"),
     _Flag("--stats-publish-endpoint", "URL", "ipc://<run-dir>/stats-pub.sock",
-          "a ZeroMQ PUB endpoint where the snapshot is published every --stats-interval"),
+          "ZeroMQ (X)PUB endpoint where the snapshot is published every --stats-interval while anyone subscribes"),
     _Flag("--stats-interval", "DURATION", _fmt_seconds(DEFAULT_STATS_INTERVAL),
           "how often the snapshot is published; 0 turns publishing off"),
     _Flag("--host-pool-size", "SIZE", "20% of MemAvailable, 256MiB..8GiB",

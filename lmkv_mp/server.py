@@ -89,9 +89,11 @@ class Sidecar:
         self.ctx = zmq.Context.instance()
         self.control = self._bind(zmq.ROUTER, cfg.endpoint)
         self.stats = self._bind(zmq.ROUTER, cfg.stats_endpoint)
-        # Snapshots also go out on a PUB socket every --stats-interval, and to the Prometheus
-        # server's threads through the broker (those threads never touch the loop's state).
-        self.publisher = self._bind(zmq.PUB, cfg.stats_publish_endpoint) if cfg.stats_interval else None
+        # Snapshots also go out on an XPUB socket every --stats-interval while anyone listens
+        # (a snapshot walks the index), and to the Prometheus server's threads through the
+        # broker (those threads never touch the loop's state).
+        self.publisher = self._bind(zmq.XPUB, cfg.stats_publish_endpoint) if cfg.stats_interval else None
+        self._subscribed: set[bytes] = set()  # topic prefixes someone subscribed to
         self.broker = SnapshotBroker(self._wake)
         self.metrics: MetricsServer | None = None
         self._wake_r, self._wake_w = socket.socketpair()
@@ -178,6 +180,8 @@ class Sidecar:
         poller.register(self.control, zmq.POLLIN)
         poller.register(self.stats, zmq.POLLIN)
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        if self.publisher is not None:
+            poller.register(self.publisher, zmq.POLLIN)  # (un)subscriptions
         tick = max(0.05, min(self.cfg.heartbeat_interval, self.cfg.lease_timeout / 4))
         next_reap = time.monotonic() + tick
         next_publish = time.monotonic() + self.cfg.stats_interval if self.publisher is not None else float("inf")
@@ -193,9 +197,12 @@ class Sidecar:
                     self._wake_r.recv(4096)
                 if self.broker.wanted:
                     self.broker.put(self.snapshot())
+                if self.publisher is not None and self.publisher in ready:
+                    self._track_subscriptions(self.publisher)
                 now = time.monotonic()
                 if now >= next_publish:
-                    self.publish()
+                    if any(STATS_TOPIC.startswith(topic) for topic in self._subscribed):
+                        self.publish()
                     next_publish = now + self.cfg.stats_interval
                 if now >= next_reap:
                     self.reap(now)
@@ -373,6 +380,16 @@ class Sidecar:
         self.broker.put(snap)
         if self.publisher is not None:
             self.publisher.send_multipart([STATS_TOPIC, *P.encode_reply(P.StatsReply(0, self.boot_id, snap))])
+
+    def _track_subscriptions(self, sock: zmq.Socket) -> None:
+        """XPUB hands the loop the first subscription and the last unsubscription of each
+        topic (a subscriber that goes away unsubscribes): one frame, 1 or 0, then the topic."""
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            msg = sock.recv(zmq.NOBLOCK)
+            if msg[:1] == b"\x01":
+                self._subscribed.add(msg[1:])
+            elif msg[:1] == b"\x00":
+                self._subscribed.discard(msg[1:])
 
     def _info(self) -> dict[str, str]:
         """Where this sidecar can be reached, for the snapshot ("" for what is off)."""
