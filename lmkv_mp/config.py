@@ -37,6 +37,7 @@ DEFAULT_SLAB_SIZE = 64 * MiB
 POOL_TABLES_ALLOWANCE = 4 * MiB
 DEFAULT_CHUNK_TOKENS = 256
 DEFAULT_DISK_SIZE = 64 * GiB
+DEFAULT_REMOTE_TIMEOUT = 0.5
 DEFAULT_LEASE_TIMEOUT = 5.0
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_METRICS_HOST = "127.0.0.1"
@@ -59,6 +60,9 @@ HOST_POOL_ROUND = 64 * MiB
 DEFAULT_CLIENT_TIMEOUT = 1.0
 DEFAULT_CLIENT_HEARTBEAT = 1.0
 DEFAULT_CLIENT_RETRY = 1.0
+# How long the vLLM scheduler holds a request back while the sidecar promotes its chunks
+# from disk or the remote tier; then it computes what has not arrived.
+DEFAULT_PREFETCH_TIMEOUT = 1.0
 
 
 class ConfigError(ValueError):
@@ -171,7 +175,7 @@ def _read_secret(path: str, limit: int) -> bytes:
         raise ValueError(f"cannot read {_show(path)}: {e.strerror or e}") from None
 
 
-def _redact_url(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL with any user:password part masked, for error messages."""
     return re.sub(r"(://)[^/@]*@", r"\1***@", url)
 
@@ -237,6 +241,7 @@ class SidecarConfig:
     disk_dir: Path | None
     disk_size: int
     remote_url: str | None
+    remote_timeout: float
     write_policy: str
     lease_timeout: float
     heartbeat_interval: float
@@ -293,13 +298,15 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
           "tokens per cached chunk; a multiple of the engine's block size"),
     _Flag("--gpu-pool-size", "SIZE", "0 (no GPU tier)", "GPU tier size per device (not implemented yet: refused at start)"),
     _Flag("--gpu-devices", "LIST", "none", "GPU tier devices, e.g. 0,1 (not implemented yet: refused at start)"),
-    _Flag("--disk-dir", "DIR", "no disk tier", "disk tier directory, SSD or DAX (not implemented yet: refused at start)"),
+    _Flag("--disk-dir", "DIR", "no disk tier", "disk tier directory, SSD or DAX (one sidecar per directory; survives restarts)"),
     _Flag("--disk-size", "SIZE", f"{format_size(DEFAULT_DISK_SIZE)} when --disk-dir is set",
           "disk tier size"),
     _Flag("--remote-url", "URL", "no remote tier",
-          "remote tier, redis:// rediss:// unix:// or redis+cluster:// (not implemented yet: refused at start)"),
+          "remote tier shared between nodes: redis:// rediss:// unix:// or redis+cluster:// (Redis or Valkey)"),
+    _Flag("--remote-timeout", "DURATION", _fmt_seconds(DEFAULT_REMOTE_TIMEOUT),
+          "deadline of every remote tier call; a slower or dead remote store means misses"),
     _Flag("--write-policy", "|".join(WRITE_POLICIES), DEFAULT_WRITE_POLICY,
-          "write-through: new entries go to lower tiers at once; write-back: when evicted (no effect until a lower tier exists)"),
+          "write-through: new entries are copied to the lower tiers at once; write-back: the coldest are copied when the host tier is 85% full (no effect without --disk-dir or --remote-url)"),
     _Flag("--lease-timeout", "DURATION", _fmt_seconds(DEFAULT_LEASE_TIMEOUT),
           "a client's leases expire after this long without a heartbeat"),
     _Flag("--heartbeat-interval", "DURATION", _fmt_seconds(DEFAULT_HEARTBEAT_INTERVAL),
@@ -421,7 +428,7 @@ def _remote_url(text: str) -> str:
     scheme = next((s for s in REMOTE_SCHEMES if text.startswith(s)), None)
     if scheme is None or len(text) == len(scheme) or any(c.isspace() for c in text):
         raise ValueError(
-            f"{_show(_redact_url(text))} is not a remote URL; use {', '.join(REMOTE_SCHEMES[:-1])}"
+            f"{_show(redact_url(text))} is not a remote URL; use {', '.join(REMOTE_SCHEMES[:-1])}"
             f" or {REMOTE_SCHEMES[-1]}, e.g. redis://host:6379/0"
         )
     return text
@@ -527,6 +534,9 @@ def load_sidecar_config(
                          "--disk-dir is set; use e.g. 64GiB")
 
     remote_url = src.optional("--remote-url", _remote_url)
+    remote_timeout = src.parse("--remote-timeout", parse_duration, DEFAULT_REMOTE_TIMEOUT)
+    if remote_timeout <= 0:
+        raise _error("--remote-timeout", f"{_fmt_seconds(remote_timeout)} must be above 0, e.g. 500ms")
     write_policy = src.parse("--write-policy", _choice(WRITE_POLICIES), DEFAULT_WRITE_POLICY)
 
     lease_timeout = src.parse("--lease-timeout", parse_duration, DEFAULT_LEASE_TIMEOUT)
@@ -562,6 +572,7 @@ def load_sidecar_config(
         disk_dir=disk_dir,
         disk_size=disk_size,
         remote_url=remote_url,
+        remote_timeout=remote_timeout,
         write_policy=write_policy,
         lease_timeout=lease_timeout,
         heartbeat_interval=heartbeat_interval,
@@ -609,6 +620,7 @@ class ClientConfig:
     heartbeat_interval: float
     retry_interval: float
     auth_token: bytes | None = field(repr=False)
+    prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT
 
 
 # Override key (e.g. from vLLM's kv_connector_extra_config) -> its environment twin.
@@ -617,11 +629,13 @@ CLIENT_SETTINGS: Mapping[str, str] = {
     "timeout": "LMKV_CLIENT_TIMEOUT",
     "heartbeat_interval": "LMKV_CLIENT_HEARTBEAT",
     "retry_interval": "LMKV_CLIENT_RETRY",
+    "prefetch_timeout": "LMKV_PREFETCH_TIMEOUT",
 }
 _CLIENT_DURATION_DEFAULTS: Mapping[str, float] = {
     "timeout": DEFAULT_CLIENT_TIMEOUT,
     "heartbeat_interval": DEFAULT_CLIENT_HEARTBEAT,
     "retry_interval": DEFAULT_CLIENT_RETRY,
+    "prefetch_timeout": DEFAULT_PREFETCH_TIMEOUT,
 }
 
 
@@ -690,6 +704,7 @@ def load_client_config(
         heartbeat_interval=duration("heartbeat_interval"),
         retry_interval=duration("retry_interval"),
         auth_token=auth_token,
+        prefetch_timeout=duration("prefetch_timeout"),
     )
 
 

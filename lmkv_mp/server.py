@@ -26,10 +26,13 @@ from typing import Callable
 import zmq
 
 from lmkv_mp import protocol as P
-from lmkv_mp.config import SidecarConfig
+from lmkv_mp.config import SidecarConfig, redact_url
 from lmkv_mp.index import ChunkIndex, LeaseError
+from lmkv_mp.keys import split_hashes
 from lmkv_mp.memory import HostPool, HostRegion, RegionError, shm_name_for
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
+from lmkv_mp.tiers.base import Tier
+from lmkv_mp.tiers.hierarchy import TierHierarchy
 
 log = logging.getLogger("lmkv.server")
 
@@ -72,6 +75,7 @@ class Sidecar:
         self._next_client = 1
         self._running = False
         self._lock_fd = -1
+        self._disk_lock_fd = -1
         self._sockets: list[zmq.Socket] = []
         prepare_run_dir(cfg.run_dir)
         self._take_lock()
@@ -86,6 +90,13 @@ class Sidecar:
         self.index = ChunkIndex(self.pool)
         restored = self.index.restore(records)
         self.ns_names: dict[bytes, str] = {}
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.tiers: TierHierarchy | None = None
+        lower = self._open_lower_tiers()
+        if lower:
+            self.tiers = TierHierarchy(self.index, self.region.view, lower, cfg.write_policy, self._wake)
         self.ctx = zmq.Context.instance()
         self.control = self._bind(zmq.ROUTER, cfg.endpoint)
         self.stats = self._bind(zmq.ROUTER, cfg.stats_endpoint)
@@ -96,9 +107,6 @@ class Sidecar:
         self._subscribed: set[bytes] = set()  # topic prefixes someone subscribed to
         self.broker = SnapshotBroker(self._wake)
         self.metrics: MetricsServer | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
         log.info("start: boot_id=%s endpoint=%s host_pool=%s (%d bytes, %s, %d chunks warm)",
                  self.boot_id.hex(), cfg.endpoint, self.region.name, self.region.size,
                  "created" if self.region.created else "re-attached", restored)
@@ -131,6 +139,36 @@ class Sidecar:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+
+    def _open_lower_tiers(self) -> list[Tier]:
+        """The disk and remote tiers the config names (imported only when used)."""
+        tiers: list[Tier] = []
+        if self.cfg.disk_dir is not None:
+            from lmkv_mp.tiers.disk import DiskTier
+
+            self._lock_disk_dir(self.cfg.disk_dir)
+            tiers.append(DiskTier(self.cfg.disk_dir, self.cfg.disk_size))
+            u = tiers[-1].usage()
+            log.info("tier disk: %s, %d of %d bytes used, %d entries", self.cfg.disk_dir, u.used_bytes,
+                     u.capacity_bytes, u.entries)
+        if self.cfg.remote_url is not None:
+            from lmkv_mp.tiers.redis import RedisTier
+
+            tiers.append(RedisTier(self.cfg.remote_url, timeout_s=self.cfg.remote_timeout))
+            log.info("tier remote: %s (timeout %.3fs)", redact_url(self.cfg.remote_url), self.cfg.remote_timeout)
+        return tiers
+
+    def _lock_disk_dir(self, disk_dir: Path) -> None:
+        """Two sidecars on one disk dir would evict each other's files behind their indexes."""
+        disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(disk_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(f"another lmkv-sidecar uses the disk tier {disk_dir} (lock held): "
+                               "give each sidecar its own --disk-dir") from None
+        self._disk_lock_fd = fd
 
     def _wake(self) -> None:
         """Wake the loop (from a mover thread): a byte on the socketpair it polls."""
@@ -199,6 +237,8 @@ class Sidecar:
                     self.broker.put(self.snapshot())
                 if self.publisher is not None and self.publisher in ready:
                     self._track_subscriptions(self.publisher)
+                if self.tiers is not None:
+                    self.tiers.collect()
                 now = time.monotonic()
                 if now >= next_publish:
                     if any(STATS_TOPIC.startswith(topic) for topic in self._subscribed):
@@ -206,6 +246,8 @@ class Sidecar:
                     next_publish = now + self.cfg.stats_interval
                 if now >= next_reap:
                     self.reap(now)
+                    if self.tiers is not None:
+                        self.tiers.tick()
                     next_reap = now + tick
         finally:
             self.close()
@@ -272,6 +314,8 @@ class Sidecar:
         for ep in (self.cfg.endpoint, self.cfg.stats_endpoint, *published):
             if ep.startswith("ipc://"):
                 Path(ep[len("ipc://"):]).unlink(missing_ok=True)
+        if self.tiers is not None:
+            self.tiers.close()  # before the region is unmapped: movers copy into it
         self._wake_r.close()
         self._wake_w.close()
         self.pool.close()
@@ -281,6 +325,9 @@ class Sidecar:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+        if self._disk_lock_fd >= 0:
+            os.close(self._disk_lock_fd)
+            self._disk_lock_fd = -1
         log.info("stop: boot_id=%s", self.boot_id.hex())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -318,7 +365,7 @@ class Sidecar:
         if not msg.pin:
             hits = self.index.lookup(msg.namespaces, msg.hashes)
             self._count_hits(msg.namespaces, hits)
-            return P.LookupReply(msg.req_id, self.boot_id, hits)
+            return P.LookupReply(msg.req_id, self.boot_id, hits, pending=self._prefetch(msg, hits, n))
         client = self._client(ident)
         self._check_quota(client)
         pinned = self.index.pin(client.client_id, msg.namespaces, msg.hashes)
@@ -330,7 +377,16 @@ class Sidecar:
         region_ids = bytes(pinned.hits)  # all in the host region (id 0) for now
         return P.LookupReply(msg.req_id, self.boot_id, pinned.hits, pinned.lease_id,
                              [P.pack_u64(o) for o in pinned.offsets], [region_ids for _ in msg.namespaces],
-                             [P.pack_u64(c) for c in pinned.checksums] if self.cfg.verify else [])
+                             [P.pack_u64(c) for c in pinned.checksums] if self.cfg.verify else [],
+                             self._prefetch(msg, pinned.hits, n))
+
+    def _prefetch(self, msg: P.Lookup, hits: int, n: int) -> int:
+        """Start promoting the chunks after the host hits from lower tiers; how many may come."""
+        if self.tiers is None or hits >= n or not msg.namespaces:
+            return 0
+        pending = self.tiers.prefetch(msg.namespaces, split_hashes(msg.hashes), hits)
+        log.debug("lookup: %d of %d chunks hit, %d pending", hits, n, pending)
+        return pending
 
     def _count_hits(self, namespaces: list[bytes], hits: int) -> None:
         self.counters.hit_chunks += hits
@@ -352,9 +408,12 @@ class Sidecar:
         client = self._client(ident)
         sums = P.unpack_u64(msg.checksums).tolist() if msg.checksums else None
         try:
-            n = self.index.commit(client.client_id, msg.lease_id, msg.hashes, sums)
+            done = self.index.commit_entries(client.client_id, msg.lease_id, msg.hashes, sums)
         except LeaseError as e:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+        n = len(done)
+        if self.tiers is not None:
+            self.tiers.committed(done)
         self.counters.stores += n
         self.counters.stored_bytes = self.index.counters.committed_bytes
         return P.CommitReply(msg.req_id, self.boot_id, n)
@@ -401,7 +460,12 @@ class Sidecar:
         roles: dict[str, int] = {}
         for c in self.clients.values():
             roles[c.role] = roles.get(c.role, 0) + 1
-        return snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names, info=self._info())
+        snap = snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names, info=self._info())
+        snap["evicted_dirty"] = self.index.counters.evicted_dirty
+        if self.tiers is not None:
+            snap["tiers"].update(self.tiers.stats())
+            snap["tier_movers"] = self.tiers.activity()
+        return snap
 
     def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:
         if self.cfg.admin_token is None:
@@ -425,10 +489,6 @@ def unimplemented(cfg: SidecarConfig) -> list[str]:
     out = []
     if cfg.gpu_pool_size or cfg.gpu_devices:
         out.append("--gpu-pool-size/--gpu-devices (the GPU tier)")
-    if cfg.disk_dir is not None:
-        out.append("--disk-dir (the disk tier)")
-    if cfg.remote_url is not None:
-        out.append("--remote-url (the remote tier)")
     if cfg.verify:
         out.append("--verify on (checksums)")
     if cfg.allow_group is not None:

@@ -192,6 +192,7 @@ def test_defaults_with_empty_env(meminfo: str) -> None:
         disk_dir=None,
         disk_size=0,
         remote_url=None,
+        remote_timeout=0.5,
         write_policy="write-back",
         lease_timeout=5.0,
         heartbeat_interval=1.0,
@@ -276,7 +277,7 @@ def test_help_names_every_env_twin_and_default() -> None:
     assert parser.prog == "lmkv-sidecar"
     text = parser.format_help()
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
-    assert len(flags) == 26
+    assert len(flags) == 27
     for flag in flags:
         assert "LMKV_" + flag[2:].upper().replace("-", "_") in text
     assert text.count("default:") == len(flags)

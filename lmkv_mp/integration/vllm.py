@@ -7,7 +7,7 @@ Load it with::
                            "kv_role":"kv_both"}'
 
 Settings come from ``kv_connector_extra_config`` (``lmkv.endpoint``, ``lmkv.timeout``,
-``lmkv.heartbeat_interval``, ``lmkv.retry_interval``, ``lmkv.chunk_tokens``,
+``lmkv.heartbeat_interval``, ``lmkv.retry_interval``, ``lmkv.prefetch_timeout``, ``lmkv.chunk_tokens``,
 ``lmkv.tenant``) or the ``LMKV_*`` environment; with neither, the sidecar's default
 endpoint for this user is used.
 
@@ -38,6 +38,7 @@ from lmkv_mp.integration.vllm_scheduler import SchedulerSide
 from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, make_stats
 from lmkv_mp.integration.vllm_worker import WorkerSide
 from lmkv_mp.keys import Namespace
+from lmkv_mp.protocol import NamespaceInfo
 from lmkv_mp.transfer import PagedKV
 
 if TYPE_CHECKING:
@@ -62,7 +63,7 @@ def _log_through_vllm() -> None:
 _log_through_vllm()
 
 DEFAULT_CHUNK_TOKENS = 256
-_CLIENT_KEYS = ("endpoint", "timeout", "heartbeat_interval", "retry_interval")
+_CLIENT_KEYS = ("endpoint", "timeout", "heartbeat_interval", "retry_interval", "prefetch_timeout")
 
 if "kv_cache_config" not in inspect.signature(KVConnectorBase_V1.__init__).parameters:
     raise ImportError(f"lmkv_mp's connector needs vLLM's v1 connector API with a kv_cache_config constructor "
@@ -106,7 +107,13 @@ class LMKVConnector(KVConnectorBase_V1):
                 chunk_tokens = self._client.hello.chunk_tokens if self._client.connect() else DEFAULT_CHUNK_TOKENS
             chunk_tokens = max(1, -(-chunk_tokens // self._block_size)) * self._block_size
             namespaces = self._namespaces(vllm_config, kv_cache_config, chunk_tokens, tp_size, str(extra.get("lmkv.tenant", "")))
-            self._sched = SchedulerSide(self._client, namespaces, chunk_tokens, self._block_size)
+            # Declared with their chunk size now, so that the sidecar can promote this model's
+            # chunks from its disk or remote tier before any rank here has stored one (the
+            # ranks check their caches hold exactly this many bytes per block).
+            chunk_bytes = self._spec.page_size_bytes * len(self._layer_names) * (chunk_tokens // self._block_size)
+            self._client.declare([NamespaceInfo(ns.id, chunk_bytes, ns.display_name) for ns in namespaces])
+            self._sched = SchedulerSide(self._client, namespaces, chunk_tokens, self._block_size,
+                                        self._client_config.prefetch_timeout)
             log.info("lmkv: scheduler connected=%s endpoint=%s chunk_tokens=%d namespaces=%s",
                      self._client.available, self._client_config.endpoint, chunk_tokens,
                      [ns.display_name for ns in namespaces])

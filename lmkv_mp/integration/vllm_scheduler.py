@@ -6,6 +6,9 @@ Contract with vLLM's scheduler (0.32 semantics, see ``vllm.py``):
   every rank's namespace, never the prompt's last token, and answers from a per-request
   cache on the repeated calls vLLM makes while a request waits. A sidecar that is down
   answers "0 tokens" within the client deadline.
+* When the LOOKUP says more chunks are on their way from a lower tier (``pending``), the
+  answer is None ("ask again later": vLLM skips the request this step) until they arrive
+  or ``prefetch_timeout`` passes; then the hits present are claimed and the rest computed.
 * The read lease taken by that LOOKUP is held until every rank reported the load done
   (``finished_recving``), or the request ends without a load. Nothing else releases it,
   so a chunk cannot be evicted and rewritten while a rank copies from it.
@@ -17,14 +20,20 @@ Contract with vLLM's scheduler (0.32 semantics, see ``vllm.py``):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmkv_mp.client import LookupResult, SidecarClient
+from lmkv_mp.config import DEFAULT_PREFETCH_TIMEOUT
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES, Namespace, chain_hashes
 
 log = logging.getLogger("lmkv.vllm")
+
+# While chunks are pending, vLLM calls again every scheduler step (a tight loop when idle);
+# asking the sidecar at most this often keeps that from flooding it.
+PREFETCH_POLL = 0.002
 
 
 @dataclass(slots=True)
@@ -37,11 +46,15 @@ class _Req:
     stored_chunks: int = 0              # chunks already planned for store (or known present)
     saving: bool = False                # any store planned: blocks must outlive it
     load_planned: bool = False
+    prefetch_deadline: float = 0.0      # set at the first LOOKUP that reported pending chunks
+    last_ask: float = 0.0
 
 
 class SchedulerSide:
-    def __init__(self, client: SidecarClient, namespaces: list[Namespace], chunk_tokens: int, block_size: int) -> None:
+    def __init__(self, client: SidecarClient, namespaces: list[Namespace], chunk_tokens: int, block_size: int,
+                 prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT) -> None:
         self.client = client
+        self.prefetch_timeout = prefetch_timeout
         self.namespaces = namespaces
         self.ns_ids = [ns.id for ns in namespaces]
         self.chunk_tokens = chunk_tokens
@@ -66,7 +79,7 @@ class SchedulerSide:
             self._reqs[request.request_id] = st
         return st
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.client.hello is None and not self.client.connect():
             return 0, False
         st = self._state(request)
@@ -78,8 +91,19 @@ class SchedulerSide:
         known = st.lookup.hits * self.chunk_tokens if st.lookup else 0
         stale = st.lookup is not None and not st.lookup.lease_id and known > num_computed_tokens
         if (st.lookup is None or stale) and max_chunks > 0:
+            now = time.monotonic()
+            if st.prefetch_deadline and now - st.last_ask < PREFETCH_POLL:
+                return None, False
+            st.last_ask = now
             self.stats["lookups"] += 1
             st.lookup = self.client.lookup(self.ns_ids, st.hashes[:max_chunks * HASH_BYTES], pin=True)
+            if st.lookup.pending:
+                if not st.prefetch_deadline:
+                    st.prefetch_deadline = now + self.prefetch_timeout
+                if now < st.prefetch_deadline:
+                    self._drop_lease(st)
+                    st.lookup = None  # ask again next step: more chunks are on their way
+                    return None, False
             self.stats["hit_tokens"] += st.lookup.hits * self.chunk_tokens
             self.stats["lookup_tokens"] += max_chunks * self.chunk_tokens
             st.stored_chunks = max(st.stored_chunks, st.lookup.hits)  # present: no need to store again

@@ -17,6 +17,7 @@ lower tiers (disk, remote). Runs on the control loop; the copies run on mover th
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, OrderedDict
 from typing import Any, Callable
@@ -24,6 +25,8 @@ from typing import Any, Callable
 from lmkv_mp.index import ChunkIndex, Entry
 from lmkv_mp.tiers.base import Tier
 from lmkv_mp.tiers.mover import Job, JobKind, Movers
+
+log = logging.getLogger("lmkv.tiers")
 
 PREFETCH_MAX_CHUNKS = 256   # chunks past the host hits one LOOKUP may start fetching
 MAX_IN_FLIGHT = 512         # mover jobs at once; past this, prefetches are misses and copies wait
@@ -50,6 +53,7 @@ class TierHierarchy:
         self._demoting: set[bytes] = set()
         self._probing: set[bytes] = set()
         self._seen: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
+        self.prefetches: Counter[str] = Counter()      # tier -> promotions started from it
         self.promoted: Counter[str] = Counter()        # tier -> chunks brought into the host tier
         self.promoted_bytes: Counter[str] = Counter()
         self.demoted: Counter[str] = Counter()         # tier -> chunks copied down
@@ -95,8 +99,11 @@ class TierHierarchy:
             return "miss"
         e = self.index.reserve_internal(key)
         if e is None:  # a client is writing it, or the host tier has no room
+            log.debug("tiers: cannot promote %s: its namespace is undeclared, a client is writing it, "
+                      "or the host tier has no room", key.hex())
             return "miss"
         job = Job(JobKind.PROMOTE, tuple(sources), key, e.offset, e.length, token=e)
+        self.prefetches[sources[0].name] += 1
         self._promoting[key] = job
         self.movers.submit(job)
         return "ready"
@@ -162,6 +169,7 @@ class TierHierarchy:
                     self.promoted[job.served_by] += 1
                     self.promoted_bytes[job.served_by] += job.length
                 else:
+                    log.debug("tiers: promotion of %s found nothing valid", job.key.hex())
                     self.promote_misses += 1
                     self._remember(job.key, False, now)
             elif job.kind is JobKind.DEMOTE:
@@ -175,6 +183,7 @@ class TierHierarchy:
                 self.index.unhold(e)
             else:
                 self._probing.difference_update(job.keys)
+                log.debug("tiers: probe found %d of %d chunks", sum(job.present), len(job.keys))
                 for key, has in zip(job.keys, job.present or [False] * len(job.keys)):
                     self._remember(key, has, now)
                 namespaces, keys, start = job.token
@@ -190,16 +199,18 @@ class TierHierarchy:
     # -- stats / shutdown -----------------------------------------------------------------------
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Per lower tier, the keys the snapshot's ``tiers`` map carries (see metrics.py)."""
+        """Per lower tier, the keys the snapshot's ``tiers`` map carries (metrics.TIER_KEYS):
+        ``stored_*`` were copied down into the tier, ``loaded_*``/``hit_chunks`` came back up
+        from it into the host tier, ``prefetches`` are the promotions started from it."""
         out = {}
         for t in self.tiers:
             u = t.usage()
             c = t.counters.as_dict()
             out[t.name] = {
                 "used_bytes": u.used_bytes, "capacity_bytes": u.capacity_bytes, "entries": u.entries,
-                "stored_bytes": self.demoted_bytes[t.name], "stores": self.demoted[t.name],
-                "loaded_bytes": self.promoted_bytes[t.name], "hit_chunks": self.promoted[t.name],
-                "prefetches": self.promoted[t.name], "evictions": c["evictions"],
+                "stored_bytes": self.demoted_bytes[t.name], "stored_chunks": self.demoted[t.name],
+                "loaded_bytes": self.promoted_bytes[t.name], "loaded_chunks": self.promoted[t.name],
+                "hit_chunks": self.promoted[t.name], "prefetches": self.prefetches[t.name], "evictions": c["evictions"],
                 "corrupt": c["corrupt"], "errors": c["errors"], "misses": c["misses"],
             }
         return out
