@@ -475,7 +475,9 @@ class Sidecar:
         if not hmac.compare_digest(msg.token or b"", self.cfg.admin_token):
             raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "CLEAR needs the admin token (--admin-token-file)")
         n = self.index.clear(msg.namespace)
-        log.info("clear: %d entries dropped (%s)", n, msg.namespace.hex() if msg.namespace else "all namespaces")
+        lower = self.tiers.clear(msg.namespace) if self.tiers is not None else 0
+        log.info("clear: %d entries dropped, %d lower-tier records queued for deletion (%s)", n, lower,
+                 msg.namespace.hex() if msg.namespace else "all namespaces")
         return P.ClearReply(msg.req_id, self.boot_id, n)
 
     def _check_quota(self, client: ClientState) -> None:

@@ -221,3 +221,19 @@ def test_redis_down_means_misses_without_stalls_and_recovery_when_back(
         return load(reader, back) == [payload(h) for h in back]
 
     wait_for(shared, 30, "chunks to flow through redis again once it is back", interval=0.3)
+
+
+def test_clear_reaches_the_disk_tier(sidecar: Callable[..., SidecarHandle], disk_dir: Path, tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("s3cret-admin-token\n")
+    token.chmod(0o600)
+    h = sidecar(*disk_flags(disk_dir), "--admin-token-file", str(token))
+    c = h.client(namespaces=[NS])
+    hashes = chunk_hashes(4, seed=8)
+    store(c, hashes)
+    assert quiet(h)["tiers"]["disk"]["entries"] == 4
+    assert c.clear(NS.id, token=b"s3cret-admin-token") == 4
+    after = c.lookup([NS.id], b"".join(hashes))
+    assert after.hits == 0 and after.pending == 0, "cleared: not in host memory, and never brought back from disk"
+    wait_for(lambda: tier(h, "disk")["entries"] == 0, 10, "the disk records to be deleted")
+    assert not [p for p in disk_dir.rglob("*") if p.is_file() and p.name != "lock"]

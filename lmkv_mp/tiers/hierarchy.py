@@ -52,6 +52,7 @@ class TierHierarchy:
         self._promoting: dict[bytes, Job] = {}
         self._demoting: set[bytes] = set()
         self._probing: set[bytes] = set()
+        self._deleting: set[bytes] = set()             # CLEARed, files not yet gone: never sources
         self._seen: OrderedDict[bytes, tuple[bool, float]] = OrderedDict()
         self.prefetches: Counter[str] = Counter()      # tier -> promotions started from it
         self.promoted: Counter[str] = Counter()        # tier -> chunks brought into the host tier
@@ -85,7 +86,7 @@ class TierHierarchy:
         """One key: "ready" (in host or on its way), "unknown" (needs a remote probe), "miss"."""
         if key in self._promoting or self.index.is_visible(key):
             return "ready"
-        sources = [t for t in self.local if t.contains(key)]
+        sources = [t for t in self.local if key not in self._deleting and t.contains(key)]
         if self.remote:
             seen = self._seen.get(key)
             if seen is not None and seen[1] > now:
@@ -155,6 +156,19 @@ class TierHierarchy:
         self._demoting.add(e.key)
         self.movers.submit(Job(JobKind.DEMOTE, tuple(self.tiers), e.key, held.offset, held.length, token=held))
 
+    def clear(self, namespace: bytes | None) -> int:
+        """CLEAR reaches the node's own lower tiers (disk), never the remote one, which other
+        nodes share. The deletions run on a mover; returns how many were queued."""
+        n = 0
+        for t in self.local:
+            keys = t.keys(namespace) if hasattr(t, "keys") else []
+            if keys:
+                self.movers.submit(Job(JobKind.DELETE, (t,), keys=keys))
+                self._deleting.update(keys)
+                n += len(keys)
+        self._seen.clear()
+        return n
+
     # -- results --------------------------------------------------------------------------------
 
     def collect(self) -> int:
@@ -181,6 +195,8 @@ class TierHierarchy:
                         self.demoted[name] += 1
                         self.demoted_bytes[name] += job.length
                 self.index.unhold(e)
+            elif job.kind is JobKind.DELETE:
+                self._deleting.difference_update(job.keys)
             else:
                 self._probing.difference_update(job.keys)
                 log.debug("tiers: probe found %d of %d chunks", sum(job.present), len(job.keys))

@@ -30,6 +30,7 @@ class JobKind(enum.Enum):
     DEMOTE = "demote"      # host slot -> every target tier
     PROMOTE = "promote"    # first source tier that has it -> host slot
     PROBE = "probe"        # which of ``keys`` the (remote) tier holds
+    DELETE = "delete"      # drop ``keys`` from the tiers (CLEAR)
 
 
 @dataclass(slots=True, eq=False)
@@ -39,7 +40,7 @@ class Job:
     key: bytes = b""
     offset: int = 0
     length: int = 0
-    keys: list[bytes] = field(default_factory=list)    # PROBE
+    keys: list[bytes] = field(default_factory=list)    # PROBE, DELETE
     token: Any = None                                    # the loop's handle (Entry, lookup context)
     # results, written by the mover thread before the job is handed back
     ok: bool = False
@@ -107,6 +108,12 @@ class Movers:
                 for i, has in enumerate(tier.contains_many(job.keys)):
                     present[i] = present[i] or has
             job.present = present
+            job.ok = True
+            return
+        if job.kind is JobKind.DELETE:
+            for tier in job.tiers:
+                for key in job.keys:
+                    tier.delete(key)
             job.ok = True
             return
         slot = self._view[job.offset:job.offset + job.length]
