@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lmkv_mp.tiers.base import HEADER_BYTES, pack_header
+from lmkv_mp.tiers.base import HEADER_BYTES, checksum, checksum_stream, pack_header
 from lmkv_mp.tiers.disk import DiskTier
 
 NS = b"\x11" * 16
@@ -181,6 +181,14 @@ def test_fsync_mode_round_trips(tmp_path: Path) -> None:
     tier = DiskTier(tmp_path, 1 << 20, fsync=True)
     assert tier.put(key(1), memoryview(value(1, 4096)))
     assert read(DiskTier(tmp_path, 1 << 20), key(1), 4096) == value(1, 4096)
+
+
+def test_streamed_checksum_equals_the_one_shot_checksum() -> None:
+    data = os.urandom(3 << 20 | 17)
+    h = checksum_stream()
+    for off in range(0, len(data), 100_000):
+        h.update(memoryview(data)[off:off + 100_000])
+    assert h.intdigest() == checksum(data)
 
 
 def test_capacity_must_hold_a_record(tmp_path: Path) -> None:

@@ -38,6 +38,12 @@ def checksum(data: memoryview | bytes | bytearray) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def checksum_stream() -> xxhash.xxh3_64:
+    """:func:`checksum` piece by piece: ``update()`` with the payload's pieces in order, then
+    ``intdigest()`` equals ``checksum(payload)`` (lets a reader hash what it just read)."""
+    return xxhash.xxh3_64()
+
+
 def pack_header(key: bytes, length: int, digest: int) -> bytes:
     assert len(key) == KEY_BYTES
     return RECORD_HEADER.pack(RECORD_MAGIC, RECORD_VERSION, 0, key[:16], key[16:], length, digest)
