@@ -4,7 +4,8 @@ Chunks are bench/datapath.py's: 256 tokens of the Llama-3-8B-like shard (32 laye
 heads, head size 128, bf16), 32 MiB each. Sources and destinations are slots of a shared
 anonymous mapping (what the sidecar's movers copy from and into). Per op, one iteration
 moves ``--chunks`` chunks; ours and the raw limit of the same bytes alternate within each
-iteration (a loaded machine slows both alike), and the medians are compared:
+iteration, in alternating order (a loaded machine slows both alike), and the medians are
+compared:
 
 * ``host_to_disk``: ``DiskTier.put`` (checksum, temp file, rename) vs ``open/write/close``
   of a new file in the same directory (both write files whose old copies were unlinked,
@@ -126,18 +127,21 @@ def bench_disk(src: list[memoryview], dst: list[memoryview], keys: list[bytes], 
         for k, p in zip(keys, raw_paths):
             tier.delete(k)
             p.unlink(missing_ok=True)
-        ours_put = timed(lambda: must(all(tier.put(k, s) for k, s in zip(keys, src)), "put"))
-        raw_put = timed(lambda: [raw_write(p, s) for p, s in zip(raw_paths, src)])
+        # Who goes first alternates: the second writer meets the first one's dirty pages.
+        order = ("ours", "raw") if it % 2 else ("raw", "ours")
+        puts = {"ours": lambda: must(all(tier.put(k, s) for k, s in zip(keys, src)), "put"),
+                "raw": lambda: [raw_write(p, s) for p, s in zip(raw_paths, src)]}
+        gets = {"ours": lambda: must(all(tier.get_into(k, d) for k, d in zip(keys, dst)), "get_into"),
+                "raw": lambda: [raw_read(p, d) for p, d in zip(raw_paths, dst)]}
+        put_t = {who: timed(puts[who]) for who in order}
         if cold:
             drop_cached([tier._path(k) for k in keys] + raw_paths)
-        ours_get = timed(lambda: must(all(tier.get_into(k, d) for k, d in zip(keys, dst)), "get_into"))
-        raw_get = timed(lambda: [raw_read(p, d) for p, d in zip(raw_paths, dst)])
+        get_t = {who: timed(gets[who]) for who in order}
         if it == 0:
             continue
-        put["ours"].append(ours_put)
-        put["raw"].append(raw_put)
-        get["ours"].append(ours_get)
-        get["raw"].append(raw_get)
+        for who in order:
+            put[who].append(put_t[who])
+            get[who].append(get_t[who])
     must(all(same(s, d) for s, d in zip(src, dst)), "disk tier: byte-identical read")
     extra = {**common, "fs": fs_type(tier_dir), "dir": str(tier_dir.parent), "cold": cold}
     moved = len(keys) * CHUNK_BYTES
