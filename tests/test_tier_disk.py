@@ -62,6 +62,16 @@ def test_miss_replace_delete_and_contains_many(tmp_path: Path) -> None:
     assert tier.usage().used_bytes == HEADER_BYTES + 50 and len(record_files(tmp_path)) == 1
 
 
+def test_keys_by_namespace_in_lru_order(tmp_path: Path) -> None:
+    tier = DiskTier(tmp_path, 1 << 20)
+    other = b"\x99" * 16 + key(5)[16:]
+    for k in (key(1), other, key(2)):
+        tier.put(k, memoryview(b"x"))
+    read(tier, key(1), 1)
+    assert tier.keys(NS) == [key(2), key(1)]
+    assert tier.keys(b"\x99" * 16) == [other] and tier.keys() == [other, key(2), key(1)]
+
+
 def test_lru_eviction_within_capacity_and_too_large_refused(tmp_path: Path) -> None:
     n = 1000
     tier = DiskTier(tmp_path, 3 * (HEADER_BYTES + n))

@@ -249,6 +249,14 @@ class DiskTier:
         with self._lock:
             return [k in self._index for k in keys]
 
+    def keys(self, namespace: bytes | None = None) -> list[bytes]:
+        """The keys the index holds (of one 16-byte namespace id, or all), least recently
+        used first. In memory: cheap enough for the control loop (CLEAR uses it)."""
+        with self._lock:
+            if namespace is None:
+                return list(self._index)
+            return [k for k in self._index if k[:16] == namespace]
+
     def delete(self, key: bytes) -> None:
         with self._lock:
             size = self._index.pop(key, None)
