@@ -319,12 +319,13 @@ class ChunkIndex:
         if e.pins == 0 and e.state is EntryState.DOOMED:
             self._free_slot(e)
 
-    def cold_dirty(self, limit: int) -> list[Entry]:
+    def cold_dirty(self, limit: int, scan: int = 4 * CLEAN_SCAN) -> list[Entry]:
         """Up to ``limit`` least recently used COMMITTED, unpinned entries that no lower tier
-        holds yet: what write-back copies down before eviction would lose them."""
+        holds yet, among the ``scan`` oldest of each size class (bounded work per call):
+        what write-back copies down before eviction would lose them."""
         out: list[Entry] = []
         for lru in self._lru.values():
-            for e in lru:
+            for e in itertools.islice(lru, scan):
                 if len(out) >= limit:
                     return out
                 if not e.in_lower and e.pins == 0:
