@@ -75,10 +75,12 @@ class Sidecar:
         self._next_client = 1
         self._running = False
         self._lock_fd = -1
-        self._disk_lock_fd = -1
+        self._path_locks: list[int] = []
         self._sockets: list[zmq.Socket] = []
         prepare_run_dir(cfg.run_dir)
         self._take_lock()
+        if cfg.host_pool_path is not None:
+            self._exclusive(cfg.host_pool_path, f"the host pool file {cfg.host_pool_path}", "--host-pool-path")
         self.region = HostRegion.create_or_attach(shm_name_for(cfg.run_dir), cfg.host_pool_size, cfg.host_pool_path)
         try:
             self.pool, records = HostPool.open(self.region, cfg.slab_size)
@@ -146,7 +148,8 @@ class Sidecar:
         if self.cfg.disk_dir is not None:
             from lmkv_mp.tiers.disk import DiskTier
 
-            self._lock_disk_dir(self.cfg.disk_dir)
+            self.cfg.disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._exclusive(self.cfg.disk_dir / "lock", f"the disk tier {self.cfg.disk_dir}", "--disk-dir")
             tiers.append(DiskTier(self.cfg.disk_dir, self.cfg.disk_size))
             u = tiers[-1].usage()
             log.info("tier disk: %s, %d of %d bytes used, %d entries", self.cfg.disk_dir, u.used_bytes,
@@ -158,17 +161,17 @@ class Sidecar:
             log.info("tier remote: %s (timeout %.3fs)", redact_url(self.cfg.remote_url), self.cfg.remote_timeout)
         return tiers
 
-    def _lock_disk_dir(self, disk_dir: Path) -> None:
-        """Two sidecars on one disk dir would evict each other's files behind their indexes."""
-        disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(disk_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    def _exclusive(self, path: Path, what: str, flag: str) -> None:
+        """Hold an flock on ``path`` for the sidecar's life: two sidecars on one pool file or
+        one disk dir would overwrite each other's slots or files behind their indexes (the
+        run-dir lock does not cover them: those can be shared by sidecars with other run dirs)."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StartupError(f"another lmkv-sidecar uses the disk tier {disk_dir} (lock held): "
-                               "give each sidecar its own --disk-dir") from None
-        self._disk_lock_fd = fd
+            raise StartupError(f"another lmkv-sidecar uses {what} (lock held): give each sidecar its own {flag}") from None
+        self._path_locks.append(fd)
 
     def _wake(self) -> None:
         """Wake the loop (from a mover thread): a byte on the socketpair it polls."""
@@ -325,9 +328,9 @@ class Sidecar:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-        if self._disk_lock_fd >= 0:
-            os.close(self._disk_lock_fd)
-            self._disk_lock_fd = -1
+        for fd in self._path_locks:
+            os.close(fd)
+        self._path_locks.clear()
         log.info("stop: boot_id=%s", self.boot_id.hex())
 
     # -- handlers ---------------------------------------------------------------------------

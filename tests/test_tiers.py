@@ -237,3 +237,20 @@ def test_clear_reaches_the_disk_tier(sidecar: Callable[..., SidecarHandle], disk
     assert after.hits == 0 and after.pending == 0, "cleared: not in host memory, and never brought back from disk"
     wait_for(lambda: tier(h, "disk")["entries"] == 0, 10, "the disk records to be deleted")
     assert not [p for p in disk_dir.rglob("*") if p.is_file() and p.name != "lock"]
+
+
+def test_host_pool_on_a_file_comes_back_under_a_new_run_dir(sidecar: Callable[..., SidecarHandle],
+                                                             tmp_path: Path) -> None:
+    """--host-pool-path on a DAX or tmpfs mount: the pool outlives the run dir (a reboot on
+    persistent memory wipes /run, not the pool file), and only one sidecar may use it."""
+    pool = tmp_path / "pool"
+    first = sidecar("--host-pool-path", str(pool))
+    hashes = chunk_hashes(3, seed=9)
+    assert store(first.client(namespaces=[NS]), hashes) == 3
+    rival = sidecar("--host-pool-path", str(pool), ready=False)
+    assert rival.proc is not None and rival.proc.wait(60) == 1
+    assert "give each sidecar its own --host-pool-path" in rival.log()
+    first.kill()                                 # no clean exit: nothing unlinks the pool file
+    second = sidecar("--host-pool-path", str(pool))
+    assert second.run_dir != first.run_dir
+    assert load(second.client(namespaces=[NS]), hashes) == [payload(h) for h in hashes]
