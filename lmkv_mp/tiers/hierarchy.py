@@ -78,8 +78,8 @@ class TierHierarchy:
                 if state == "miss":
                     return i - start
                 if state == "unknown":
-                    self._probe(namespaces, keys, i, end, now)
-                    return end - start
+                    # Until the probe answers, any of the rest may come: report them all.
+                    return end - start if self._probe(namespaces, keys, i, end, now) else i - start
         return end - start
 
     def _fetch(self, key: bytes, now: float) -> str:
@@ -109,7 +109,9 @@ class TierHierarchy:
         self.movers.submit(job)
         return "ready"
 
-    def _probe(self, namespaces: list[bytes], keys: tuple[bytes, ...], i: int, end: int, now: float) -> None:
+    def _probe(self, namespaces: list[bytes], keys: tuple[bytes, ...], i: int, end: int, now: float) -> bool:
+        """Ask the remote tier about chunks ``i..end`` (those no probe is asking about yet).
+        False when chunk ``i`` stays unknown (the movers are saturated): a miss, not a wait."""
         todo = []
         for j in range(i, end):
             for ns in namespaces:
@@ -119,10 +121,13 @@ class TierHierarchy:
                 seen = self._seen.get(key)
                 if seen is None or seen[1] <= now:
                     todo.append(key)
-        if todo and self.movers.in_flight < MAX_IN_FLIGHT:
-            self._probing.update(todo)
-            self.movers.submit(Job(JobKind.PROBE, tuple(self.remote), keys=todo,
-                                   token=(list(namespaces), keys, i)))
+        if not todo:
+            return True
+        if self.movers.in_flight >= MAX_IN_FLIGHT:
+            return all(ns + keys[i] in self._probing for ns in namespaces)
+        self._probing.update(todo)
+        self.movers.submit(Job(JobKind.PROBE, tuple(self.remote), keys=todo, token=(list(namespaces), keys, i)))
+        return True
 
     # -- copies down --------------------------------------------------------------------------
 
