@@ -48,6 +48,8 @@ WRITE_POLICIES = ("write-through", "write-back")
 DEFAULT_WRITE_POLICY = "write-back"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REMOTE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://")
+# Valkey speaks the same protocol: its URL schemes are spelled as the Redis ones.
+VALKEY_SCHEMES = {"valkey://": "redis://", "valkeys://": "rediss://", "valkey+cluster://": "redis+cluster://"}
 HASH_KEY_MIN, HASH_KEY_MAX = 16, 64
 # A token file larger than this is a wrong path (a log, a device), not a token.
 TOKEN_FILE_MAX = 4096
@@ -302,7 +304,7 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
     _Flag("--disk-size", "SIZE", f"{format_size(DEFAULT_DISK_SIZE)} when --disk-dir is set",
           "disk tier size"),
     _Flag("--remote-url", "URL", "no remote tier",
-          "remote tier shared between nodes: redis:// rediss:// unix:// or redis+cluster:// (Redis or Valkey)"),
+          "remote tier shared between nodes: redis:// rediss:// unix:// redis+cluster:// (valkey:// valkeys:// valkey+cluster:// too)"),
     _Flag("--remote-timeout", "DURATION", _fmt_seconds(DEFAULT_REMOTE_TIMEOUT),
           "deadline of every remote tier call; a slower or dead remote store means misses"),
     _Flag("--write-policy", "|".join(WRITE_POLICIES), DEFAULT_WRITE_POLICY,
@@ -425,6 +427,9 @@ def _endpoint_setting(src: _Sources, flag: str, default: str) -> str:
 
 
 def _remote_url(text: str) -> str:
+    for valkey, redis in VALKEY_SCHEMES.items():
+        if text.startswith(valkey):
+            text = redis + text[len(valkey):]
     scheme = next((s for s in REMOTE_SCHEMES if text.startswith(s)), None)
     if scheme is None or len(text) == len(scheme) or any(c.isspace() for c in text):
         raise ValueError(

@@ -240,6 +240,8 @@ def test_relative_paths_become_absolute(env: dict[str, str], meminfo: str) -> No
         ("--gpu-pool-size", "4GiB", "gpu_pool_size", 4 * GiB),
         ("--gpu-devices", "0, 2", "gpu_devices", (0, 2)),
         ("--remote-url", "redis+cluster://a:7000", "remote_url", "redis+cluster://a:7000"),
+        ("--remote-url", "valkey://v:6379/1", "remote_url", "redis://v:6379/1"),
+        ("--remote-url", "valkey+cluster://v:7000", "remote_url", "redis+cluster://v:7000"),
         ("--write-policy", "Write-Through", "write_policy", "write-through"),
         ("--lease-timeout", "30s", "lease_timeout", 30.0),
         ("--heartbeat-interval", "250ms", "heartbeat_interval", 0.25),
