@@ -48,18 +48,25 @@ def chain_hashes(
     ``salt`` is a per-request cache salt (vLLM's ``cache_salt``): prompts with different
     salts never share a key. ``max_chunks`` stops early (the caller only needs a prefix).
     """
-    try:
-        arr = np.asarray(tokens, dtype=np.int64)
-    except OverflowError:  # a Python int beyond int64: same answer as any other bad id
-        raise ValueError("token ids must fit in int32") from None
-    if arr.ndim != 1:
-        raise ValueError("tokens must be a 1-D sequence of token ids")
-    if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
-        raise ValueError("token ids must fit in int32")
-    n = num_full_chunks(int(arr.size), chunk_tokens)
-    if max_chunks is not None:
-        n = min(n, max_chunks)
-    raw = arr[: n * chunk_tokens].astype("<i4").tobytes()
+    if isinstance(tokens, (list, tuple)):
+        # vLLM's prompt_token_ids: packing the list straight to int32 costs a third of what a
+        # numpy conversion does (1 ms vs 2.5 ms for 32k tokens here), on every LOOKUP.
+        n = _chunks_wanted(len(tokens), chunk_tokens, max_chunks)
+        try:  # every id is checked, as the numpy path does, not just the hashed ones
+            raw = struct.pack(f"<{len(tokens)}i", *tokens)[: n * chunk_tokens * 4]
+        except struct.error:
+            raise ValueError("tokens must be a 1-D sequence of integer token ids that fit in int32") from None
+    else:
+        try:
+            arr = np.asarray(tokens, dtype=np.int64)
+        except OverflowError:  # a Python int beyond int64: same answer as any other bad id
+            raise ValueError("token ids must fit in int32") from None
+        if arr.ndim != 1:
+            raise ValueError("tokens must be a 1-D sequence of token ids")
+        if arr.size and (arr.min() < -(2**31) or arr.max() >= 2**31):
+            raise ValueError("token ids must fit in int32")
+        n = _chunks_wanted(int(arr.size), chunk_tokens, max_chunks)
+        raw = arr[: n * chunk_tokens].astype("<i4").tobytes()
     step = chunk_tokens * 4
     prev = hashlib.blake2b(_CHAIN_SEED + salt, digest_size=HASH_BYTES, key=key).digest()
     out = bytearray(n * HASH_BYTES)
@@ -69,6 +76,11 @@ def chain_hashes(
         prev = h.digest()
         out[i * HASH_BYTES : (i + 1) * HASH_BYTES] = prev
     return bytes(out)
+
+
+def _chunks_wanted(num_tokens: int, chunk_tokens: int, max_chunks: int | None) -> int:
+    n = num_full_chunks(num_tokens, chunk_tokens)
+    return n if max_chunks is None else min(n, max_chunks)
 
 
 @functools.lru_cache(maxsize=64)
