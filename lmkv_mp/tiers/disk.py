@@ -264,11 +264,6 @@ class DiskTier:
                 self._used -= size
             _unlink(self._path(key))
 
-    def keys(self, namespace: bytes | None = None) -> list[bytes]:
-        """The keys held now (of one 16-byte namespace id, or all): what CLEAR deletes."""
-        with self._lock:
-            return [k for k in self._index if namespace is None or k[:16] == namespace]
-
     def usage(self) -> TierUsage:
         with self._lock:
             return TierUsage(self._used, self.capacity, len(self._index))
