@@ -13,22 +13,14 @@ import pytest
 from lmkv_mp.tiers.base import HEADER_BYTES, checksum, checksum_stream, pack_header
 from lmkv_mp.tiers.disk import DiskTier
 
+from tests import tierdata
+from tests.tierdata import read, value
+
 NS = b"\x11" * 16
 
 
 def key(i: int) -> bytes:
-    """A key whose chain hash spreads over the fan-out directories, as real hashes do."""
-    return NS + (i * 0x9E3779B97F4A7C15 % (1 << 128)).to_bytes(16, "little")
-
-
-def value(i: int, n: int, version: int = 0) -> bytes:
-    """Bytes that say which key and version they belong to, at every offset."""
-    return (i.to_bytes(4, "little") + version.to_bytes(4, "little")) * (n // 8) + b"\xee" * (n % 8)
-
-
-def read(tier: DiskTier, k: bytes, n: int) -> bytes | None:
-    buf = bytearray(n)
-    return bytes(buf) if tier.get_into(k, memoryview(buf)) else None
+    return tierdata.key(NS, i)
 
 
 def record_files(d: Path) -> list[Path]:

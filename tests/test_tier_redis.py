@@ -17,6 +17,8 @@ from lmkv_mp.tiers.redis import RedisTier, _Availability
 
 from tests.conftest import wait_for
 from tests.redisproc import RedisServer, free_port, redis_cluster, require_redis_cli
+from tests import tierdata
+from tests.tierdata import read, value
 
 NS = b"\x22" * 16
 TIMEOUT = 0.3
@@ -25,16 +27,7 @@ SLACK = 1.0     # a loaded 2-core box stretches every bound; a hung call would t
 
 
 def key(i: int) -> bytes:
-    return NS + (i * 0x9E3779B97F4A7C15 % (1 << 128)).to_bytes(16, "little")
-
-
-def value(i: int, n: int, version: int = 0) -> bytes:
-    return (i.to_bytes(4, "little") + version.to_bytes(4, "little")) * (n // 8) + b"\xee" * (n % 8)
-
-
-def read(tier: RedisTier, k: bytes, n: int) -> bytes | None:
-    buf = bytearray(n)
-    return bytes(buf) if tier.get_into(k, memoryview(buf)) else None
+    return tierdata.key(NS, i)
 
 
 @pytest.fixture
