@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,10 @@ import pytest
 from tests.conftest import Procs
 
 ENGINE_TIMEOUT = 600
+SHM = Path("/dev/shm")
+# What vLLM's CPU worker processes leave in /dev/shm when they are killed rather than shut
+# down (multiprocessing shared memory and semaphores, vLLM's TP shm buffers).
+ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-", "vllm_dist_")
 
 
 def require_vllm() -> None:
@@ -44,6 +49,7 @@ def run_engine(procs: Procs, spec: dict[str, Any], name: str, **env_extra: str) 
                PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.update(env_extra)
+    shm_before = set(os.listdir(SHM)) if SHM.is_dir() else set()
     proc = procs.start([sys.executable, "-m", "lmkv_mp.integration.engine_run", str(work / "spec.json"),
                         str(work / "out.json")], name, env=env, start_new_session=True)
     try:
@@ -53,12 +59,60 @@ def run_engine(procs: Procs, spec: dict[str, Any], name: str, **env_extra: str) 
         proc.wait()
         raise AssertionError(f"engine {name} did not finish in {ENGINE_TIMEOUT}s:\n{proc.log.read_text()[-4000:]}")
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # reap anything the engine left behind
-        except ProcessLookupError:
-            pass
+        kill_group(proc.pid)  # reap anything the engine left behind
+        remove_engine_shm(shm_before)
     assert rc == 0, f"engine {name} exited {rc}:\n{proc.log.read_text()[-6000:]}"
     return json.loads((work / "out.json").read_text())
+
+
+def kill_group(pgid: int, timeout: float = 15.0) -> None:
+    """SIGKILL a process group and wait until none of its processes is left."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)  # a killed process's exit cannot be waited on by a non-parent
+
+
+def _shm_in_use() -> set[str]:
+    """/dev/shm names some live process maps or holds open (best effort: ours are readable)."""
+    used: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(line.rsplit("/", 1)[-1].strip() for line in f if "/dev/shm/" in line)
+            fd_dir = f"/proc/{pid}/fd"
+            for fd in os.listdir(fd_dir):
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target.startswith("/dev/shm/"):
+                    used.add(target[len("/dev/shm/"):])
+        except OSError:
+            continue
+    return used
+
+
+def remove_engine_shm(before: set[str]) -> None:
+    """Unlink what an engine left in /dev/shm: names that appeared while it ran, with vLLM's
+    prefixes, owned by us and used by no live process (so another run's are never touched)."""
+    if not SHM.is_dir():
+        return
+    new = [n for n in os.listdir(SHM) if n not in before and n.startswith(ENGINE_SHM_PREFIXES)]
+    if not new:
+        return
+    in_use = _shm_in_use()
+    for name in new:
+        path = SHM / name
+        try:
+            if name not in in_use and path.stat().st_uid == os.getuid():
+                path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def only(run: dict[str, Any], turn: int) -> dict[str, Any]:
