@@ -111,6 +111,7 @@ class SidecarClient:
         self._poller.register(self._sock, zmq.POLLIN)
         self._region: HostRegion | None = None
         self._old_regions: list[HostRegion] = []
+        self._region_warned = ""
         self._closed = threading.Event()
         self._hb_wake = threading.Event()  # set on close, and when a HELLO may change the period
         self._hb: threading.Thread | None = None
@@ -208,6 +209,23 @@ class SidecarClient:
             log.debug("release of lease %d failed (%s)", lease_id, e)
             return False
 
+    def report_corrupt(self, namespace: bytes, hashes: bytes, checksums: Sequence[int]) -> int:
+        """Tell the sidecar these chunks failed their checksum after a load (``checksums``:
+        the ones the LOOKUP gave): it drops them. The number dropped; 0 on any failure."""
+        try:
+            r = self.call(P.Corrupt(0, namespace, hashes, P.pack_u64(checksums)), retry=False)
+        except SidecarError as e:
+            log.debug("corrupt report not delivered (%s)", e)
+            return 0
+        assert isinstance(r, P.CorruptReply)
+        return r.dropped
+
+    @property
+    def verify(self) -> bool:
+        """Whether the sidecar (as of the last HELLO) wants checksums at COMMIT."""
+        hello = self.hello
+        return hello is not None and hello.verify
+
     def ping(self, probe: bool = False) -> bool:
         """Heartbeat. ``probe``: try even while backing off (the heartbeat thread's job)."""
         try:
@@ -233,7 +251,7 @@ class SidecarClient:
     def host_tensor(self) -> torch.Tensor | None:
         """The sidecar's host region as a uint8 tensor, mapped once per region identity.
         None if not connected or the region cannot be mapped (the caller treats it as a miss)."""
-        from lmkv_mp.memory import HostRegion, RegionError
+        from lmkv_mp.memory import HostRegion, RegionError, pool_uuid
 
         with self._lock:
             if self.hello is None and not self.connect():
@@ -246,13 +264,26 @@ class SidecarClient:
                 try:
                     region = HostRegion.attach(info.kind, info.name, info.size)
                 except RegionError as e:
-                    log.warning("host region unavailable: %s", e)
+                    self._region_problem(f"host region unavailable: {e} (loads and stores are misses; "
+                                         "a sidecar restart recreates it)")
+                    return None
+                if pool_uuid(region.view) != info.uuid:
+                    # Removed and recreated by someone else: never the sidecar's slots.
+                    region.close()
+                    self._region_problem(f"host region {info.name} is not the sidecar's pool (its uuid "
+                                         "differs): loads and stores are misses until the sidecar restarts")
                     return None
                 region.uuid = info.uuid  # type: ignore[attr-defined]
                 if self._region is not None:
                     self._old_regions.append(self._region)  # tensors may still view it
                 self._region = region
             return self._region.tensor()
+
+    def _region_problem(self, message: str) -> None:
+        """Warn once per problem (every load and store asks again; the log must not flood)."""
+        if message != self._region_warned:
+            self._region_warned = message
+            log.warning("%s", message)
 
     # -- plumbing -----------------------------------------------------------------------------
 

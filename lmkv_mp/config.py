@@ -65,6 +65,10 @@ DEFAULT_CLIENT_RETRY = 1.0
 # How long the vLLM scheduler holds a request back while the sidecar promotes its chunks
 # from disk or the remote tier; then it computes what has not arrived.
 DEFAULT_PREFETCH_TIMEOUT = 1.0
+# Per-client limits: the share of the host pool one client may hold in write leases (so
+# one writer cannot take every slot), and the requests it may have queued in the sidecar.
+DEFAULT_CLIENT_POOL_SHARE = 0.5
+DEFAULT_CLIENT_MAX_INFLIGHT = 128
 
 
 class ConfigError(ValueError):
@@ -256,6 +260,10 @@ class SidecarConfig:
     log_level: str
     unlink_on_exit: bool
     allow_group: str | None
+    allow_remote_clients: bool = False
+    client_token: bytes | None = field(default=None, repr=False)
+    client_pool_share: float = DEFAULT_CLIENT_POOL_SHARE
+    client_max_inflight: int = DEFAULT_CLIENT_MAX_INFLIGHT
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,11 +321,23 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
           "a client's leases expire after this long without a heartbeat"),
     _Flag("--heartbeat-interval", "DURATION", _fmt_seconds(DEFAULT_HEARTBEAT_INTERVAL),
           "expected client heartbeat period; below --lease-timeout"),
-    _Flag("--verify", "on|off", "off", "write checksums at COMMIT and check them on load (on: not implemented yet, refused at start)"),
+    _Flag("--verify", "on|off", "off",
+          "on: workers send an xxh3-64 checksum of each chunk at COMMIT, loaders check it after copying and "
+          "report mismatches, which drops the chunk (a miss, counted as error CORRUPT)"),
     _Flag("--hash-key-file", "FILE", "a fixed built-in key",
           "file holding the 16..64-byte chain hash key"),
     _Flag("--admin-token-file", "FILE", "none (admin ops are refused)",
           "file holding the token that admin ops (CLEAR) must present"),
+    _Flag("--client-token-file", "FILE", "none (any local process of the owner may HELLO)",
+          "file holding the token every client's HELLO must present (clients: LMKV_TOKEN_FILE); "
+          "required with --allow-remote-clients"),
+    _Flag("--allow-remote-clients", "", "off (tcp:// endpoints must bind a loopback address)",
+          "allow tcp:// endpoints on non-loopback addresses (other hosts can connect; needs --client-token-file)"),
+    _Flag("--client-pool-share", "FRACTION", f"{DEFAULT_CLIENT_POOL_SHARE:.0%}",
+          "largest share of the host pool one client may hold in write leases (uncommitted slots), e.g. 50% "
+          "or 0.5; chunks past it get NO_SPACE"),
+    _Flag("--client-max-inflight", "N", str(DEFAULT_CLIENT_MAX_INFLIGHT),
+          "requests one client may have queued in the sidecar; a client sending faster waits (backpressure)"),
     _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST,
           "Prometheus endpoint address (http://HOST:PORT/metrics)"),
     _Flag("--metrics-port", "PORT", str(DEFAULT_METRICS_PORT), "Prometheus endpoint port; 0 disables it"),
@@ -328,9 +348,11 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
     _Flag("--unlink-on-exit", "", "off (the host pool persists for a warm restart)",
           "remove the host pool segment on exit"),
     _Flag("--allow-group", "GROUP", "none (owner only)",
-          "also grant this group access to the run dir and host pool (not implemented yet: refused at start)"),
+          "share with this group: run dir 0750, sockets and host pool 0660, group-owned (the sidecar's user "
+          "must be a member unless root)"),
 )
 _FLAGS_BY_NAME: dict[str, _Flag] = {f.flag: f for f in _SIDECAR_FLAGS}
+_SWITCHES = ("--unlink-on-exit", "--allow-remote-clients")
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -349,7 +371,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     for f in _SIDECAR_FLAGS:
         text = f"{f.help} [env {f.env}; default: {f.default}]".replace("%", "%%")
-        if f.flag == "--unlink-on-exit":
+        if f.flag in _SWITCHES:
             parser.add_argument(f.flag, dest=f.dest, action=argparse.BooleanOptionalAction,
                                 default=None, help=text)
         else:
@@ -471,6 +493,31 @@ def _token(path: str) -> bytes:
     return token
 
 
+def _fraction(text: str) -> float:
+    """``50%`` or ``0.5``: a share in (0, 1]."""
+    t = text.strip()
+    try:
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ValueError(f"{_show(text)} is not a share above 0 and at most 1; use e.g. 50% or 0.5")
+    return value
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """Whether only this host can reach ``endpoint``: ipc://, or tcp:// on 127.0.0.0/8,
+    ::1 or localhost. ``*``, 0.0.0.0, other addresses and names count as reachable from
+    other hosts (names are not resolved: loading the config has no side effects)."""
+    if not endpoint.startswith(_TCP_PREFIX):
+        return True
+    host = endpoint[len(_TCP_PREFIX):].rpartition(":")[0].strip("[]").lower()
+    if host in ("localhost", "::1"):
+        return True
+    parts = host.split(".")
+    return len(parts) == 4 and parts[0] == "127" and all(p.isdigit() and int(p) < 256 for p in parts)
+
+
 def _host(text: str) -> str:
     if not text.strip() or any(c.isspace() for c in text.strip()):
         raise ValueError(f"{_show(text)} is not a host; use e.g. 127.0.0.1, 0.0.0.0 or ::1")
@@ -561,6 +608,19 @@ def load_sidecar_config(
     log_level = src.parse("--log-level", _choice(LOG_LEVELS), "info")
     unlink_on_exit = src.switch("--unlink-on-exit", False)
     allow_group = src.optional("--allow-group", str.strip) or None
+    client_token = src.optional("--client-token-file", _token)
+    allow_remote_clients = src.switch("--allow-remote-clients", False)
+    for flag, ep in (("--endpoint", endpoint), ("--stats-endpoint", stats_endpoint),
+                     ("--stats-publish-endpoint", stats_publish_endpoint)):
+        if not allow_remote_clients and not is_loopback_endpoint(ep):
+            raise _error(flag, f"{_show(ep)} binds an address other hosts can reach; bind 127.0.0.1 or ipc://, "
+                         "or mean it: --allow-remote-clients (LMKV_ALLOW_REMOTE_CLIENTS) with --client-token-file")
+    if allow_remote_clients and client_token is None and not is_loopback_endpoint(endpoint):
+        raise _error("--client-token-file", f"is required: --endpoint {_show(endpoint)} accepts other hosts "
+                     "(--allow-remote-clients), so every HELLO must present a token")
+    client_pool_share = src.parse("--client-pool-share", _fraction, DEFAULT_CLIENT_POOL_SHARE)
+    client_max_inflight = src.parse("--client-max-inflight", lambda t: _parse_int(t, 1, 1_000_000),
+                                    DEFAULT_CLIENT_MAX_INFLIGHT)
 
     return SidecarConfig(
         run_dir=run_dir,
@@ -590,6 +650,10 @@ def load_sidecar_config(
         log_level=log_level,
         unlink_on_exit=unlink_on_exit,
         allow_group=allow_group,
+        allow_remote_clients=allow_remote_clients,
+        client_token=client_token,
+        client_pool_share=client_pool_share,
+        client_max_inflight=client_max_inflight,
     )
 
 

@@ -10,6 +10,9 @@ Invariants the rest of the system relies on:
 * Eviction takes the least recently used unpinned COMMITTED entries, first of the size
   class that needs a slot, else a whole span of another class; it happens only under
   allocation pressure.
+* An owner's write leases never hold more slot bytes than the ``max_write_bytes`` its
+  RESERVE passes (one writer cannot take the whole pool); chunks past it get NO_SPACE.
+* A chunk reported corrupt (:meth:`drop_corrupt`) is invisible from that moment on.
 
 Owners are opaque hashable ids (the server uses client ids). Lease expiry is driven from
 outside: the server calls :meth:`drop_owner` for clients that stopped heartbeating.
@@ -21,7 +24,7 @@ import enum
 import itertools
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 from lmkv_mp.keys import HASH_BYTES, split_hashes
 from lmkv_mp.memory.allocator import SlotId
@@ -62,6 +65,7 @@ class Lease:
     kind: LeaseKind
     owner: Owner
     entries: list[Entry] = field(default_factory=list)
+    slot_bytes: int = 0  # write leases: the slot bytes reserved (the owner's quota counts them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,9 @@ class IndexCounters:
     committed_bytes: int = 0
     aborted: int = 0
     evicted_dirty: int = 0   # evicted before any lower tier had a copy (meaningful with lower tiers)
+    corrupt: int = 0         # entries dropped because a loader found their checksum wrong
+    quota_refused: int = 0   # chunks a RESERVE answered NO_SPACE because the owner's write quota was full
+    unverified: int = 0      # restored entries dropped for lack of a checksum (restart with verify on)
 
 
 class LeaseError(KeyError):
@@ -106,22 +113,30 @@ class ChunkIndex:
         self._lru: dict[int, OrderedDict[Entry, None]] = {}    # slot_bytes -> committed, oldest first
         self._leases: dict[int, Lease] = {}
         self._owner_leases: dict[Owner, set[int]] = {}
+        self._owner_write_bytes: dict[Owner, int] = {}
         self._ns_bytes: dict[bytes, int] = {}
         self._lease_ids = itertools.count(1)
         self.counters = IndexCounters()
         # With lower tiers, eviction first looks among the oldest entries for one a lower tier
         # holds a copy of, so evicting it loses nothing (set by the tier hierarchy).
         self.prefer_clean = False
+        # With --verify on: the checksum of the bytes at (offset, length), for entries the
+        # sidecar fills itself (promotions), which no worker checksummed (set by the server).
+        self.checksum_at: Callable[[int, int], int] | None = None
 
     # -- restore ----------------------------------------------------------------------------
 
-    def restore(self, records: Iterable[Record]) -> int:
-        """Adopt COMMITTED records of a warm restart (oldest use first, so LRU order survives)."""
+    def restore(self, records: Iterable[Record], require_checksum: bool = False) -> int:
+        """Adopt COMMITTED records of a warm restart (oldest use first, so LRU order survives).
+        ``require_checksum`` (verify on): records committed without one are freed, since
+        nothing could tell a later reader whether their bytes are still the written ones."""
         n = 0
         for rec in sorted(records, key=lambda r: r.last_use_ns):
             key = rec.namespace + rec.hash
             slot_bytes = self.pool.alloc_state.span_of(rec.slot).slot_bytes
-            if key in self._entries:  # duplicate record: keep the first, free the other
+            if key in self._entries or (require_checksum and rec.checksum == 0):
+                # A duplicate (keep the first) or an unverifiable record: free it.
+                self.counters.unverified += key not in self._entries
                 self.pool.free(rec.slot)
                 continue
             e = Entry(key, rec.slot, self.pool.offset(rec.slot), rec.length, slot_bytes,
@@ -143,6 +158,9 @@ class ChunkIndex:
 
     def chunk_bytes(self, namespace: bytes) -> int | None:
         return self._ns_bytes.get(namespace)
+
+    def namespace_count(self) -> int:
+        return len(self._ns_bytes)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -193,16 +211,20 @@ class ChunkIndex:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes) -> Reserved:
+    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes, max_write_bytes: int | None = None) -> Reserved:
         """Write slots for chunks not already present. After the first chunk that finds no
-        space, later chunks get NO_SPACE too: a chain hash is useless without its prefix."""
+        space, later chunks get NO_SPACE too: a chain hash is useless without its prefix.
+        A chunk whose slot would take the owner's write leases past ``max_write_bytes``
+        finds no space either (and is counted in ``quota_refused``)."""
         chunk_bytes = self._ns_bytes.get(namespace)
         if chunk_bytes is None:
             raise ValueError(f"namespace {namespace.hex()} was never declared")
+        slot_bytes = self.pool.slot_bytes_for(chunk_bytes)
+        held_bytes = self._owner_write_bytes.get(owner, 0)
         statuses: list[SlotStatus] = []
         offsets: list[int] = []
         lease: Lease | None = None
-        full = False
+        full = over_quota = False
         held: list[Entry] = []
         try:
             for i in range(0, len(hashes), HASH_BYTES):
@@ -219,12 +241,16 @@ class ChunkIndex:
                     statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
                     offsets.append(0)
                     continue
+                if not full and max_write_bytes is not None and held_bytes + slot_bytes > max_write_bytes:
+                    full = over_quota = True
                 slot = None if full else self._alloc(chunk_bytes)
                 if slot is None:
                     full = True
+                    self.counters.quota_refused += over_quota
                     statuses.append(SlotStatus.NO_SPACE)
                     offsets.append(0)
                     continue
+                held_bytes += slot_bytes
                 if lease is None:
                     lease = self._new_lease(owner, LeaseKind.WRITE)
                 e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
@@ -233,6 +259,8 @@ class ChunkIndex:
                 self._entries[key] = e
                 self._by_slot[slot] = e
                 lease.entries.append(e)
+                lease.slot_bytes += e.slot_bytes
+                self._owner_write_bytes[owner] = self._owner_write_bytes.get(owner, 0) + e.slot_bytes
                 statuses.append(SlotStatus.WRITE)
                 offsets.append(e.offset)
         finally:
@@ -299,9 +327,10 @@ class ChunkIndex:
 
     def finish_internal(self, e: Entry, ok: bool) -> None:
         """Publish an entry of :meth:`reserve_internal` once its bytes are in place (``ok``),
-        else free it."""
+        else free it. With :attr:`checksum_at` set, the entry gets the checksum of the bytes
+        now in its slot (its tier verified them against the record's own checksum)."""
         if ok:
-            self._make_committed(e, 0)
+            self._make_committed(e, self.checksum_at(e.offset, e.length) if self.checksum_at else 0)
         else:
             self._drop(e)
 
@@ -345,6 +374,27 @@ class ChunkIndex:
         self._owner_leases.pop(owner, None)
         return n
 
+    def drop_corrupt(self, namespace: bytes, hashes: bytes, checksums: list[int]) -> int:
+        """Drop the COMMITTED entries a loader found corrupt: those of ``hashes`` in
+        ``namespace`` that still carry the checksum it was given (a late report about an
+        entry rewritten since drops nothing). Pinned ones vanish from lookups now and are
+        freed when unpinned, as cleared ones. Returns how many were dropped."""
+        visible = self._visible.get(namespace)
+        if visible is None:
+            return 0
+        n = 0
+        for i in range(0, len(hashes), HASH_BYTES):
+            e = visible.get(hashes[i:i + HASH_BYTES])
+            if e is None or e.checksum != checksums[i // HASH_BYTES]:
+                continue
+            n += 1
+            if e.pins:
+                self._hide(e)
+            else:
+                self._drop(e)
+        self.counters.corrupt += n
+        return n
+
     def clear(self, namespace: bytes | None = None) -> int:
         """Drop COMMITTED entries (of one namespace, or all). Pinned ones vanish from lookups
         now and are freed when unpinned; WRITING ones are left to their writers."""
@@ -373,6 +423,12 @@ class ChunkIndex:
             raise LeaseError(f"lease {lease_id} is not held by this client (expired or already ended)")
         del self._leases[lease_id]
         self._owner_leases[owner].discard(lease_id)
+        if lease.slot_bytes:
+            left = self._owner_write_bytes[owner] - lease.slot_bytes
+            if left:
+                self._owner_write_bytes[owner] = left
+            else:
+                del self._owner_write_bytes[owner]
         return lease
 
     def _end(self, lease: Lease) -> int:
@@ -486,6 +542,10 @@ class ChunkIndex:
 
     def owner_lease_count(self, owner: Owner) -> int:
         return len(self._owner_leases.get(owner, ()))
+
+    def owner_write_bytes(self, owner: Owner) -> int:
+        """Slot bytes the owner's write leases hold."""
+        return self._owner_write_bytes.get(owner, 0)
 
     def __len__(self) -> int:
         return len(self._entries)

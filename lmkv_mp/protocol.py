@@ -28,6 +28,9 @@ MAX_FRAME_BYTES = 4 << 20
 """Largest payload the sidecar decodes (a 1M-token prompt's hashes are ~64 KiB)."""
 MAX_CHUNKS_PER_REQUEST = 65536
 MAX_NAMESPACES_PER_REQUEST = 256
+MAX_KEYS_PER_LOOKUP = 1 << 18
+"""Namespaces × chunks one LOOKUP may ask about: the index walk is ~1 µs per key on the
+loop, so this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
 
 _I64 = 2**63 - 1
 
@@ -41,6 +44,7 @@ class Op(enum.IntEnum):
     PING = 6
     STATS = 7
     CLEAR = 8
+    CORRUPT = 9
 
 
 class Status(enum.IntEnum):
@@ -64,6 +68,7 @@ class ErrorCode(enum.IntEnum):
     QUOTA = 11             # per-client limit reached
     CONFLICT = 12          # namespace declared with a different chunk size
     INTERNAL = 13
+    CORRUPT = 14           # not a reply: counts chunks a loader found corrupt (CORRUPT op)
 
 
 class SlotStatus(enum.IntEnum):
@@ -185,8 +190,23 @@ class Clear:
     namespace: bytes | None = None
 
 
-Request = Union[Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear]
-REQUEST_TYPES: dict[Op, type] = {t.OP: t for t in (Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear)}
+@dataclass(frozen=True, slots=True)
+class Corrupt:
+    """A loader's report: these chunks failed their checksum after it copied them
+    (``--verify on``). ``checksums`` holds the checksum the loader was given for each, one
+    little-endian uint64 per hash; the sidecar drops an entry only while it still carries
+    that checksum, so a late report never drops a chunk written since."""
+
+    OP: ClassVar[Op] = Op.CORRUPT
+    req_id: int
+    namespace: bytes
+    hashes: bytes
+    checksums: bytes
+
+
+Request = Union[Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear, Corrupt]
+REQUEST_TYPES: dict[Op, type] = {t.OP: t for t in (Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear,
+                                                    Corrupt)}
 
 # --- replies --------------------------------------------------------------------------
 
@@ -276,6 +296,14 @@ class ClearReply:
 
 
 @dataclass(frozen=True, slots=True)
+class CorruptReply:
+    OP: ClassVar[Op] = Op.CORRUPT
+    req_id: int
+    boot_id: bytes
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     req_id: int
     boot_id: bytes
@@ -284,9 +312,9 @@ class ErrorReply:
 
 
 Reply = Union[HelloReply, LookupReply, ReserveReply, CommitReply, ReleaseReply, PingReply,
-              StatsReply, ClearReply, ErrorReply]
+              StatsReply, ClearReply, CorruptReply, ErrorReply]
 REPLY_TYPES: dict[Op, type] = {t.OP: t for t in (HelloReply, LookupReply, ReserveReply, CommitReply,
-                                                  ReleaseReply, PingReply, StatsReply, ClearReply)}
+                                                  ReleaseReply, PingReply, StatsReply, ClearReply, CorruptReply)}
 
 # --- codec ----------------------------------------------------------------------------
 
@@ -493,7 +521,10 @@ def _validate(msg: Request) -> None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "LOOKUP needs 1..256 namespaces")
         for ns in msg.namespaces:
             _ns_id(ns, "namespace")
-        _hash_list(msg.hashes, "hashes")
+        n = _hash_list(msg.hashes, "hashes")
+        if n * len(msg.namespaces) > MAX_KEYS_PER_LOOKUP:
+            raise ProtocolError(ErrorCode.TOO_LARGE, f"LOOKUP of {n} chunks in {len(msg.namespaces)} namespaces "
+                                f"exceeds {MAX_KEYS_PER_LOOKUP} keys: split it")
     elif isinstance(msg, Reserve):
         _ns_id(msg.namespace, "namespace")
         _hash_list(msg.hashes, "hashes")
@@ -503,6 +534,11 @@ def _validate(msg: Request) -> None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "checksums must be one uint64 per listed hash")
     elif isinstance(msg, Clear) and msg.namespace is not None:
         _ns_id(msg.namespace, "namespace")
+    elif isinstance(msg, Corrupt):
+        _ns_id(msg.namespace, "namespace")
+        n = _hash_list(msg.hashes, "hashes")
+        if not n or len(msg.checksums) != 8 * n:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "CORRUPT needs hashes and one uint64 checksum per hash")
 
 
 def pack_u64(values: Any) -> bytes:

@@ -12,12 +12,10 @@ reaped: its read leases unpin, its write leases free their uncommitted slots.
 from __future__ import annotations
 
 import fcntl
-import hmac
 import logging
 import os
 import signal
 import socket
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +24,23 @@ from typing import Callable
 import zmq
 
 from lmkv_mp import protocol as P
+from lmkv_mp.access import AccessError, access_for, prepare_run_dir, share_socket, token_ok
 from lmkv_mp.config import SidecarConfig, redact_url
 from lmkv_mp.index import ChunkIndex, LeaseError
 from lmkv_mp.keys import split_hashes
 from lmkv_mp.memory import HostPool, HostRegion, RegionError, shm_name_for
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
-from lmkv_mp.tiers.base import Tier
+from lmkv_mp.tiers.base import Tier, checksum
 from lmkv_mp.tiers.hierarchy import TierHierarchy
 
 log = logging.getLogger("lmkv.server")
 
 MAX_LEASES_PER_CLIENT = 4096
+# Bounds on what clients can make the sidecar remember (each HELLO may declare 256
+# namespaces, and every new routing id is a new client until it is reaped).
+MAX_NAMESPACES_PER_CLIENT = 1024
+MAX_NAMESPACES = 65536
+MAX_CLIENTS = 4096
 HOST_REGION_ID = 0
 
 
@@ -54,16 +58,6 @@ class StartupError(RuntimeError):
     """The sidecar cannot start; the message says what to change."""
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run dir with mode 0700 (owner only), or tighten an existing one we own."""
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = run_dir.stat()
-    if st.st_uid != os.getuid():
-        raise StartupError(f"run dir {run_dir} belongs to uid {st.st_uid}, not us: choose another --run-dir")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(run_dir, 0o700)
-
-
 class Sidecar:
     """The daemon. Construct, then :meth:`run` until :meth:`request_stop` or a signal."""
 
@@ -77,11 +71,17 @@ class Sidecar:
         self._lock_fd = -1
         self._path_locks: list[int] = []
         self._sockets: list[zmq.Socket] = []
-        prepare_run_dir(cfg.run_dir)
+        try:
+            self.access = access_for(cfg.allow_group)
+            prepare_run_dir(cfg.run_dir, self.access)
+        except AccessError as e:
+            raise StartupError(str(e)) from None
         self._take_lock()
         if cfg.host_pool_path is not None:
             self._exclusive(cfg.host_pool_path, f"the host pool file {cfg.host_pool_path}", "--host-pool-path")
-        self.region = HostRegion.create_or_attach(shm_name_for(cfg.run_dir), cfg.host_pool_size, cfg.host_pool_path)
+        self.region = HostRegion.create_or_attach(shm_name_for(cfg.run_dir), cfg.host_pool_size, cfg.host_pool_path,
+                                                  self.access.file_mode, self.access.gid)
+        self._region_gone = False
         try:
             self.pool, records = HostPool.open(self.region, cfg.slab_size)
         except ValueError:
@@ -90,7 +90,13 @@ class Sidecar:
                 self.region.unlink()
             raise
         self.index = ChunkIndex(self.pool)
-        restored = self.index.restore(records)
+        restored = self.index.restore(records, require_checksum=cfg.verify)
+        if self.index.counters.unverified:
+            log.warning("memory: %d warm chunks had no checksum (stored with --verify off): dropped",
+                        self.index.counters.unverified)
+        if cfg.verify:
+            view = self.region.view
+            self.index.checksum_at = lambda off, n: checksum(view[off:off + n])
         self.ns_names: dict[bytes, str] = {}
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -115,6 +121,7 @@ class Sidecar:
         self._handlers: dict[type, Callable[[bytes, P.Request], P.Reply]] = {
             P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
             P.Release: self._release, P.Ping: self._ping, P.Stats: self._stats, P.Clear: self._clear,
+            P.Corrupt: self._corrupt,
         }
         if not cfg.metrics_port:
             log.info("metrics: off (--metrics-port 0)")
@@ -186,17 +193,21 @@ class Sidecar:
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * P.MAX_FRAME_BYTES)
         if kind == zmq.ROUTER:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-            sock.setsockopt(zmq.SNDHWM, 100_000)
+            # High-water marks are per client: a client with this many requests queued (or
+            # replies it does not read) waits; others are served in turn (ROUTER fair-queues).
+            sock.setsockopt(zmq.RCVHWM, self.cfg.client_max_inflight)
+            sock.setsockopt(zmq.SNDHWM, self.cfg.client_max_inflight)
         else:  # PUB: a subscriber that falls behind misses snapshots instead of queueing them
             sock.setsockopt(zmq.SNDHWM, 4)
         if endpoint.startswith("ipc://"):
             path = Path(endpoint[len("ipc://"):])
             if path.exists():
                 path.unlink()  # a stale socket of a crashed sidecar: we hold the lock now
-        old = os.umask(0o177)
+        old = os.umask(self.access.umask)
         try:
             sock.bind(endpoint)
-        except zmq.ZMQError as e:
+            share_socket(endpoint, self.access)
+        except (zmq.ZMQError, OSError) as e:
             sock.close()
             raise StartupError(f"cannot bind {endpoint}: {e}") from e
         finally:
@@ -249,6 +260,7 @@ class Sidecar:
                     next_publish = now + self.cfg.stats_interval
                 if now >= next_reap:
                     self.reap(now)
+                    self._check_region()
                     if self.tiers is not None:
                         self.tiers.tick()
                     next_reap = now + tick
@@ -306,6 +318,17 @@ class Sidecar:
                 log.info("client reaped: id=%d role=%s pid=%d silent %.1fs, %d leases ended",
                          c.client_id, c.role, c.pid, now - c.last_seen, n)
 
+    def _check_region(self) -> None:
+        """Notice (and say once) that the host pool's segment was removed from outside: this
+        process and workers that mapped it go on with their mappings, but no new worker can
+        attach it (their loads and stores are misses) until the sidecar restarts."""
+        if self._region_gone or self.region.linked():
+            return
+        self._region_gone = True
+        log.error("memory: host pool %s was removed from outside: serving from this sidecar's mapping; "
+                  "workers that start now cannot attach it (misses) until the sidecar restarts (cold)",
+                  self.region.name)
+
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
@@ -343,6 +366,19 @@ class Sidecar:
             raise P.ProtocolError(P.ErrorCode.VERSION,
                                   f"protocol version {msg.version} is not supported; this sidecar speaks "
                                   f"{P.PROTOCOL_VERSION}: upgrade lmkv_mp on one side")
+        if self.cfg.client_token is not None and not token_ok(msg.token, self.cfg.client_token):
+            raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "HELLO needs the client token: point LMKV_TOKEN_FILE "
+                                  "at the file the sidecar's --client-token-file names")
+        client = self.clients.get(ident)
+        if client is None and len(self.clients) >= MAX_CLIENTS:
+            raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar serves {MAX_CLIENTS} clients already: "
+                                  "retry after idle ones are reaped (--lease-timeout)")
+        new = [ns for ns in msg.namespaces if ns.id not in (client.namespaces if client else ())]
+        if len(new) + (len(client.namespaces) if client else 0) > MAX_NAMESPACES_PER_CLIENT:
+            raise P.ProtocolError(P.ErrorCode.QUOTA, f"a client may declare at most {MAX_NAMESPACES_PER_CLIENT} "
+                                  "namespaces: use another connection for more")
+        if sum(self.index.chunk_bytes(ns.id) is None for ns in new) + self.index.namespace_count() > MAX_NAMESPACES:
+            raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar knows {MAX_NAMESPACES} namespaces already")
         for ns in msg.namespaces:
             try:
                 self.index.declare(ns.id, ns.chunk_bytes)
@@ -350,7 +386,6 @@ class Sidecar:
                 raise P.ProtocolError(P.ErrorCode.CONFLICT, str(e)) from None
             if ns.name:
                 self.ns_names[ns.id] = ns.name[:200]
-        client = self.clients.get(ident)
         if client is None:
             client = ClientState(self._next_client, msg.role, msg.pid, msg.name[:200], time.monotonic())
             self._next_client += 1
@@ -403,13 +438,23 @@ class Sidecar:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_NAMESPACE,
                                   f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
         self._check_quota(client)
-        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes)
+        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes,
+                               int(self.cfg.client_pool_share * self.pool.alloc_state.capacity_bytes))
         return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.pack_u64(r.offsets),
                               bytes(len(r.status)))
 
     def _commit(self, ident: bytes, msg: P.Commit) -> P.CommitReply:
         client = self._client(ident)
         sums = P.unpack_u64(msg.checksums).tolist() if msg.checksums else None
+        if self.cfg.verify and sums is None:
+            # A chunk without a checksum could never be verified on load: not stored. The
+            # lease ends here, so its slots come back now rather than when the client goes.
+            try:
+                self.index.release(client.client_id, msg.lease_id)
+            except LeaseError as e:
+                raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+            raise P.ProtocolError(P.ErrorCode.BAD_REQUEST, "this sidecar runs --verify on: COMMIT must list the "
+                                  "chunks written with one checksum each; nothing was stored")
         try:
             done = self.index.commit_entries(client.client_id, msg.lease_id, msg.hashes, sums)
         except LeaseError as e:
@@ -428,6 +473,16 @@ class Sidecar:
         except LeaseError as e:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
         return P.ReleaseReply(msg.req_id, self.boot_id, n)
+
+    def _corrupt(self, ident: bytes, msg: P.Corrupt) -> P.CorruptReply:
+        """A loader found chunks whose bytes do not match their checksum: drop them (a miss
+        from now on), count each under error code CORRUPT."""
+        n = self.index.drop_corrupt(msg.namespace, msg.hashes, P.unpack_u64(msg.checksums).tolist())
+        if n:
+            self.counters.errors[P.ErrorCode.CORRUPT.name] += n
+            log.warning("error: %d chunk(s) of namespace %s failed their checksum on load (client %d): dropped",
+                        n, msg.namespace.hex(), self._client(ident).client_id)
+        return P.CorruptReply(msg.req_id, self.boot_id, n)
 
     def _ping(self, ident: bytes, msg: P.Ping) -> P.PingReply:
         return P.PingReply(msg.req_id, self.boot_id, self.index.owner_lease_count(self._client(ident).client_id))
@@ -465,6 +520,9 @@ class Sidecar:
             roles[c.role] = roles.get(c.role, 0) + 1
         snap = snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names, info=self._info())
         snap["evicted_dirty"] = self.index.counters.evicted_dirty
+        snap["corrupt_chunks"] = self.index.counters.corrupt
+        snap["quota_refused_chunks"] = self.index.counters.quota_refused
+        snap["host_pool_linked"] = not self._region_gone
         if self.tiers is not None:
             snap["tiers"].update(self.tiers.stats())
             snap["tier_movers"] = self.tiers.activity()
@@ -475,7 +533,7 @@ class Sidecar:
             # No token configured means admin ops are refused (ARCHITECTURE §7), not open to all.
             raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED,
                                   "admin ops are disabled: start the sidecar with --admin-token-file")
-        if not hmac.compare_digest(msg.token or b"", self.cfg.admin_token):
+        if not token_ok(msg.token, self.cfg.admin_token):
             raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "CLEAR needs the admin token (--admin-token-file)")
         n = self.index.clear(msg.namespace)
         lower = self.tiers.clear(msg.namespace) if self.tiers is not None else 0
@@ -494,10 +552,6 @@ def unimplemented(cfg: SidecarConfig) -> list[str]:
     out = []
     if cfg.gpu_pool_size or cfg.gpu_devices:
         out.append("--gpu-pool-size/--gpu-devices (the GPU tier)")
-    if cfg.verify:
-        out.append("--verify on (checksums)")
-    if cfg.allow_group is not None:
-        out.append("--allow-group")
     return out
 
 

@@ -299,6 +299,18 @@ class PagedKV:
             raise ValueError(f"slot holds {slot.numel()} bytes; a chunk of {blocks} blocks is {want} bytes")
 
 
+def slot_checksum(slot: torch.Tensor) -> int:
+    """The checksum ``--verify on`` stores for a chunk: xxh3-64 of the slot's bytes (the
+    algorithm of the lower tiers' records, ``lmkv_mp.tiers.base.checksum``). ``slot`` is a
+    contiguous 1-D ``uint8`` CPU tensor, e.g. a view of the host pool; nothing is copied."""
+    from lmkv_mp.tiers.base import checksum
+
+    if slot.device.type != "cpu" or slot.dtype != torch.uint8 or slot.dim() != 1 or not slot.is_contiguous():
+        raise ValueError(f"slot must be a contiguous 1-D uint8 CPU tensor, got {slot.dtype} {tuple(slot.shape)} "
+                         f"on {slot.device}")
+    return checksum(slot.numpy())
+
+
 def _run_start(ids: list[int]) -> int | None:
     """The first id if ``ids`` are consecutive and ascending, else None. A run is one
     strided copy, measured 5-12% faster than the index kernels (fresh caches hand out

@@ -28,6 +28,7 @@ from lmkv_mp.config import (
     default_run_dir,
     default_stats_endpoint,
     format_size,
+    is_loopback_endpoint,
     load_client_config,
     load_sidecar_config,
     parse_duration,
@@ -205,6 +206,10 @@ def test_defaults_with_empty_env(meminfo: str) -> None:
         log_level="info",
         unlink_on_exit=False,
         allow_group=None,
+        allow_remote_clients=False,
+        client_token=None,
+        client_pool_share=0.5,
+        client_max_inflight=128,
     )
 
 
@@ -231,7 +236,7 @@ def test_relative_paths_become_absolute(env: dict[str, str], meminfo: str) -> No
     ("flag", "value", "field", "expected"),
     [
         ("--endpoint", "tcp://127.0.0.1:5555", "endpoint", "tcp://127.0.0.1:5555"),
-        ("--endpoint", "tcp://*:5555", "endpoint", "tcp://*:5555"),
+        ("--endpoint", "tcp://localhost:5555", "endpoint", "tcp://localhost:5555"),
         ("--stats-endpoint", "tcp://[::1]:5556", "stats_endpoint", "tcp://[::1]:5556"),
         ("--host-pool-size", "512MiB", "host_pool_size", 512 * MiB),
         ("--host-pool-path", "/dev/shm/pool", "host_pool_path", Path("/dev/shm/pool")),
@@ -254,6 +259,9 @@ def test_relative_paths_become_absolute(env: dict[str, str], meminfo: str) -> No
         ("--stats-interval", "250ms", "stats_interval", 0.25),
         ("--log-level", "DEBUG", "log_level", "debug"),
         ("--allow-group", "kvcache", "allow_group", "kvcache"),
+        ("--client-pool-share", "25%", "client_pool_share", 0.25),
+        ("--client-pool-share", "1", "client_pool_share", 1.0),
+        ("--client-max-inflight", "8", "client_max_inflight", 8),
     ],
 )
 def test_env_twin_and_flag_beats_env(
@@ -279,7 +287,7 @@ def test_help_names_every_env_twin_and_default() -> None:
     assert parser.prog == "lmkv-sidecar"
     text = parser.format_help()
     flags = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
-    assert len(flags) == 27
+    assert len(flags) == 31
     for flag in flags:
         assert "LMKV_" + flag[2:].upper().replace("-", "_") in text
     assert text.count("default:") == len(flags)
@@ -316,10 +324,37 @@ def test_disk_size_defaults_when_disk_dir_set(tmp_path: Path, env: dict[str, str
 def test_secrets_from_files(tmp_path: Path, env: dict[str, str], meminfo: str) -> None:
     (tmp_path / "key").write_bytes(b"k" * 32 + b"\n")
     (tmp_path / "token").write_bytes(b"  s3cret\n")
-    c = load(["--hash-key-file", str(tmp_path / "key")],
+    (tmp_path / "client-token").write_bytes(b"cl1ent\n")
+    c = load(["--hash-key-file", str(tmp_path / "key"), "--client-token-file", str(tmp_path / "client-token")],
              {**env, "LMKV_ADMIN_TOKEN_FILE": str(tmp_path / "token")}, meminfo)
-    assert c.hash_key == b"k" * 32 and c.admin_token == b"s3cret"
-    assert "s3cret" not in repr(c) and "kkkk" not in repr(c)
+    assert c.hash_key == b"k" * 32 and c.admin_token == b"s3cret" and c.client_token == b"cl1ent"
+    assert "s3cret" not in repr(c) and "kkkk" not in repr(c) and "cl1ent" not in repr(c)
+    c = load([], {**env, "LMKV_CLIENT_TOKEN_FILE": str(tmp_path / "client-token")}, meminfo)
+    assert c.client_token == b"cl1ent"
+
+
+def test_remote_clients_need_the_flag_and_a_token(tmp_path: Path, env: dict[str, str], meminfo: str) -> None:
+    (tmp_path / "client-token").write_text("t0ken\n")
+    remote = ["--endpoint", "tcp://0.0.0.0:5555", "--client-token-file", str(tmp_path / "client-token")]
+    assert load_error(remote, env, meminfo).flag == "--endpoint"
+    c = load([*remote, "--allow-remote-clients"], env, meminfo)
+    assert c.allow_remote_clients and c.endpoint == "tcp://0.0.0.0:5555" and c.client_token == b"t0ken"
+    c = load(remote, {**env, "LMKV_ALLOW_REMOTE_CLIENTS": "on"}, meminfo)
+    assert c.allow_remote_clients
+    # Only the stats socket is remote: no HELLO happens there, so no token is needed.
+    c = load(["--stats-endpoint", "tcp://*:5556", "--allow-remote-clients"], env, meminfo)
+    assert c.client_token is None and c.stats_endpoint == "tcp://*:5556"
+    assert load(["--endpoint", "tcp://127.0.0.1:5555"], env, meminfo).allow_remote_clients is False
+
+
+@pytest.mark.parametrize(("endpoint", "loopback"), [
+    ("ipc:///tmp/x.sock", True), ("tcp://127.0.0.1:1", True), ("tcp://127.9.8.7:1", True),
+    ("tcp://localhost:1", True), ("tcp://LOCALHOST:1", True), ("tcp://[::1]:1", True),
+    ("tcp://*:1", False), ("tcp://0.0.0.0:1", False), ("tcp://10.1.2.3:1", False), ("tcp://[::]:1", False),
+    ("tcp://node1:1", False), ("tcp://127.0.0.1.evil:1", False), ("tcp://127.0.0.256:1", False),
+])
+def test_is_loopback_endpoint(endpoint: str, loopback: bool) -> None:
+    assert is_loopback_endpoint(endpoint) is loopback
 
 
 @pytest.mark.parametrize(
@@ -379,6 +414,16 @@ def test_config_is_frozen(env: dict[str, str], meminfo: str) -> None:
         ([], {"LMKV_STATS_INTERVAL": "-1s"}, "--stats-interval", ["negative"]),
         (["--metrics-namespaces", "1001"], {}, "--metrics-namespaces", ["0..1000"]),
         (["--run-dir", ""], {}, "--run-dir", ["not a path"]),
+        (["--endpoint", "tcp://*:5555"], {}, "--endpoint", ["other hosts can reach", "--allow-remote-clients"]),
+        (["--endpoint", "tcp://10.0.0.5:5555"], {}, "--endpoint", ["--client-token-file"]),
+        (["--stats-endpoint", "tcp://0.0.0.0:5556"], {}, "--stats-endpoint", ["--allow-remote-clients"]),
+        (["--stats-publish-endpoint", "tcp://node1:5557"], {}, "--stats-publish-endpoint", ["127.0.0.1"]),
+        (["--endpoint", "tcp://*:5555", "--allow-remote-clients"], {}, "--client-token-file",
+         ["every HELLO must present a token"]),
+        (["--client-pool-share", "0"], {}, "--client-pool-share", ["50%"]),
+        (["--client-pool-share", "150%"], {}, "--client-pool-share", ["at most 1"]),
+        (["--client-pool-share", "half"], {}, "--client-pool-share", ["'half'"]),
+        (["--client-max-inflight", "0"], {}, "--client-max-inflight", ["1..1000000"]),
     ],
 )
 def test_validation_errors_name_the_flag(

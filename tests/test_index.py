@@ -664,9 +664,13 @@ class IndexMachine(RuleBasedStateMachine):
         self.doomed_pins = 0
 
     @rule(owner=st.sampled_from(OWNERS), ns=st.sampled_from(NAMESPACES),
-          ids=st.lists(st.integers(0, 11), min_size=1, max_size=6))
-    def reserve(self, owner: str, ns: bytes, ids: list[int]) -> None:
-        r = self.idx.reserve(owner, ns, hs(*ids))
+          ids=st.lists(st.integers(0, 11), min_size=1, max_size=6),
+          cap=st.none() | st.integers(0, 3 * SLAB))
+    def reserve(self, owner: str, ns: bytes, ids: list[int], cap: int | None) -> None:
+        before = self.idx.owner_write_bytes(owner)
+        r = self.idx.reserve(owner, ns, hs(*ids), cap)
+        if cap is not None:
+            assert self.idx.owner_write_bytes(owner) <= max(cap, before), "the write quota holds"
         assert len(r.status) == len(ids)
         if N in r.status:
             first = r.status.index(N)
@@ -734,6 +738,13 @@ class IndexMachine(RuleBasedStateMachine):
         assert self.idx.owner_lease_count(owner) == 0
 
     @invariant()
+    def write_bytes_match_write_leases(self) -> None:
+        for owner in OWNERS:
+            slots = sum(self.idx.pool.slot_bytes_for(self.idx.chunk_bytes(ns) or 0) * len(ids)
+                        for o, ns, ids in self.writes.values() if o == owner)
+            assert self.idx.owner_write_bytes(owner) == slots
+
+    @invariant()
     def pinned_chunks_stay_visible(self) -> None:
         for _owner, nss, ids in self.reads.values():
             for ns in nss:
@@ -796,6 +807,60 @@ def test_internal_write_is_invisible_until_finished_and_freed_on_failure() -> No
     idx.finish_internal(e2, ok=False)
     assert not hit(idx, NS0, 8) and used(idx) < before
     assert idx.reserve_internal(b"\x99" * 16 + hs(1)) is None, "undeclared namespace"
+
+
+def test_internal_write_gets_the_checksum_of_its_bytes_with_verify() -> None:
+    idx = make_index()
+    seen: list[tuple[int, int]] = []
+    idx.checksum_at = lambda off, n: seen.append((off, n)) or 4242
+    e = idx.reserve_internal(NS0 + hs(7))
+    assert e is not None
+    idx.finish_internal(e, ok=True)
+    assert seen == [(e.offset, SMALL)] and e.checksum == 4242
+    assert idx.pin("r", [NS0], hs(7)).checksums == [[4242]]
+    assert idx.pool.read_record(e.slot).checksum == 4242, "persisted for a warm restart"
+
+
+def test_drop_corrupt_needs_the_checksum_the_loader_was_given() -> None:
+    idx = make_index()
+    r = idx.reserve("w", NS0, hs(1, 2))
+    idx.commit("w", r.lease_id, hs(1, 2), [5, 6])
+    pinned = idx.pin("r", [NS0], hs(1, 2))
+    assert idx.drop_corrupt(NS0, hs(1, 2), [5, 7]) == 1
+    assert idx.lookup([NS0], hs(1, 2)) == 0 and idx.counters.corrupt == 1
+    assert idx.drop_corrupt(NS0, hs(1), [5]) == 0, "gone already"
+    assert idx.drop_corrupt(NS1, hs(2), [6]) == 0, "another namespace"
+    before = used(idx)
+    idx.release("r", pinned.lease_id)
+    assert used(idx) < before, "the corrupt slot is freed once unpinned"
+    assert idx.lookup([NS0], hs(2)) == 1
+
+
+def test_restore_requiring_checksums_frees_records_without_one() -> None:
+    region = MemRegion(2 * MiB + 2 * SLAB)
+    idx = make_index(region=region)
+    r = idx.reserve("w", NS0, hs(1, 2, 3))
+    idx.commit("w", r.lease_id, hs(1, 2), [0, 9])   # chunk 3 is aborted
+    pool, records = HostPool.open(region, SLAB, MIN_SLOT)  # type: ignore[arg-type]
+    again = ChunkIndex(pool)
+    assert again.restore(records, require_checksum=True) == 1
+    again.declare(NS0, SMALL)
+    assert again.lookup([NS0], hs(2)) == 1 and again.lookup([NS0], hs(1)) == 0
+    assert again.counters.unverified == 1 and pool.alloc_state.used_bytes == SMALL
+
+
+def test_write_quota_refuses_slots_past_the_owners_share() -> None:
+    idx = make_index(num_slabs=2)               # 8 SMALL slots
+    r = idx.reserve("w", NS0, hs(1, 2, 3, 4), max_write_bytes=3 * SMALL)
+    assert r.status == [W, W, W, N] and idx.owner_write_bytes("w") == 3 * SMALL
+    assert idx.counters.quota_refused == 1
+    assert idx.reserve("w", NS0, hs(9), max_write_bytes=3 * SMALL).status == [N]
+    assert idx.reserve("v", NS0, hs(9), max_write_bytes=3 * SMALL).status == [W], "per owner"
+    idx.commit("w", r.lease_id)
+    assert idx.owner_write_bytes("w") == 0
+    assert idx.reserve("w", NS0, hs(10), max_write_bytes=3 * SMALL).status == [W]
+    idx.drop_owner("w")
+    assert idx.owner_write_bytes("w") == 0
 
 
 def test_hold_keeps_a_cleared_entry_readable_until_unheld() -> None:

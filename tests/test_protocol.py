@@ -45,6 +45,7 @@ REQUESTS: dict[str, P.Request] = {
     "stats": P.Stats(req_id=12),
     "clear-all": P.Clear(req_id=13),
     "clear-ns": P.Clear(req_id=14, token=b"admin", namespace=NS),
+    "corrupt": P.Corrupt(req_id=15, namespace=NS, hashes=hashes(2), checksums=P.pack_u64([5, 2**64 - 1])),
     "req-id-zero": P.Ping(req_id=0),
     "req-id-max": P.Ping(req_id=2**63 - 1),
 }
@@ -75,6 +76,7 @@ REPLIES: dict[str, tuple[Op, P.Reply]] = {
                                      snapshot={"entries": 3, "tiers": {"host": [1, 2]}, "name": "x", "f": 0.5})),
     "stats-empty": (Op.STATS, P.StatsReply(req_id=7, boot_id=BOOT, snapshot={})),
     "clear": (Op.CLEAR, P.ClearReply(req_id=8, boot_id=BOOT, dropped=10)),
+    "corrupt": (Op.CORRUPT, P.CorruptReply(req_id=9, boot_id=BOOT, dropped=1)),
 }
 
 
@@ -190,7 +192,7 @@ def test_error_codes_are_stable() -> None:
     assert {c.name: c.value for c in ErrorCode} == {
         "BAD_FRAME": 1, "UNKNOWN_OP": 2, "BAD_REQUEST": 3, "VERSION": 4, "NOT_REGISTERED": 5,
         "UNKNOWN_NAMESPACE": 6, "UNKNOWN_LEASE": 7, "NO_SPACE": 8, "UNAUTHORIZED": 9, "TOO_LARGE": 10,
-        "QUOTA": 11, "CONFLICT": 12, "INTERNAL": 13}
+        "QUOTA": 11, "CONFLICT": 12, "INTERNAL": 13, "CORRUPT": 14}
     assert [s.value for s in P.SlotStatus] == [0, 1, 2, 3]
 
 
@@ -236,7 +238,7 @@ def test_op_frame_must_be_one_byte(op_frame: bytes) -> None:
     assert_rejected([op_frame, GOOD[1]], ErrorCode.BAD_FRAME, "op frame")
 
 
-@pytest.mark.parametrize("op", [0, 9, 42, 127, 255])
+@pytest.mark.parametrize("op", [0, 10, 42, 127, 255])
 def test_unknown_op(op: int) -> None:
     assert_rejected([bytes((op,)), GOOD[1]], ErrorCode.UNKNOWN_OP)
 
@@ -425,6 +427,34 @@ def test_commit_checksums_without_hashes_rejected() -> None:
     assert_rejected(P.encode_request(msg), ErrorCode.BAD_REQUEST, "checksums")
 
 
+@pytest.mark.parametrize("n_hashes, n_sums", [(0, 0), (2, 0), (2, 1), (2, 3), (0, 1)])
+def test_corrupt_needs_one_checksum_per_hash(n_hashes: int, n_sums: int) -> None:
+    msg = P.Corrupt(req_id=1, namespace=NS, hashes=hashes(n_hashes), checksums=P.pack_u64(list(range(n_sums))))
+    assert_rejected(P.encode_request(msg), ErrorCode.BAD_REQUEST, "checksum")
+
+
+@pytest.mark.parametrize("field", ["namespace", "hashes", "checksums"])
+def test_corrupt_missing_field(field: str) -> None:
+    body = body_of(REQUESTS["corrupt"])
+    del body[field]
+    assert_rejected(frames(Op.CORRUPT, body), ErrorCode.BAD_REQUEST, field)
+
+
+def test_corrupt_namespace_of_wrong_size() -> None:
+    body = body_of(REQUESTS["corrupt"])
+    body["namespace"] = NS[:15]
+    assert_rejected(frames(Op.CORRUPT, body), ErrorCode.BAD_REQUEST, "16 bytes")
+
+
+def test_lookup_keys_are_bounded_across_namespaces() -> None:
+    """Namespaces × chunks bounds one LOOKUP's walk of the index (the loop's time)."""
+    n = P.MAX_KEYS_PER_LOOKUP // 16
+    ok = P.Lookup(req_id=1, namespaces=[NS] * 16, hashes=bytes(16 * n))
+    assert P.decode_request(P.encode_request(ok)) == ok
+    assert_rejected(P.encode_request(P.Lookup(req_id=1, namespaces=[NS] * 16, hashes=bytes(16 * (n + 1)))),
+                    ErrorCode.TOO_LARGE, "keys")
+
+
 @pytest.mark.parametrize("payload", [
     msgpack.packb([[[[[[[[[[[1]]]]]]]]]]]),
     b"\x91" * 5000 + b"\x80",                           # 5000-deep array nesting
@@ -596,3 +626,187 @@ def test_unpack_u64_rejects_ragged(length: int) -> None:
     with pytest.raises(ProtocolError) as info:
         P.unpack_u64(b"\0" * length)
     assert info.value.code == ErrorCode.BAD_FRAME
+
+
+# -- property tests over every op: valid messages round-trip, every decoder survives mutation ---
+
+_u63 = st.integers(0, 2**63 - 1)
+_i64 = st.integers(-(2**63 - 1), 2**63 - 1)
+_ns = st.binary(min_size=16, max_size=16)
+_hash_lists = st.lists(st.binary(min_size=16, max_size=16), max_size=24).map(b"".join)
+_floats = st.floats(allow_nan=False)
+
+
+@st.composite
+def _hashes_with_sums(draw: st.DrawFn, min_size: int = 0, sums_optional: bool = True) -> tuple[bytes, bytes]:
+    n = draw(st.integers(min_size, 24))
+    packed = b"".join(draw(st.lists(st.binary(min_size=16, max_size=16), min_size=n, max_size=n)))
+    sums = P.pack_u64(draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n)))
+    return packed, (b"" if sums_optional and draw(st.booleans()) else sums)
+
+
+def _commit(req_id: int, lease_id: int, hs: tuple[bytes, bytes]) -> P.Commit:
+    return P.Commit(req_id, lease_id, *hs)
+
+
+def _corrupt(req_id: int, ns: bytes, hs: tuple[bytes, bytes]) -> P.Corrupt:
+    return P.Corrupt(req_id, ns, *hs)
+
+
+REQUEST_STRATEGIES: dict[Op, st.SearchStrategy[Any]] = {
+    Op.HELLO: st.builds(P.Hello, req_id=_u63, version=_i64, role=st.sampled_from(["scheduler", "worker", "admin",
+                                                                                 "client"]),
+                        pid=_i64, name=st.text(max_size=30),
+                        namespaces=st.lists(st.builds(P.NamespaceInfo, id=_ns, chunk_bytes=st.integers(1, 1 << 40),
+                                                      name=st.text(max_size=20)), max_size=5),
+                        token=st.none() | st.binary(max_size=64)),
+    Op.LOOKUP: st.builds(P.Lookup, req_id=_u63, namespaces=st.lists(_ns, min_size=1, max_size=8), hashes=_hash_lists,
+                         pin=st.booleans()),
+    Op.RESERVE: st.builds(P.Reserve, req_id=_u63, namespace=_ns, hashes=_hash_lists),
+    Op.COMMIT: st.builds(_commit, _u63, _i64, _hashes_with_sums()),
+    Op.RELEASE: st.builds(P.Release, req_id=_u63, lease_id=_i64),
+    Op.PING: st.builds(P.Ping, req_id=_u63),
+    Op.STATS: st.builds(P.Stats, req_id=_u63),
+    Op.CLEAR: st.builds(P.Clear, req_id=_u63, token=st.none() | st.binary(max_size=64), namespace=st.none() | _ns),
+    Op.CORRUPT: st.builds(_corrupt, _u63, _ns, _hashes_with_sums(min_size=1, sums_optional=False)),
+}
+
+_boot = st.binary(min_size=16, max_size=16)
+_snapshot_values = st.recursive(st.none() | st.booleans() | _i64 | _floats | st.text(max_size=10),
+                                lambda inner: st.lists(inner, max_size=3)
+                                | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+REPLY_STRATEGIES: dict[Op, st.SearchStrategy[Any]] = {
+    Op.HELLO: st.builds(P.HelloReply, req_id=_u63, boot_id=_boot, client_id=_i64, chunk_tokens=_i64,
+                        hash_key=st.binary(max_size=64), lease_timeout=_floats, heartbeat_interval=_floats,
+                        regions=st.lists(st.builds(P.RegionInfo, region_id=_i64, kind=st.text(max_size=5),
+                                                   name=st.text(max_size=20), size=_i64, uuid=st.binary(max_size=16),
+                                                   device=_i64, handle=st.binary(max_size=64)), max_size=3),
+                        verify=st.booleans(), version=_i64),
+    Op.LOOKUP: st.builds(P.LookupReply, req_id=_u63, boot_id=_boot, hits=_i64, lease_id=_i64,
+                         offsets=st.lists(st.binary(max_size=64), max_size=3),
+                         regions=st.lists(st.binary(max_size=8), max_size=3),
+                         checksums=st.lists(st.binary(max_size=64), max_size=3), pending=_i64),
+    Op.RESERVE: st.builds(P.ReserveReply, req_id=_u63, boot_id=_boot, lease_id=_i64, status=st.binary(max_size=8),
+                          offsets=st.binary(max_size=64), regions=st.binary(max_size=8)),
+    Op.COMMIT: st.builds(P.CommitReply, req_id=_u63, boot_id=_boot, committed=_i64),
+    Op.RELEASE: st.builds(P.ReleaseReply, req_id=_u63, boot_id=_boot, released=_i64),
+    Op.PING: st.builds(P.PingReply, req_id=_u63, boot_id=_boot, leases=_i64),
+    Op.STATS: st.builds(P.StatsReply, req_id=_u63, boot_id=_boot,
+                        snapshot=st.dictionaries(st.text(max_size=10), _snapshot_values, max_size=5)),
+    Op.CLEAR: st.builds(P.ClearReply, req_id=_u63, boot_id=_boot, dropped=_i64),
+    Op.CORRUPT: st.builds(P.CorruptReply, req_id=_u63, boot_id=_boot, dropped=_i64),
+}
+_error_replies = st.builds(P.ErrorReply, req_id=_u63, boot_id=_boot, code=_i64, message=st.text(max_size=40))
+
+
+def test_every_op_has_a_request_and_a_reply_strategy() -> None:
+    assert set(REQUEST_STRATEGIES) == set(REPLY_STRATEGIES) == set(Op)
+
+
+@_SETTINGS
+@given(st.sampled_from(list(Op)).flatmap(lambda op: REQUEST_STRATEGIES[op]))
+def test_any_valid_request_round_trips(msg: P.Request) -> None:
+    fr = P.encode_request(msg)
+    assert P.decode_request(fr) == msg
+    assert P.peek_req_id(fr) == msg.req_id
+
+
+@_SETTINGS
+@given(st.sampled_from(list(Op)).flatmap(lambda op: st.tuples(st.just(op), REPLY_STRATEGIES[op] | _error_replies)))
+def test_any_reply_round_trips(op_msg: tuple[Op, P.Reply]) -> None:
+    op, msg = op_msg
+    fr = P.encode_reply(msg)
+    assert P.decode_reply(op, fr) == msg
+    assert P.peek_req_id(fr) == msg.req_id
+
+
+def _mutate(draw: st.DrawFn, fr: list[bytes]) -> list[bytes]:
+    fr = list(fr)
+    for _ in range(draw(st.integers(1, 4))):
+        i = draw(st.integers(0, len(fr) - 1))
+        data = bytearray(fr[i])
+        kind = draw(st.sampled_from(["flip", "set", "truncate", "insert", "delete"]))
+        pos = draw(st.integers(0, max(len(data) - 1, 0)))
+        if kind == "flip" and data:
+            data[pos] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and data:
+            data[pos] = draw(st.integers(0, 255))
+        elif kind == "truncate":
+            del data[pos:]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete" and data:
+            del data[pos:pos + draw(st.integers(1, 8))]
+        fr[i] = bytes(data)
+    return fr
+
+
+@st.composite
+def _mutated_requests(draw: st.DrawFn) -> list[bytes]:
+    msg = draw(st.sampled_from(list(Op)).flatmap(lambda op: REQUEST_STRATEGIES[op]))
+    return _mutate(draw, P.encode_request(msg))
+
+
+@st.composite
+def _mutated_replies(draw: st.DrawFn) -> tuple[Op, list[bytes]]:
+    op = draw(st.sampled_from(list(Op)))
+    msg = draw(REPLY_STRATEGIES[op] | _error_replies)
+    return op, _mutate(draw, P.encode_reply(msg))
+
+
+@_SETTINGS
+@given(_mutated_requests())
+def test_mutated_requests_of_every_op_only_raise_protocol_error(fr: list[bytes]) -> None:
+    _decode_or_protocol_error(fr)
+
+
+@_SETTINGS
+@given(_mutated_replies())
+def test_mutated_replies_of_every_op_only_raise_protocol_error(op_fr: tuple[Op, list[bytes]]) -> None:
+    """What a client's decoder does with a damaged reply: a ProtocolError or a reply of the
+    kind asked for (or an error reply), never another exception."""
+    op, fr = op_fr
+    try:
+        out = P.decode_reply(op, fr)
+    except ProtocolError as e:
+        assert isinstance(e.code, ErrorCode) and e.message
+    else:
+        assert type(out) in (P.REPLY_TYPES[op], P.ErrorReply)
+    rid = P.peek_req_id(fr)
+    assert type(rid) is int and 0 <= rid < 2**63
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(list(Op)).flatmap(lambda op: st.tuples(st.just(op), REPLY_STRATEGIES[op])),
+       st.dictionaries(st.sampled_from(sorted({f.name for t in (*P.REPLY_TYPES.values(), P.ErrorReply, P.RegionInfo)
+                                               for f in dataclasses.fields(t)})),
+                       _msgpack_values | st.none(), max_size=3))
+def test_reply_maps_with_fields_replaced_only_raise_protocol_error(op_msg: tuple[Op, P.Reply],
+                                                                   changes: dict[str, Any]) -> None:
+    op, msg = op_msg
+    body = msgpack.unpackb(P.encode_reply(msg)[1], raw=False)
+    for name, value in changes.items():
+        if value is None:
+            body.pop(name, None)
+        else:
+            body[name] = value
+    try:
+        payload = msgpack.packb(body, use_bin_type=True)
+    except (OverflowError, ValueError):
+        return
+    for status in (b"\0", b"\1"):
+        try:
+            P.decode_reply(op, [status, payload])
+        except ProtocolError:
+            pass
+
+
+@_SETTINGS
+@given(st.binary(max_size=80))
+def test_unpack_u64_only_raises_protocol_error(packed: bytes) -> None:
+    try:
+        out = P.unpack_u64(packed)
+    except ProtocolError as e:
+        assert e.code == ErrorCode.BAD_FRAME and len(packed) % 8
+    else:
+        assert len(out) * 8 == len(packed) and P.pack_u64(out) == packed

@@ -319,3 +319,117 @@ def test_second_sidecar_on_the_same_run_dir_is_refused(sc: Harness) -> None:
         sc._new()
     sc.hello(b"sched", role="scheduler")  # the first sidecar is unharmed
     assert sc.lookup(b"sched", [NS_A], hashes(1)).hits == 0
+
+
+# -- integrity (--verify on) -------------------------------------------------------------------
+
+
+@pytest.fixture
+def verifying() -> Iterator[Harness]:
+    h = Harness(Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp")), "--verify", "on")
+    yield h
+    h.close()
+
+
+def test_verify_needs_a_checksum_per_chunk_at_commit(verifying: Harness) -> None:
+    h = verifying
+    assert h.hello(b"w1", NS_A).verify
+    used = h.stats()["tiers"]["host"]["used_bytes"]
+    r = h.ok(b"w1", P.Reserve(1, NS_A, hashes(1, 2)))
+    assert isinstance(r, P.ReserveReply)
+    err = h.error(b"w1", P.Commit(2, r.lease_id), P.ErrorCode.BAD_REQUEST)
+    assert "--verify on" in err.message
+    s = h.stats()
+    assert s["leases"] == {"read": 0, "write": 0}, "the lease ended with the refusal"
+    assert s["tiers"]["host"]["used_bytes"] == used and s["tiers"]["host"]["entries"] == 0
+    h.error(b"w1", P.Commit(3, r.lease_id, hashes(1), P.pack_u64([7])), P.ErrorCode.UNKNOWN_LEASE)
+
+    r = h.ok(b"w1", P.Reserve(4, NS_A, hashes(1, 2)))
+    c = h.ok(b"w1", P.Commit(5, r.lease_id, hashes(1, 2), P.pack_u64([11, 22])))  # type: ignore[union-attr]
+    assert c.committed == 2  # type: ignore[union-attr]
+    pinned = h.lookup(b"w1", [NS_A], hashes(1, 2), pin=True)
+    assert [P.unpack_u64(x).tolist() for x in pinned.checksums] == [[11, 22]]
+
+
+def test_a_reported_corrupt_chunk_is_dropped_and_counted(verifying: Harness) -> None:
+    h = verifying
+    h.hello(b"w1", NS_A)
+    h.hello(b"loader", role="worker")
+    r = h.ok(b"w1", P.Reserve(1, NS_A, hashes(1, 2, 3)))
+    h.ok(b"w1", P.Commit(2, r.lease_id, hashes(1, 2, 3), P.pack_u64([11, 22, 33])))  # type: ignore[union-attr]
+    pinned = h.lookup(b"loader", [NS_A], hashes(1, 2, 3), pin=True)
+
+    stale = h.ok(b"loader", P.Corrupt(3, NS_A, hashes(2), P.pack_u64([99])))
+    assert isinstance(stale, P.CorruptReply) and stale.dropped == 0, "another checksum: a stale report"
+    bad = h.ok(b"loader", P.Corrupt(4, NS_A, hashes(2), P.pack_u64([22])))
+    assert isinstance(bad, P.CorruptReply) and bad.dropped == 1
+    assert h.lookup(b"w1", [NS_A], hashes(1, 2, 3)).hits == 1, "never served again: the prefix ends before it"
+    s = h.stats()
+    assert s["errors_by_code"] == {"CORRUPT": 1} and s["corrupt_chunks"] == 1
+    assert s["tiers"]["host"]["entries"] == 2
+    used = s["tiers"]["host"]["used_bytes"]
+    h.ok(b"loader", P.Release(5, pinned.lease_id))
+    assert h.stats()["tiers"]["host"]["used_bytes"] < used, "the pinned slot is freed with the last pin"
+    again = h.ok(b"w1", P.Reserve(6, NS_A, hashes(1, 2, 3)))
+    assert list(again.status) == [P.SlotStatus.PRESENT, P.SlotStatus.WRITE, P.SlotStatus.PRESENT]  # type: ignore
+
+
+def test_restart_with_verify_drops_chunks_stored_without_checksums(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.store(b"w1", NS_A, hashes(1, 2))            # verify off: no checksums
+    sc.server.close()
+    sc.flags = (*sc.flags, "--verify", "on")
+    sc.server = sc._new()
+    s = sc.stats()
+    assert s["tiers"]["host"]["entries"] == 0 and s["tiers"]["host"]["used_bytes"] == 0
+
+
+def test_lookup_without_verify_carries_no_checksums(sc: Harness) -> None:
+    assert not sc.hello(b"w1", NS_A).verify
+    sc.store(b"w1", NS_A, hashes(1))
+    assert sc.lookup(b"w1", [NS_A], hashes(1), pin=True).checksums == []
+
+
+# -- per-client limits ---------------------------------------------------------------------------
+
+
+def test_one_writer_cannot_hold_more_than_its_share_of_the_pool(tmp_path: Path) -> None:
+    h = Harness(Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp")), "--client-pool-share", "25%")
+    try:
+        h.hello(b"w1", NS_A, chunk=1 << 20)
+        h.hello(b"w2", NS_A, chunk=1 << 20)
+        cap = h.stats()["tiers"]["host"]["capacity_bytes"]
+        share = cap // 4 // (1 << 20)
+        r1 = h.ok(b"w1", P.Reserve(1, NS_A, hashes(*range(1, 2 * share))))
+        assert isinstance(r1, P.ReserveReply)
+        assert list(r1.status) == [P.SlotStatus.WRITE] * share + [P.SlotStatus.NO_SPACE] * (share - 1)
+        r1b = h.ok(b"w1", P.Reserve(2, NS_A, hashes(500)))
+        assert list(r1b.status) == [P.SlotStatus.NO_SPACE], "a second lease counts against the same share"  # type: ignore
+        r2 = h.ok(b"w2", P.Reserve(3, NS_A, hashes(1000, 1001)))
+        assert list(r2.status) == [P.SlotStatus.WRITE] * 2, "other writers still find room"  # type: ignore
+        assert h.stats()["quota_refused_chunks"] == share
+        h.ok(b"w1", P.Commit(4, r1.lease_id))
+        r1c = h.ok(b"w1", P.Reserve(5, NS_A, hashes(600)))
+        assert list(r1c.status) == [P.SlotStatus.WRITE], "committed chunks no longer count"  # type: ignore
+    finally:
+        h.close()
+
+
+def test_namespaces_and_clients_are_bounded(sc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmkv_mp.server as server
+
+    monkeypatch.setattr(server, "MAX_NAMESPACES_PER_CLIENT", 3)
+    monkeypatch.setattr(server, "MAX_NAMESPACES", 5)
+    monkeypatch.setattr(server, "MAX_CLIENTS", 3)
+    ns = [bytes([i]) * 16 for i in range(1, 8)]
+    sc.hello(b"c1", *ns[:3])
+    sc.hello(b"c1", *ns[:3])  # the same ones again: nothing new
+    sc.error(b"c1", P.Hello(2, P.PROTOCOL_VERSION, "worker", 1, "", [P.NamespaceInfo(ns[3], CHUNK)]),
+             P.ErrorCode.QUOTA)
+    sc.hello(b"c2", *ns[3:5])
+    sc.error(b"c3", P.Hello(3, P.PROTOCOL_VERSION, "worker", 1, "", [P.NamespaceInfo(ns[5], CHUNK)]),
+             P.ErrorCode.QUOTA)
+    sc.hello(b"c3", ns[0])
+    sc.error(b"c4", P.Hello(4, P.PROTOCOL_VERSION, "worker"), P.ErrorCode.QUOTA)
+    sc.server.reap(time.monotonic() + 5)
+    sc.hello(b"c4")  # idle clients reaped: room again

@@ -18,7 +18,9 @@ class LoadJob:
 
     ``offsets[r][i]`` is the host-region offset of chunk i for rank r. ``block_ids`` are the
     destination blocks of the loaded tokens, in order; the first chunk contributes its blocks
-    from ``skip_blocks`` on (the engine already holds the ones before).
+    from ``skip_blocks`` on (the engine already holds the ones before). ``checksums[r][i]``
+    (``--verify on``, else empty) is what chunk i's bytes must hash to, and ``hashes`` holds
+    the chunks' chain hashes, so that a rank can name a chunk that failed to the sidecar.
     """
 
     req_id: str
@@ -27,6 +29,7 @@ class LoadJob:
     checksums: list[list[int]]
     block_ids: list[int]
     skip_blocks: int
+    hashes: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,7 +39,7 @@ from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, 
 from lmkv_mp.integration.vllm_worker import WorkerSide
 from lmkv_mp.keys import Namespace
 from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.transfer import PagedKV
+from lmkv_mp.transfer import PagedKV, slot_checksum
 
 if TYPE_CHECKING:
     import torch
@@ -172,7 +172,9 @@ class LMKVConnector(KVConnectorBase_V1):
             log.warning("lmkv: connector disabled on this rank: %s", self._declined)
             return
         expected = self._spec.page_size_bytes * len(tensors)
-        self._worker = WorkerSide(self._client, paged, get_tensor_model_parallel_rank(), expected)
+        # The checksum is used while the sidecar runs --verify on (its HELLO says so).
+        self._worker = WorkerSide(self._client, paged, get_tensor_model_parallel_rank(), expected,
+                                  checksum=slot_checksum)
         self._client.connect()
 
     def _plan(self) -> StepPlan | None:

@@ -3,11 +3,17 @@
 Each rank runs the jobs of the step plan on one background thread, in order:
 
 * load: check the plan's sidecar boot id is still current (a restart ends the leases
-  that protected the slots), scatter each chunk into the request's blocks, optionally
-  verify checksums; report the request in ``finished_recving``. Any failure reports the
-  request's blocks in ``get_block_ids_with_load_errors`` first, so vLLM recomputes them.
+  that protected the slots), scatter each chunk into the request's blocks; report the
+  request in ``finished_recving``. Any failure reports the request's blocks in
+  ``get_block_ids_with_load_errors`` first, so vLLM recomputes them.
 * store: RESERVE, gather each writable chunk into its slot, COMMIT what was written.
   A failed store is a future miss, nothing more.
+
+With ``--verify on`` (the sidecar says so in HELLO) a store sends each slot's checksum at
+COMMIT, and a load hashes each slot *after* scattering it and compares with the checksum
+the LOOKUP gave. After, not before: bytes that change between the check and the copy
+would pass unseen, while bytes that change after the copy only cost a needless recompute.
+A mismatch fails the load (recompute) and is reported to the sidecar, which drops the chunk.
 
 Blocks a job reads stay valid until the job ends: vLLM keeps a running request's blocks,
 ``request_finished`` delays the free of requests with stores, and ``handle_preemptions``
@@ -28,14 +34,16 @@ from lmkv_mp.client import SidecarClient
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.transfer import PagedKV
+from lmkv_mp.transfer import PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
 
 
 class WorkerSide:
+    """``checksum`` hashes one slot; it is used only while the sidecar runs ``--verify on``."""
+
     def __init__(self, client: SidecarClient, paged: PagedKV, tp_rank: int, expected_block_bytes: int | None,
-                 checksum: Callable[[torch.Tensor], int] | None = None) -> None:
+                 checksum: Callable[[torch.Tensor], int] = slot_checksum) -> None:
         self.client = client
         self.paged = paged
         self.tp_rank = tp_rank
@@ -157,16 +165,23 @@ class WorkerSide:
         pos = 0
         for i, off in enumerate(offsets):
             slot = host[off:off + nbytes]
-            if self.checksum is not None and sums and self.checksum(slot) != sums[i]:
-                log.warning("lmkv: checksum mismatch loading %s chunk %d: recomputing", job.req_id, i)
-                return False
             first = job.skip_blocks if i == 0 else 0
             n = bpc - first
             self.paged.scatter(slot, job.block_ids[pos:pos + n], first=first)
             pos += n
+            if sums and self.checksum(slot) != sums[i]:
+                self._report_corrupt(plan, job, i, sums[i])
+                return False
         with self._lock:
             self.stats["load_chunks"] += len(offsets)
         return pos == len(job.block_ids)
+
+    def _report_corrupt(self, plan: StepPlan, job: LoadJob, i: int, expected: int) -> None:
+        ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
+        h = job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES]
+        dropped = self.client.report_corrupt(ns, h, [expected]) if len(h) == HASH_BYTES else 0
+        log.warning("lmkv: chunk %d of %s failed its checksum after the copy: recomputing (sidecar dropped %d)",
+                    i, job.req_id, dropped)
 
     def _store(self, plan: StepPlan, job: StoreJob) -> None:
         start = time.perf_counter()
@@ -202,12 +217,13 @@ class WorkerSide:
             return
         written: list[bytes] = []
         sums: list[int] = []
+        verify = self.client.verify  # as of the HELLO the RESERVE ran under
         for i in res.writable().tolist():
             off = int(res.offsets[i])
             slot = host[off:off + nbytes]
             self.paged.gather(job.block_ids[i * bpc:(i + 1) * bpc], slot)
             written.append(job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES])
-            if self.checksum is not None:
+            if verify:
                 sums.append(self.checksum(slot))
         committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
         with self._lock:

@@ -83,6 +83,16 @@ class Geometry:
                    slab_table_off + num_slabs * _SLAB.size, data_off)
 
 
+def pool_uuid(view: memoryview) -> bytes | None:
+    """The uuid in a pool header (what the sidecar announces in HELLO), or None where the
+    region holds no pool header: a worker checks it after attaching, so a segment someone
+    recreated under the pool's name is never mistaken for the sidecar's."""
+    if len(view) < _HEADER.size:
+        return None
+    magic, _version, _hdr, uuid = _HEADER.unpack_from(view, 0)[:4]
+    return uuid if magic == MAGIC else None
+
+
 class HostPool:
     """Slots in a region, with their records persisted in the region itself."""
 

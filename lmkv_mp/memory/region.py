@@ -48,6 +48,8 @@ class HostRegion:
         self.size = size
         self.created = created
         try:
+            st = os.fstat(fd)
+            self._identity = (st.st_dev, st.st_ino)
             self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
@@ -56,19 +58,27 @@ class HostRegion:
     # -- construction ------------------------------------------------------------------
 
     @classmethod
-    def create_or_attach(cls, name: str, size: int, path: Path | None = None, mode: int = 0o600) -> "HostRegion":
+    def create_or_attach(cls, name: str, size: int, path: Path | None = None, mode: int = 0o600,
+                         group: int | None = None) -> "HostRegion":
         """Attach the existing region of exactly ``size`` bytes, or create a fresh one.
 
         An existing region of another size is replaced (its contents cannot match the
         configured geometry). A fresh region is fully allocated (``posix_fallocate``) so
         that running out of memory shows up here, not as SIGBUS in a worker's copy later.
+        Created or attached, the region ends up with exactly ``mode`` and, when ``group`` is
+        given, that group (a restart with other sharing settings re-applies them).
         """
         if path is not None:
-            return cls._file(path, size, mode)
+            return cls._file(path, size, mode, group)
         try:
             shm = posix_ipc.SharedMemory(name)
             if shm.size == size:
                 log.info("memory: re-attached host pool %s (%d bytes)", name, size)
+                try:
+                    _set_access(shm.fd, mode, group)
+                except OSError as e:
+                    os.close(shm.fd)
+                    raise RegionError(f"cannot set the mode or group of {name}: {e.strerror or e}") from e
                 return cls("shm", name, shm.fd, size, created=False)
             log.warning("memory: host pool %s has %d bytes, want %d: recreating it", name, shm.size, size)
             os.close(shm.fd)
@@ -80,7 +90,12 @@ class HostRegion:
         except posix_ipc.Error as e:
             raise RegionError(f"cannot create shm segment {name}: {e}") from e
         try:
-            os.fchmod(shm.fd, mode)  # the umask may have cleared bits; set exactly
+            _set_access(shm.fd, mode, group)  # the umask may have cleared bits; set exactly
+        except OSError as e:
+            os.close(shm.fd)
+            shm.unlink()
+            raise RegionError(f"cannot set the mode or group of {name}: {e.strerror or e}") from e
+        try:
             os.ftruncate(shm.fd, size)
             os.posix_fallocate(shm.fd, 0, size)
         except OSError as e:
@@ -93,11 +108,15 @@ class HostRegion:
         return region
 
     @classmethod
-    def _file(cls, path: Path, size: int, mode: int) -> "HostRegion":
+    def _file(cls, path: Path, size: int, mode: int, group: int | None = None) -> "HostRegion":
         created = not path.exists() or path.stat().st_size != size
         fd = os.open(path, os.O_RDWR | os.O_CREAT, mode)
         try:
-            os.fchmod(fd, mode)
+            _set_access(fd, mode, group)
+        except OSError as e:
+            os.close(fd)
+            raise RegionError(f"cannot set the mode or group of {path}: {e.strerror or e}") from e
+        try:
             if created:
                 os.ftruncate(fd, 0)
                 os.ftruncate(fd, size)
@@ -134,6 +153,25 @@ class HostRegion:
         return region
 
     # -- use ---------------------------------------------------------------------------
+
+    def linked(self) -> bool:
+        """Whether the region's name still refers to this mapping. False once someone
+        removed the segment (or file) from outside, or replaced it with another: this
+        process's mapping stays valid, but no new process can attach it."""
+        try:
+            if self.kind == "shm":
+                shm = posix_ipc.SharedMemory(self.name, read_only=True)
+                try:
+                    st = os.fstat(shm.fd)
+                finally:
+                    os.close(shm.fd)
+            else:
+                st = os.stat(self.name)
+        except (posix_ipc.ExistentialError, FileNotFoundError):
+            return False
+        except (posix_ipc.Error, OSError):
+            return True  # cannot tell (e.g. permissions changed): do not cry wolf
+        return (st.st_dev, st.st_ino) == self._identity
 
     def prefault(self, touch: bool = True) -> None:
         """Populate page tables now so the first copy into a slot does not fault per page.
@@ -187,3 +225,9 @@ class HostRegion:
                 os.unlink(self.name)
         except (posix_ipc.ExistentialError, FileNotFoundError):
             pass
+
+
+def _set_access(fd: int, mode: int, group: int | None) -> None:
+    os.fchmod(fd, mode)
+    if group is not None:
+        os.fchown(fd, -1, group)
