@@ -192,16 +192,17 @@ def launch_args(plan: CopyPlan, *, parts: int, tile_part: int, ids: int, slot: i
     return args, grid
 
 
-def source_hash(cuda_dir: Path = CUDA_DIR) -> str:
+def source_hash(cuda_dir: Path | None = None) -> str:
     """sha256 of the kernel sources' bytes in file-name order (what cuda/build.sh stamps)."""
+    cuda_dir = cuda_dir or CUDA_DIR
     h = hashlib.sha256()
     for p in sorted((*cuda_dir.glob("*.cu"), *cuda_dir.glob("*.cuh")), key=lambda p: p.name.encode()):
         h.update(p.read_bytes())
     return h.hexdigest()
 
 
-def nvrtc_options(cc: int, cuda_dir: Path = CUDA_DIR) -> list[str]:
-    return [f"--gpu-architecture=sm_{cc}", "-std=c++17", "-lineinfo", f"-I{cuda_dir}"]
+def nvrtc_options(cc: int, cuda_dir: Path | None = None) -> list[str]:
+    return [f"--gpu-architecture=sm_{cc}", "-std=c++17", "-lineinfo", f"-I{cuda_dir or CUDA_DIR}"]
 
 
 def _cuda_python() -> tuple[Any, Any]:
@@ -209,29 +210,34 @@ def _cuda_python() -> tuple[Any, Any]:
         from cuda.bindings import driver, nvrtc
     except ImportError:
         try:  # cuda-python < 12.6 spells the modules cuda.cuda and cuda.nvrtc
-            from cuda import cuda as driver, nvrtc  # type: ignore[no-redef]
+            from cuda import cuda as driver  # type: ignore[no-redef]
+            from cuda import nvrtc
         except ImportError as e:
             raise KernelsUnavailable(f"cuda-python is not installed ({e}): pip install 'lmkv_mp[gpu]'") from None
     return driver, nvrtc
+
+
+def _status_name(status: Any) -> str:
+    driver, nvrtc = _cuda_python()
+    if isinstance(status, nvrtc.nvrtcResult):
+        return nvrtc.nvrtcGetErrorString(status)[1].decode()
+    name = driver.cuGetErrorName(status)[1].decode()
+    desc = driver.cuGetErrorString(status)[1]
+    return name + (f" ({desc.decode()})" if desc else "")
 
 
 def _check(result: Any, what: str, fix: str = "") -> Any:
     """cuda-python returns (status, *values): raise on a bad status, else the value(s)."""
     status, *values = result if isinstance(result, tuple) else (result,)
     if int(status) != 0:
-        driver, nvrtc = _cuda_python()
-        if isinstance(status, nvrtc.nvrtcResult):
-            name = nvrtc.nvrtcGetErrorString(status)[1].decode()
-        else:
-            name = driver.cuGetErrorName(status)[1].decode()
-            desc = driver.cuGetErrorString(status)[1]
-            name += f" ({desc.decode()})" if desc else ""
-        raise KernelsUnavailable(f"{what} failed: {name}" + (f"; {fix}" if fix else ""))
+        raise KernelsUnavailable(f"{what} failed: {_status_name(status)}" + (f"; {fix}" if fix else ""))
     return values[0] if len(values) == 1 else tuple(values) or None
 
 
-def compile_cubin(op: str, cc: int, *, extra: Sequence[str] = (), cuda_dir: Path = CUDA_DIR) -> tuple[bytes, str]:
+def compile_cubin(op: str, cc: int, *, extra: Sequence[str] = (), cuda_dir: Path | None = None
+                  ) -> tuple[bytes, str]:
     """NVRTC-compile ``cuda/<op>.cu`` to a cubin for sm_<cc>: (cubin, compiler log). Needs no GPU."""
+    cuda_dir = cuda_dir or CUDA_DIR
     _, nvrtc = _cuda_python()
     src = (cuda_dir / f"{op}.cu").read_bytes()
     opts = [o.encode() for o in (*nvrtc_options(cc, cuda_dir), *extra)]
@@ -257,21 +263,21 @@ def compile_cubin(op: str, cc: int, *, extra: Sequence[str] = (), cuda_dir: Path
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-def _cubin(op: str, cc: int, cache_dir: Path, prebuilt: bool) -> tuple[bytes, str]:
-    """(cubin, where it came from): built by cuda/build.sh if current (and ``prebuilt``),
-    else cached, else NVRTC."""
+def _cubin(op: str, cc: int, cache_dir: Path, prebuilt: bool) -> tuple[bytes, Path | None]:
+    """(cubin, its file): cuda/build.sh's if current (and ``prebuilt``), else the cache's,
+    else a fresh NVRTC compile, cached (file None if the cache cannot be written)."""
     digest = source_hash()
     built = CUDA_DIR / "build"
     stamp = built / "SOURCES.sha256"
     cubin_path = built / f"{op}.sm_{cc}.cubin"
     if prebuilt and cubin_path.exists() and stamp.exists() and stamp.read_text().strip() == digest:
-        return cubin_path.read_bytes(), str(cubin_path)
+        return cubin_path.read_bytes(), cubin_path
     _, nvrtc = _cuda_python()
     version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
     key = hashlib.sha256(f"{digest}|{nvrtc_options(cc)}|{version}".encode()).hexdigest()[:20]
     cached = cache_dir / f"{op}-sm_{cc}-{key}.cubin"
     if cached.exists():
-        return cached.read_bytes(), str(cached)
+        return cached.read_bytes(), cached
     cubin, _ = compile_cubin(op, cc)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -280,7 +286,8 @@ def _cubin(op: str, cc: int, cache_dir: Path, prebuilt: bool) -> tuple[bytes, st
         tmp.replace(cached)  # atomic: a concurrent worker reads a whole cubin or none
     except OSError as e:  # a read-only home only costs a compile per process
         log.debug("could not cache %s: %s", cached, e)
-    return cubin, f"NVRTC ({cached.name})"
+        return cubin, None
+    return cubin, cached
 
 
 class CudaKernels:
@@ -307,11 +314,25 @@ class CudaKernels:
         self.functions: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
         for op in OPS:
-            cubin, self.sources[op] = _cubin(op, self.cc, cache_dir, prebuilt)
-            module = _check(driver.cuModuleLoadData(cubin), f"loading the {op} cubin for sm_{self.cc}",
-                            f"delete {self.sources[op]} if it is stale")
-            self.functions[op] = _check(driver.cuModuleGetFunction(module, f"lmkv_{op}".encode()),
-                                        f"cuModuleGetFunction(lmkv_{op})")
+            self.functions[op] = self._function(op, cache_dir, prebuilt)
+
+    def _function(self, op: str, cache_dir: Path, prebuilt: bool) -> Any:
+        """Load ``lmkv_<op>``: a prebuilt cubin the driver refuses (built by a newer nvcc,
+        say) gives way to NVRTC's, and a refused cached one to a fresh compile."""
+        driver, tried = self._driver, []
+        for use_prebuilt in (True, False, False) if prebuilt else (False, False):
+            cubin, path = _cubin(op, self.cc, cache_dir, use_prebuilt)
+            status, module = driver.cuModuleLoadData(cubin)
+            if int(status) == 0:
+                self.sources[op] = str(path) if path is not None else "NVRTC (not cached)"
+                return _check(driver.cuModuleGetFunction(module, f"lmkv_{op}".encode()),
+                              f"cuModuleGetFunction(lmkv_{op})")
+            tried.append(f"{path or 'a fresh NVRTC cubin'}: {_status_name(status)}")
+            log.warning("the driver refused %s", tried[-1])
+            if path is not None and not use_prebuilt:
+                path.unlink(missing_ok=True)
+        raise KernelsUnavailable(f"the driver loads no {op} kernel for sm_{self.cc} ({'; '.join(tried)}): "
+                                 "update the NVIDIA driver, or nvidia-cuda-nvrtc to match it")
 
     def _current(self) -> None:
         # A worker's copy thread may not have the primary context current (torch sets it on
@@ -343,12 +364,13 @@ _logged: set[str] = set()
 def load(device: torch.device, cache_dir: Path | None = None) -> CudaKernels:
     """The kernels on ``device``, compiled or loaded once per process and device. Raises
     :class:`KernelsUnavailable` (the same one on every later call) when they cannot run."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    available = torch.cuda.is_available()
+    index = device.index if device.index is not None else torch.cuda.current_device() if available else 0
     with _lock:
         got = _loaded.get(index)
         if got is None:
             try:
-                if not torch.cuda.is_available():
+                if not available:
                     raise KernelsUnavailable("torch sees no CUDA device")
                 got = CudaKernels(torch.device("cuda", index), cache_dir or DEFAULT_CACHE_DIR)
                 log.info("lmkv_mp kernels on cuda:%d (sm_%d) from %s", index, got.cc, got.sources)
@@ -391,8 +413,9 @@ class KernelCopier:
             _fallback_once(self.reason)
             return
         # The plan lives on the device for the copier's life: a launch uploads only its ids.
+        # (As bytes: torch copies few ops' worth of uint32 to a device.)
         self._parts = torch.from_numpy(self.plan.parts.view(np.uint8)).to(paged.device)
-        self._tile_part = torch.from_numpy(self.plan.tile_part).to(paged.device)
+        self._tile_part = torch.from_numpy(self.plan.tile_part.view(np.uint8)).to(paged.device)
 
     @property
     def uses_kernels(self) -> bool:

@@ -23,8 +23,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmkv_mp import kernels
-from lmkv_mp.kernels import (ARGS_DTYPE, CUDA_DIR, PART_DTYPE, TILE_BYTES, CopyPlan, KernelCopier, KernelsUnavailable,
-                             Unsupported, launch_args, part_geometry, plan_copies)
+from lmkv_mp.kernels import (
+    ARGS_DTYPE,
+    CUDA_DIR,
+    PART_DTYPE,
+    TILE_BYTES,
+    CopyPlan,
+    KernelCopier,
+    KernelsUnavailable,
+    Unsupported,
+    launch_args,
+    part_geometry,
+    plan_copies,
+)
 from lmkv_mp.transfer import _BITS as BITS
 from lmkv_mp.transfer import PagedKV
 from tests.kernel_emu import EmulatedKernels, Memory, emulate
@@ -245,7 +256,8 @@ def test_geometry_of_the_vllm_layouts() -> None:
     assert part_geometry(hnd.shape, hnd.stride(), isz, 1) == kernels.PartGeometry(
         (2, BS, H), (10 * H * BS * D * isz, D * isz, BS * D * isz), 1, D * isz)
     per_layer = torch.empty(10, 32, H, 2 * BS, D)[:, 3]  # views of one block-major buffer
-    assert part_geometry(per_layer.shape, per_layer.stride(), 4, 0) == kernels.PartGeometry((), (), 0, H * 2 * BS * D * 4)
+    assert part_geometry(per_layer.shape, per_layer.stride(), 4, 0) == kernels.PartGeometry(
+        (), (), 0, H * 2 * BS * D * 4)
     mla = torch.empty(10, 64, 576, dtype=torch.bfloat16)
     assert part_geometry(mla.shape, mla.stride(), 2, 0).run == 64 * 576 * 2
     blocks_last = torch.empty(H, D, 10)
@@ -256,7 +268,9 @@ def test_geometry_of_the_vllm_layouts() -> None:
 def test_word_width_follows_the_part_addresses_and_strides() -> None:
     buf = torch.empty(4096, dtype=torch.uint8)
     assert buf.data_ptr() % 16 == 0
-    specs = lambda ts: PagedKV(ts, num_blocks=4, block_dim=0).specs  # noqa: E731
+    def specs(ts: list[torch.Tensor]) -> list:
+        return PagedKV(ts, num_blocks=4, block_dim=0).specs
+
     whole = [buf[:4 * 64].view(4, 64)]
     assert plan_copies(specs(whole), [whole[0].data_ptr()]).parts["vec"].tolist() == [16]
     odd = [buf[2:2 + 4 * 64].view(4, 64)]
@@ -386,8 +400,8 @@ def require(what: str, present: bool, install: str) -> None:
 
 def test_nvcc_compiles_every_kernel_for_sm80_and_sm90_without_a_warning(tmp_path: Path) -> None:
     require("nvcc", shutil.which("nvcc") is not None, "install the CUDA toolkit")
-    proc = subprocess.run(["bash", str(CUDA_DIR / "build.sh"), str(tmp_path)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(["bash", str(CUDA_DIR / "build.sh"), str(tmp_path)], check=False, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for op in kernels.OPS:
         for arch in (80, 90):
@@ -396,14 +410,44 @@ def test_nvcc_compiles_every_kernel_for_sm80_and_sm90_without_a_warning(tmp_path
 
 
 def test_nvrtc_compiles_every_kernel_without_a_warning() -> None:
+    _require_nvrtc()
+    for op in kernels.OPS:
+        for cc in (80, 90):
+            cubin, log = kernels.compile_cubin(
+                op, cc, extra=["--ptxas-options=-warn-spills", "--ptxas-options=-warn-lmem-usage"])
+            assert cubin[:4] == b"\x7fELF" and log == "", log
+
+
+def _require_nvrtc() -> None:
     try:
         import cuda.bindings  # noqa: F401
         present = True
     except ImportError:
         present = False
     require("cuda-python (NVRTC)", present, "pip install 'lmkv_mp[gpu]'")
-    for op in kernels.OPS:
-        for cc in (80, 90):
-            cubin, log = kernels.compile_cubin(
-                op, cc, extra=["--ptxas-options=-warn-spills", "--ptxas-options=-warn-lmem-usage"])
-            assert cubin[:4] == b"\x7fELF" and log == "", log
+
+
+def test_cubins_come_from_build_sh_else_the_cache_else_nvrtc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _require_nvrtc()
+    cache = tmp_path / "cache"
+    cubin, path = kernels._cubin("scatter", 90, cache, prebuilt=True)
+    assert path is not None and path.parent == cache and path.read_bytes() == cubin  # no cuda/build here
+    assert kernels._cubin("scatter", 90, cache, prebuilt=False) == (cubin, path)  # from the cache
+    built = tmp_path / "cuda"
+    shutil.copytree(CUDA_DIR, built, ignore=shutil.ignore_patterns("build"))
+    (built / "build").mkdir()
+    (built / "build" / "scatter.sm_90.cubin").write_bytes(b"\x7fELF prebuilt")
+    (built / "build" / "SOURCES.sha256").write_text(kernels.source_hash(built) + "\n")
+    monkeypatch.setattr(kernels, "CUDA_DIR", built)
+    assert kernels._cubin("scatter", 90, cache, prebuilt=True) == (b"\x7fELF prebuilt",
+                                                                   built / "build" / "scatter.sm_90.cubin")
+    (built / "paged_copy.cuh").write_text(_header() + "\n// changed\n")  # the stamp no longer matches
+    _, path2 = kernels._cubin("scatter", 90, cache, prebuilt=True)
+    assert path2 is not None and path2.parent == cache and path2 != path
+
+
+def test_a_compile_error_says_what_the_compiler_said(tmp_path: Path) -> None:
+    _require_nvrtc()
+    (tmp_path / "gather.cu").write_text('extern "C" __global__ void lmkv_gather() { undefined_thing(); }\n')
+    with pytest.raises(KernelsUnavailable, match=r"(?s)NVRTC compile of gather.cu for sm_90.*undefined_thing"):
+        kernels.compile_cubin("gather", 90, cuda_dir=tmp_path)
