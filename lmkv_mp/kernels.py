@@ -21,12 +21,13 @@ imports no CUDA library; cuda-python is imported by :func:`load`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,11 +311,11 @@ class CudaKernels:
             raise KernelsUnavailable(f"the CUDA driver could not be loaded ({e})") from None
         dev = _check(driver.cuDeviceGet(index), "cuDeviceGet")
         self._ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
-        self._current()
         self.functions: dict[str, Any] = {}
         self.sources: dict[str, str] = {}
-        for op in OPS:
-            self.functions[op] = self._function(op, cache_dir, prebuilt)
+        with self._context():
+            for op in OPS:
+                self.functions[op] = self._function(op, cache_dir, prebuilt)
 
     def _function(self, op: str, cache_dir: Path, prebuilt: bool) -> Any:
         """Load ``lmkv_<op>``: a prebuilt cubin the driver refuses (built by a newer nvcc,
@@ -334,11 +335,21 @@ class CudaKernels:
         raise KernelsUnavailable(f"the driver loads no {op} kernel for sm_{self.cc} ({'; '.join(tried)}): "
                                  "update the NVIDIA driver, or nvidia-cuda-nvrtc to match it")
 
-    def _current(self) -> None:
-        # A worker's copy thread may not have the primary context current (torch sets it on
-        # the threads that use the runtime); the functions belong to that context.
-        if int(_check(self._driver.cuCtxGetCurrent(), "cuCtxGetCurrent")) != int(self._ctx):
-            _check(self._driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        # The functions belong to the device's primary context, which a worker's copy thread
+        # may not have current (torch makes it current on the threads that use the runtime);
+        # the caller's context comes back after, so torch's idea of the current device stays.
+        driver = self._driver
+        prev = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+        if int(prev) == int(self._ctx):
+            yield
+            return
+        _check(driver.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+        try:
+            yield
+        finally:
+            _check(driver.cuCtxSetCurrent(prev), "cuCtxSetCurrent (restoring the caller's context)")
 
     def stream(self) -> int:
         """The current torch stream of the device, as a CUstream handle."""
@@ -346,10 +357,10 @@ class CudaKernels:
 
     def launch(self, op: str, args: np.ndarray, grid: int, stream: int) -> None:
         """Queue ``op`` with one :data:`ARGS_DTYPE` record on ``stream`` (a CUstream handle)."""
-        self._current()
         params = np.array([args.ctypes.data], dtype=np.uint64)  # void*[1] -> the struct
-        status = self._driver.cuLaunchKernel(self.functions[op], grid, 1, 1, THREADS, 1, 1, 0,
-                                             self._driver.CUstream(stream), params.ctypes.data, 0)
+        with self._context():
+            status = self._driver.cuLaunchKernel(self.functions[op], grid, 1, 1, THREADS, 1, 1, 0,
+                                                 self._driver.CUstream(stream), params.ctypes.data, 0)
         try:
             _check(status, f"cuLaunchKernel(lmkv_{op}, grid={grid})")
         except KernelsUnavailable as e:
