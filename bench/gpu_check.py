@@ -9,7 +9,9 @@
    back-to-back copies queued behind a GPU sleep (so the GPU time is measured, not Python's
    launch time, which is reported on its own as ``host_us``). Target: ratio >= 0.8.
 4. Informational: the tile size against throughput; the kernels copying straight into or
-   out of pinned host memory against ``cudaMemcpy`` D2H/H2D of the same bytes.
+   out of host memory (torch's pinned memory, and a shared mapping pinned with
+   cudaHostRegister like the host pool would be) against ``cudaMemcpy`` D2H/H2D of the same
+   bytes.
 
 Caches (bf16 unless named): ``flash``: 32 layers ``[2, nb, 16, 8, 128]`` (vLLM's flash
 layout, Llama-3-8B shard); ``flash-hnd``: the same presented NHD but stored HND (256-byte
@@ -25,7 +27,9 @@ Needs a torch CUDA build, cuda-python and NVRTC (bench/gpu_check.sh finds or ins
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import mmap
 import os
 import platform
 import subprocess
@@ -173,8 +177,10 @@ def throughput(name: str, nb: int, iters: int, chunks: int = 1, tile: int = kern
         emit(section, rec)
 
 
-def pinned(name: str, nb: int, iters: int) -> None:
-    """Kernels with a pinned host slot (UVA) against cudaMemcpy D2H / H2D of the same bytes."""
+def pinned(name: str, nb: int, iters: int, memory: str) -> None:
+    """Kernels with a slot in host memory, reached through UVA, against cudaMemcpy D2H/H2D of
+    the same bytes. ``memory``: ``torch-pinned`` (cudaHostAlloc) or ``registered-mmap`` (a
+    shared mapping like the host pool's, cudaHostRegister'ed as a worker would pin it)."""
     paged, bpc = caches(name, nb)
     copier = KernelCopier(paged)
     kern = copier._kernels
@@ -183,23 +189,39 @@ def pinned(name: str, nb: int, iters: int) -> None:
     ids_list = torch.randperm(nb)[:bpc].tolist()
     ids = torch.tensor(ids_list, device=DEVICE)
     n = paged.chunk_bytes(bpc)
-    host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(n, dtype=torch.uint8, device=DEVICE)
-    args, grid = kernels.launch_args(copier.plan, parts=copier._parts.data_ptr(),
-                                     tile_part=copier._tile_part.data_ptr(), ids=ids.data_ptr(),
-                                     slot=host.data_ptr(), n=bpc)
-    check = torch.empty(n, dtype=torch.uint8, device=DEVICE)
-    paged.gather(ids_list, check)
-    kern.launch("gather", args, grid, kern.stream())
-    torch.cuda.synchronize()
-    equal = bool(torch.equal(host.to(DEVICE), check))
-    for op, fn, ref in (("d2h_gather", lambda: kern.launch("gather", args, grid, kern.stream()),
-                         lambda: host.copy_(dev, non_blocking=True)),
-                        ("h2d_scatter", lambda: kern.launch("scatter", args, grid, kern.stream()),
-                         lambda: dev.copy_(host, non_blocking=True))):
-        k, m = gpu_time(fn, iters), gpu_time(ref, iters)
-        emit("pinned", {"layout": name, "op": op, "bytes": n, "kernel_gbps": round(n / k / 1e9, 1),
-                        "memcpy_gbps": round(n / m / 1e9, 1), "ratio": round(m / k, 3), "gather_equal": equal})
+    mm = None
+    if memory == "torch-pinned":
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    else:
+        mm = mmap.mmap(-1, n, flags=mmap.MAP_SHARED)
+        host = torch.frombuffer(mm, dtype=torch.uint8)
+        host.fill_(0)  # fault the pages in, as the pool is pre-faulted
+        torch.cuda.check_error(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), n, 0))
+    try:
+        dev = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+        args, grid = kernels.launch_args(copier.plan, parts=copier._parts.data_ptr(),
+                                         tile_part=copier._tile_part.data_ptr(), ids=ids.data_ptr(),
+                                         slot=host.data_ptr(), n=bpc)
+        check = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+        paged.gather(ids_list, check)
+        kern.launch("gather", args, grid, kern.stream())
+        torch.cuda.synchronize()
+        equal = bool(torch.equal(host.to(DEVICE), check))
+        for op, fn, ref in (("d2h_gather", lambda: kern.launch("gather", args, grid, kern.stream()),
+                             lambda: host.copy_(dev, non_blocking=True)),
+                            ("h2d_scatter", lambda: kern.launch("scatter", args, grid, kern.stream()),
+                             lambda: dev.copy_(host, non_blocking=True))):
+            k, m = gpu_time(fn, iters), gpu_time(ref, iters)
+            emit("pinned", {"layout": name, "memory": memory, "op": op, "bytes": n,
+                            "kernel_gbps": round(n / k / 1e9, 1), "memcpy_gbps": round(n / m / 1e9, 1),
+                            "ratio": round(m / k, 3), "gather_equal": equal})
+    finally:
+        torch.cuda.synchronize()
+        if mm is not None:
+            torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(host.data_ptr()))
+            del host
+            with contextlib.suppress(BufferError):  # a view still alive: the mapping goes with it
+                mm.close()
 
 
 def machine() -> dict[str, Any]:
@@ -253,7 +275,8 @@ def main() -> int:
         for name in ("flash", "flash-hnd"):
             section(f"tiles {name} {tile}",
                     lambda name=name, tile=tile: throughput(name, 1024, iters, tile=tile, section="tiles"))
-    section("pinned", lambda: pinned("flash", 1024, max(5, iters // 5)))
+    for memory in ("torch-pinned", "registered-mmap"):
+        section(f"pinned {memory}", lambda memory=memory: pinned("flash", 1024, max(5, iters // 5), memory))
     if not a.skip_tests:
         section("tests_gpu", lambda: run_tests(a.quick))
     d2d = RESULTS.get("throughput", [])
