@@ -4,7 +4,7 @@ A real :class:`Sidecar` (real shm segment, bound sockets, fresh run dir) whose l
 running: each test hands it request frames and decodes the reply frames, so lease expiry
 and restarts are exercised without waiting (``reap`` is called with a future clock).
 The loop, the sockets and the processes around it are covered by test_multiprocess.py,
-test_faults.py and test_cli.py.
+tests/faults/ and test_cli.py.
 """
 
 from __future__ import annotations

@@ -172,6 +172,11 @@ class WorkerSide:
             if sums and self.checksum(slot) != sums[i]:
                 self._report_corrupt(plan, job, i, sums[i])
                 return False
+        # The lease protected the slots only while that sidecar lived: after a restart during
+        # the copy, eviction may have handed them to a writer before the copy ended.
+        if not self.client.ping() or self.client.boot_id != job.boot_id:
+            log.debug("lmkv: sidecar restarted during the load of %s: recomputing", job.req_id)
+            return False
         with self._lock:
             self.stats["load_chunks"] += len(offsets)
         return pos == len(job.block_ids)
