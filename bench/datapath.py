@@ -27,6 +27,12 @@ pool with its page tables populated; a slot first touched by a copy would fault 
 own the cores); the memcpy limit then runs on one thread too. ``--threads 0`` uses torch's
 default: the index copies are many small parallel regions, and with a core taken by
 another process they wait on each other (here: up to 100x slower with 2 threads).
+
+``--verify`` runs the sidecar with ``--verify on`` and does what the connector then does:
+a store hashes each slot after its gather and sends the checksums at COMMIT, a load
+hashes each slot after its scatter and compares. The line then carries ``verify: true``
+and, as the limit of that extra pass, ``checksum_gbps`` (xxh3-64 of the same bytes alone,
+measured in the same run); compare with a run without ``--verify`` for the cost.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from common import emit, machine, sidecar  # noqa: E402
 from lmkv_mp import protocol as P  # noqa: E402
 from lmkv_mp.client import SidecarClient  # noqa: E402
 from lmkv_mp.keys import Namespace, chain_hashes  # noqa: E402
-from lmkv_mp.transfer import PagedKV  # noqa: E402
+from lmkv_mp.transfer import PagedKV, slot_checksum  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, CHUNK_TOKENS = 32, 8, 128, 16, 256
 BPC = CHUNK_TOKENS // BLOCK_SIZE
@@ -87,7 +93,7 @@ class Prompts:
 
 
 def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_ids: list[list[int]],
-          nbytes: int) -> tuple[float, float]:
+          nbytes: int, verify: bool = False) -> tuple[float, float]:
     """One prompt's store as the worker does it; returns (total, rpc) seconds."""
     t0 = time.perf_counter()
     res = client.reserve(ns, hashes)
@@ -98,11 +104,14 @@ def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block
     written = res.writable().tolist()
     if len(written) != len(block_ids):
         raise RuntimeError(f"only {len(written)} of {len(block_ids)} chunks writable: {res.status}")
+    sums = []
     for i in written:
         off = int(res.offsets[i])
         paged.gather(block_ids[i], host[off:off + nbytes])
+        if verify:
+            sums.append(slot_checksum(host[off:off + nbytes]))
     t2 = time.perf_counter()
-    committed = client.commit(res.lease_id)
+    committed = client.commit(res.lease_id, hashes, sums) if verify else client.commit(res.lease_id)
     t3 = time.perf_counter()
     if committed != len(block_ids):
         raise RuntimeError(f"COMMIT made {committed} of {len(block_ids)} chunks visible")
@@ -110,7 +119,7 @@ def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block
 
 
 def load(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_ids: list[list[int]],
-         nbytes: int) -> tuple[float, float]:
+         nbytes: int, verify: bool = False) -> tuple[float, float]:
     """One prompt's load as the worker does it; returns (total, rpc) seconds."""
     t0 = time.perf_counter()
     r = client.lookup([ns], hashes, pin=True)
@@ -118,8 +127,13 @@ def load(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_
     host = client.host_tensor()
     if r.hits != len(block_ids) or host is None:
         raise RuntimeError(f"LOOKUP hit {r.hits} of {len(block_ids)} chunks (or the pool could not be mapped)")
+    sums = r.checksums[0].tolist() if verify else []
+    if verify and len(sums) != len(block_ids):
+        raise RuntimeError("--verify: the LOOKUP carried no checksums")
     for i, off in enumerate(r.offsets[0].tolist()):
         paged.scatter(host[off:off + nbytes], block_ids[i])
+        if verify and slot_checksum(host[off:off + nbytes]) != sums[i]:
+            raise RuntimeError(f"chunk {i} failed its checksum after the load")
     t2 = time.perf_counter()
     released = client.release(r.lease_id)
     t3 = time.perf_counter()
@@ -145,6 +159,8 @@ def main() -> None:
                     help="host pool size, e.g. 1GiB (default: room for every prompt, so nothing is evicted)")
     ap.add_argument("--block-ids", choices=("random", "consecutive"), default="random",
                     help="where a prompt's blocks lie in the paged cache")
+    ap.add_argument("--verify", action="store_true",
+                    help="run the sidecar with --verify on: checksums at COMMIT, checked after each load")
     ap.add_argument("--quick", action="store_true", help="CI-sized run (under a minute)")
     args = ap.parse_args()
     chunks = args.chunks or (4 if args.quick else 8)
@@ -164,7 +180,7 @@ def main() -> None:
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8).fill_(2)
 
-    with sidecar(pool, slab, "--chunk-tokens", str(CHUNK_TOKENS)) as sc:
+    with sidecar(pool, slab, "--chunk-tokens", str(CHUNK_TOKENS), "--verify", "on" if args.verify else "off") as sc:
         ns = Namespace("llama-3-8b-like", "bench", "bfloat16", LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE,
                        paged.layout_fingerprint(), CHUNK_TOKENS, 1, 0).id
         client = SidecarClient(sc.client_config(), role="worker", namespaces=[P.NamespaceInfo(ns, nbytes, "bench")])
@@ -195,15 +211,19 @@ def main() -> None:
             for s in shm:
                 dst.copy_(s)
 
+        def hash_only() -> None:
+            for s in shm:
+                slot_checksum(s)
+
         # Warm-up (untimed), which also checks the bytes round-trip between disjoint blocks.
         hashes, ids_from, ids_to = prompts.next()
-        store(client, paged, ns, hashes, ids_from, nbytes)
-        load(client, paged, ns, hashes, ids_to, nbytes)
+        store(client, paged, ns, hashes, ids_from, nbytes, args.verify)
+        load(client, paged, ns, hashes, ids_to, nbytes, args.verify)
         for a, b in zip(ids_from, ids_to):
             for layer in paged.parts:
                 if not torch.equal(layer[a].view(torch.int16), layer[b].view(torch.int16)):
                     raise RuntimeError("the loaded blocks differ from the stored ones")
-        for fn in (memcpy, shm_in, shm_out):
+        for fn in (memcpy, shm_in, shm_out, hash_only):
             fn()
 
         # Each iteration stores a fresh prompt, then loads it back into other blocks (a
@@ -213,13 +233,15 @@ def main() -> None:
             hashes, ids_from, ids_to = prompts.next()
             for op, fn, ids, shm_fn in (("store", store, ids_from, shm_in), ("load", load, ids_to, shm_out)):
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                total, rpc = fn(client, paged, ns, hashes, ids, nbytes)
+                total, rpc = fn(client, paged, ns, hashes, ids, nbytes, args.verify)
                 times[f"{op}_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
                 times[op].append(total)
                 times[f"{op}_rpc"].append(rpc)
                 times[f"{op}_copy"].append(total - rpc)
                 times["memcpy"].append(timed(memcpy))
                 times[shm_fn.__name__].append(timed(shm_fn))
+                if args.verify:
+                    times["checksum"].append(timed(hash_only))
         client.release(res.lease_id)
         evictions = int(client.stats()["evictions"])
         client.close()
@@ -233,6 +255,8 @@ def main() -> None:
               "ratio": round(gbps / memcpy_gbps, 3), "shm_memcpy_gbps": round(moved / med[shm_key] / 1e9, 2),
               "ms": round(med[op] * 1e3, 2), "rpc_ms": round(med[f"{op}_rpc"] * 1e3, 2),
               "copy_gbps": round(moved / med[f"{op}_copy"] / 1e9, 2), "page_faults": int(med[f"{op}_faults"]),
+              "verify": args.verify,
+              **({"checksum_gbps": round(moved / med["checksum"] / 1e9, 2)} if args.verify else {}),
               "chunk_bytes": nbytes, "chunks": chunks, "iters": iters, "block_ids": args.block_ids,
               "host_pool": pool, "evictions": evictions, "machine": machine()})
 
