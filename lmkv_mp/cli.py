@@ -115,6 +115,9 @@ def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> str:
     lines.append(f"leases     read {snap['leases'].get('read', 0)}, write {snap['leases'].get('write', 0)}")
     lines.append(f"clients    {sum(clients.values())} ({_counts(clients)})")
     lines.append(f"errors     {snap['errors']} ({_counts(snap['errors_by_code'])})")
+    if snap.get("host_pool_linked") is False:
+        lines.append("WARNING    the host pool segment was removed from outside: new workers cannot map it "
+                     "(misses) until the sidecar restarts")
     rs = snap.get("request_seconds", {"ops": {}, "buckets": []})
     for op, h in sorted(rs["ops"].items()):
         n = sum(h["counts"])

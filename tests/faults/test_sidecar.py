@@ -22,8 +22,8 @@ import pytest
 from lmkv_mp import protocol as P
 from lmkv_mp.memory import shm_name_for
 
-from tests.conftest import CLIENT_DEFAULTS, Procs, SidecarHandle, log_text, stats, wait_for
-from tests.faults.common import B_IDS, N, assert_no_leaks, load_and_check, ns_info, spec
+from tests.conftest import BIN, CLIENT_DEFAULTS, Procs, SidecarHandle, clean_env, log_text, stats, wait_for
+from tests.faults.common import N, assert_no_leaks, lmkv_stats, load_and_check, ns_info, spec
 from tests.procs import kvproc as K
 
 pytestmark = pytest.mark.slow
@@ -146,7 +146,10 @@ def test_shm_segment_removed_from_outside(sidecar: Callable[..., SidecarHandle],
 
     posix_ipc.unlink_shared_memory(shm_name_for(h.run_dir))
     wait_for(lambda: "was removed from outside" in h.log(), 10, "the sidecar to notice the removal")
-    assert stats(h)["host_pool_linked"] is False
+    assert lmkv_stats(h)["host_pool_linked"] is False
+    shown = subprocess.run([str(BIN / "lmkv-stats")], env=clean_env(LMKV_RUN_DIR=str(h.run_dir)), text=True,
+                           capture_output=True, timeout=60, stdin=subprocess.DEVNULL).stdout
+    assert "WARNING    the host pool segment was removed from outside" in shown
     assert load_and_check(old, ns, K.prompt_hashes(1, N, key)) == N, "the mapped worker still loads"
 
     late = procs.kvproc("store", spec(h, 2))
