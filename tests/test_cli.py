@@ -135,7 +135,7 @@ def lmkv_stats(h: SidecarHandle, *args: str) -> subprocess.CompletedProcess[str]
 
 @pytest.mark.slow
 def test_stats_counts_match_traffic(sidecar: Callable[..., SidecarHandle]) -> None:
-    h = sidecar()
+    h = sidecar("--client-pool-share", "100%")  # one writer reserves 2/3 of the pool at once
     mib = 1 << 20
     ns = P.NamespaceInfo(b"N" * 16, mib, "stats-test")
     writer = h.client(role="worker", namespaces=[ns])
