@@ -325,12 +325,14 @@ class ChunkIndex:
         self._by_slot[slot] = e
         return e
 
-    def finish_internal(self, e: Entry, ok: bool) -> None:
+    def finish_internal(self, e: Entry, ok: bool, checksum: int | None = None) -> None:
         """Publish an entry of :meth:`reserve_internal` once its bytes are in place (``ok``),
-        else free it. With :attr:`checksum_at` set, the entry gets the checksum of the bytes
-        now in its slot (its tier verified them against the record's own checksum)."""
+        else free it. Its checksum is ``checksum`` (the mover hashed the slot, off the loop),
+        else with :attr:`checksum_at` set that of the bytes now in its slot."""
         if ok:
-            self._make_committed(e, self.checksum_at(e.offset, e.length) if self.checksum_at else 0)
+            if checksum is None:
+                checksum = self.checksum_at(e.offset, e.length) if self.checksum_at else 0
+            self._make_committed(e, checksum)
         else:
             self._drop(e)
 

@@ -254,3 +254,28 @@ def test_host_pool_on_a_file_comes_back_under_a_new_run_dir(sidecar: Callable[..
     second = sidecar("--host-pool-path", str(pool))
     assert second.run_dir != first.run_dir
     assert load(second.client(namespaces=[NS]), hashes) == [payload(h) for h in hashes]
+
+
+def test_verify_on_promoted_chunks_carry_their_checksum(sidecar: Callable[..., SidecarHandle],
+                                                        disk_dir: Path) -> None:
+    from lmkv_mp.tiers.base import checksum
+
+    first = sidecar(*disk_flags(disk_dir), "--verify", "on")
+    c = first.client(namespaces=[NS])
+    hashes = chunk_hashes(3, seed=10)
+    r = c.reserve(NS.id, b"".join(hashes))
+    assert r is not None
+    host = c.host_tensor()
+    assert host is not None
+    for i in r.writable():
+        off = int(r.offsets[i])
+        host[off:off + CHUNK_BYTES] = torch.frombuffer(bytearray(payload(hashes[i])), dtype=torch.uint8)
+    assert c.commit(r.lease_id, b"".join(hashes), [checksum(payload(h)) for h in hashes]) == 3
+    quiet(first)
+    first.close()
+    second = sidecar(*disk_flags(disk_dir), "--verify", "on")
+    reader = second.client(namespaces=[NS])
+    assert load(reader, hashes) == [payload(h) for h in hashes]
+    found = reader.lookup([NS.id], b"".join(hashes), pin=True)
+    assert found.checksums[0].tolist() == [checksum(payload(h)) for h in hashes], "hashed by the mover"
+    reader.release(found.lease_id)

@@ -48,6 +48,8 @@ class TierHierarchy:
         self.remote = [t for t in tiers if not t.local_index]
         self.write_policy = write_policy
         self.movers = Movers(view, threads, wake)
+        self.verify = index.checksum_at is not None   # --verify on: checksums travel with copies
+        self.corrupt_found = 0                         # host entries that failed their checksum on demotion
         index.prefer_clean = True
         self._promoting: dict[bytes, Job] = {}
         self._demoting: set[bytes] = set()
@@ -103,7 +105,7 @@ class TierHierarchy:
             log.debug("tiers: cannot promote %s: its namespace is undeclared, a client is writing it, "
                       "or the host tier has no room", key.hex())
             return "miss"
-        job = Job(JobKind.PROMOTE, tuple(sources), key, e.offset, e.length, token=e)
+        job = Job(JobKind.PROMOTE, tuple(sources), key, e.offset, e.length, token=e, verify=self.verify)
         self.prefetches[sources[0].name] += 1
         self._promoting[key] = job
         self.movers.submit(job)
@@ -159,7 +161,8 @@ class TierHierarchy:
         if held is None:
             return
         self._demoting.add(e.key)
-        self.movers.submit(Job(JobKind.DEMOTE, tuple(self.tiers), e.key, held.offset, held.length, token=held))
+        self.movers.submit(Job(JobKind.DEMOTE, tuple(self.tiers), e.key, held.offset, held.length, token=held,
+                               verify=self.verify, expect=held.checksum))
 
     def clear(self, namespace: bytes | None) -> int:
         """CLEAR reaches the node's own lower tiers (disk), never the remote one, which other
@@ -183,7 +186,7 @@ class TierHierarchy:
         for job in done:
             if job.kind is JobKind.PROMOTE:
                 del self._promoting[job.key]
-                self.index.finish_internal(job.token, job.ok)
+                self.index.finish_internal(job.token, job.ok, job.digest if self.verify else None)
                 if job.ok:
                     self.promoted[job.served_by] += 1
                     self.promoted_bytes[job.served_by] += job.length
@@ -194,7 +197,11 @@ class TierHierarchy:
             elif job.kind is JobKind.DEMOTE:
                 self._demoting.discard(job.key)
                 e: Entry = job.token
-                if job.ok:
+                if job.corrupt:
+                    self.corrupt_found += 1
+                    log.warning("error: chunk %s failed its checksum before a copy down: dropped", e.key.hex())
+                    self.index.drop_corrupt(e.key[:16], e.key[16:], [job.expect])
+                elif job.ok:
                     e.in_lower = True
                     for name in job.stored_in:
                         self.demoted[name] += 1
@@ -239,7 +246,8 @@ class TierHierarchy:
     def activity(self) -> dict[str, int]:
         return {"in_flight": self.movers.in_flight, "promoting": len(self._promoting),
                 "demoting": len(self._demoting), "probing": len(self._probing),
-                "promote_misses": self.promote_misses, "dropped_copies": self.dropped_copies}
+                "promote_misses": self.promote_misses, "dropped_copies": self.dropped_copies,
+                "corrupt_found": self.corrupt_found}
 
     def close(self) -> None:
         """Finish the running copies, free unfinished promotions, close the tiers."""

@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from lmkv_mp.tiers.base import Tier
+from lmkv_mp.tiers.base import Tier, checksum
 
 log = logging.getLogger("lmkv.tiers")
 
@@ -42,11 +42,15 @@ class Job:
     length: int = 0
     keys: list[bytes] = field(default_factory=list)    # PROBE, DELETE
     token: Any = None                                    # the loop's handle (Entry, lookup context)
+    verify: bool = False     # --verify on: PROMOTE computes ``digest``; DEMOTE checks ``expect`` first
+    expect: int = 0                                      # DEMOTE: the entry's checksum from COMMIT
     # results, written by the mover thread before the job is handed back
     ok: bool = False
     served_by: str = ""                                  # PROMOTE: the tier that had it
     stored_in: list[str] = field(default_factory=list)   # DEMOTE: tiers that took it
     present: list[bool] = field(default_factory=list)    # PROBE
+    digest: int = 0                                      # PROMOTE with verify: checksum of the slot
+    corrupt: bool = False                                # DEMOTE with verify: slot != its checksum
 
 
 class Movers:
@@ -122,8 +126,13 @@ class Movers:
                 for tier in job.tiers:
                     if tier.get_into(job.key, slot):
                         job.ok, job.served_by = True, tier.name
+                        if job.verify:  # hashed here, off the loop: ~4 ms per 32 MiB
+                            job.digest = checksum(slot)
                         return
             else:
+                if job.verify and checksum(slot) != job.expect:
+                    job.corrupt = True  # changed in the host pool since COMMIT: copy it nowhere
+                    return
                 job.stored_in = [tier.name for tier in job.tiers if tier.put(job.key, slot)]
                 job.ok = bool(job.stored_in)
         finally:
