@@ -174,8 +174,9 @@ class WorkerSide:
                 return False
         # The lease protected the slots only while that sidecar lived: after a restart during
         # the copy, eviction may have handed them to a writer before the copy ended.
-        if not self.client.ping() or self.client.boot_id != job.boot_id:
-            log.debug("lmkv: sidecar restarted during the load of %s: recomputing", job.req_id)
+        if not self.client.ping(probe=True) or self.client.boot_id != job.boot_id:
+            log.warning("lmkv: load of %s not confirmed (sidecar unreachable or restarted during the copy): "
+                        "recomputing", job.req_id)
             return False
         with self._lock:
             self.stats["load_chunks"] += len(offsets)
