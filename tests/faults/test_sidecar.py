@@ -112,6 +112,9 @@ def test_sidecar_killed_under_load_from_four_clients(sidecar: Callable[..., Side
         events(procs, proc, lambda e: any(x["event"] == "down" and x["t"] >= killed for x in e), ev)
     h.restart()
     ready = time.monotonic()
+    # Pinned again at once: after the restart nothing protects them from the loops' new stores.
+    survived = wait_for(lambda: (r := me.lookup([ns.id], warm, pin=True)).hits and r, 10, "the warm chunks")
+    assert survived.hits == N, "the warm chunks survived the crash"
     recovered = []
     for proc, ev in zip(loops, seen):
         events(procs, proc, lambda e: e[-1]["event"] == "up" and e[-1]["t"] > killed, ev)
@@ -127,7 +130,8 @@ def test_sidecar_killed_under_load_from_four_clients(sidecar: Callable[..., Side
     for r in results:
         assert r["wrong"] == 0 and r["corrupt"] == 0, r
         assert r["loaded"] > 0 and r["stored"] > 0, r
-    assert load_and_check(me, ns, warm) == N, "the warm chunks survived the crash"
+    assert load_and_check(me, ns, warm) == N, "the warm chunks are intact, byte for byte"
+    assert me.release(survived.lease_id)
     assert_no_leaks(h, ns.chunk_bytes)
 
 
