@@ -390,10 +390,7 @@ class ChunkIndex:
             if e is None or e.checksum != checksums[i // HASH_BYTES]:
                 continue
             n += 1
-            if e.pins:
-                self._hide(e)
-            else:
-                self._drop(e)
+            self._discard(e)
         self.counters.corrupt += n
         return n
 
@@ -405,10 +402,7 @@ class ChunkIndex:
             if e.state is not EntryState.COMMITTED or (namespace is not None and key[:HASH_BYTES] != namespace):
                 continue
             n += 1
-            if e.pins:
-                self._hide(e)
-            else:
-                self._drop(e)
+            self._discard(e)
         return n
 
     # -- internals --------------------------------------------------------------------------
@@ -453,6 +447,13 @@ class ChunkIndex:
         lru = self._lru.get(e.slot_bytes)
         if lru is not None:
             lru.pop(e, None)
+
+    def _discard(self, e: Entry) -> None:
+        """A COMMITTED entry leaves the cache: at once, or when its last pin goes."""
+        if e.pins:
+            self._hide(e)
+        else:
+            self._drop(e)
 
     def _hide(self, e: Entry) -> None:
         del self._entries[e.key]
