@@ -465,16 +465,8 @@ class KernelCopier:
             self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks])
 
     def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> None:
-        jobs, seen = [], set()
-        for slot, block_ids, first, total in chunks:
-            idx, ids = self.paged._ids(block_ids, distinct=True)
-            if not seen.isdisjoint(ids):
-                raise ValueError("scatter_many: a block id appears in two chunks; each block may be loaded once")
-            seen.update(ids)
-            n = len(ids)
-            total = first + n if total is None else total
-            if first < 0 or total < first + n:
-                raise ValueError(f"scatter of blocks {first}..{first + n} does not fit a chunk of {total} blocks")
+        jobs = []
+        for slot, idx, _ids, first, n, total in self.paged._scatter_parts(chunks):
             self.paged._check_slot(slot, total)
             jobs.append((idx, slot, n, first, total))
         for idx, slot, n, first, total in jobs:

@@ -192,8 +192,11 @@ class PagedKV:
         distinct across all chunks: one load never writes a block twice."""
         self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks])
 
-    def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> None:
-        jobs, seen = [], set()
+    def _scatter_parts(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> Iterator[tuple]:
+        """Checked ``(slot, idx, ids, first, n, total)`` per chunk of a scatter: the block ids
+        are valid and distinct across all chunks, and blocks ``first..first+n`` fit ``total``
+        (the CPU path and the CUDA kernels share these checks)."""
+        seen: set[int] = set()
         for slot, block_ids, first, total in chunks:
             idx, ids = self._ids(block_ids, distinct=True)
             if not seen.isdisjoint(ids):
@@ -203,7 +206,11 @@ class PagedKV:
             total = first + n if total is None else total
             if first < 0 or total < first + n:
                 raise ValueError(f"scatter of blocks {first}..{first + n} does not fit a chunk of {total} blocks")
-            jobs.append((idx, _run_start(ids), first, n, total, self._plan(slot, total, for_gather=False)))
+            yield slot, idx, ids, first, n, total
+
+    def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> None:
+        jobs = [(idx, _run_start(ids), first, n, total, self._plan(slot, total, for_gather=False))
+                for slot, idx, ids, first, n, total in self._scatter_parts(chunks)]
         for idx, start, first, n, total, plan in jobs:
             for block_dim, part, src, _ in plan:
                 if n != total:
