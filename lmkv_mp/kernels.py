@@ -251,15 +251,18 @@ def compile_cubin(op: str, cc: int, *, extra: Sequence[str] = (), cuda_dir: Path
     try:
         status = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
         size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
-        buf = b" " * size
+        # NVRTC writes into the buffer: it must be a bytearray. ``b" " * 1`` (the size of an
+        # empty log) is CPython's shared one-byte bytes object, and writing a NUL into it
+        # turned every b" " in the process into b"\0" (torch.load then read wrong shapes).
+        buf = bytearray(size)
         _check(nvrtc.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
         text = buf.rstrip(b"\0 ").decode(errors="replace")
         _check((status,), f"NVRTC compile of {op}.cu for sm_{cc}",
                f"log:\n{text}\n(an arch NVRTC does not know needs a newer nvidia-cuda-nvrtc)")
         size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
-        cubin = b" " * size
+        cubin = bytearray(size)
         _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return cubin, text
+        return bytes(cubin), text
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

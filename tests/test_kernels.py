@@ -416,6 +416,9 @@ def test_nvrtc_compiles_every_kernel_without_a_warning() -> None:
             cubin, log = kernels.compile_cubin(
                 op, cc, extra=["--ptxas-options=-warn-spills", "--ptxas-options=-warn-lmem-usage"])
             assert cubin[:4] == b"\x7fELF" and log == "", log
+    # NVRTC writes its (empty, one NUL) log into the buffer it is given; a bytes object there
+    # once overwrote CPython's shared b" " and broke torch.load later in the process.
+    assert bytes([32])[0] == 32, "the shared one-byte b\" \" was overwritten"
 
 
 def _require_nvrtc() -> None:
