@@ -81,7 +81,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     llm = make_llm(spec)
     started = time.perf_counter()
     turns = [generate(llm, prompts, spec.get("max_tokens", 8)) for prompts in spec["turns"]]
-    out: dict[str, Any] = {"start_s": started - t0, "turns": turns}
+    import torch
+
+    # What the model ran on (in-process engines: this thread is the worker's), to compare runs.
+    out: dict[str, Any] = {"start_s": started - t0, "turns": turns, "omp_threads": torch.get_num_threads(),
+                           "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     if spec.get("log_stats"):
         out["lmkv_metrics"] = lmkv_metrics(llm)
     return out

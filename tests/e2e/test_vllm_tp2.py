@@ -12,7 +12,7 @@ import pytest
 
 from lmkv_mp.integration.tiny_model import build_tiny_llama
 from tests.conftest import Procs, SidecarHandle, stats
-from tests.e2e.engines import only, prompt, require_vllm, run_engine, same_output
+from tests.e2e.engines import close_output, only, prompt, require_vllm, run_engine, same_output
 
 require_vllm()
 
@@ -57,5 +57,5 @@ def test_each_rank_stores_its_own_shard(tp2: dict[str, Any]) -> None:
 def test_second_tp2_instance_loads_both_shards_and_matches(tp2: dict[str, Any]) -> None:
     b = only(tp2["B"], 0)
     assert b["num_cached_tokens"] == (len(P1) - 1) // CHUNK * CHUNK
-    assert same_output(b, only(tp2["ref"], 0))
+    assert close_output(b, only(tp2["ref"], 0))
     assert same_output(b, only(tp2["A"], 0))
