@@ -256,6 +256,37 @@ def test_host_pool_on_a_file_comes_back_under_a_new_run_dir(sidecar: Callable[..
     assert load(second.client(namespaces=[NS]), hashes) == [payload(h) for h in hashes]
 
 
+def test_verify_on_a_chunk_whose_host_bytes_changed_is_dropped_not_copied_down(
+        sidecar: Callable[..., SidecarHandle], disk_dir: Path) -> None:
+    """With --verify on, the mover checks a chunk's host bytes against its COMMIT checksum
+    before copying it down: bytes that changed in the pool are dropped, never written to a
+    lower tier with a fresh (valid) record checksum."""
+    from lmkv_mp.tiers.base import checksum
+
+    h = sidecar(*disk_flags(disk_dir), "--verify", "on")
+    c = h.client(namespaces=[NS])
+    hashes = chunk_hashes(3, seed=11)
+    r = c.reserve(NS.id, b"".join(hashes))
+    assert r is not None
+    host = c.host_tensor()
+    assert host is not None
+    for i in r.writable():
+        off = int(r.offsets[i])
+        host[off:off + CHUNK_BYTES] = torch.frombuffer(bytearray(payload(hashes[i])), dtype=torch.uint8)
+    host[int(r.offsets[1]) + 7] ^= 0x01          # changed after its checksum was taken
+    assert c.commit(r.lease_id, b"".join(hashes), [checksum(payload(x)) for x in hashes]) == 3
+    s = quiet(h)
+    assert s["tier_movers"]["corrupt_found"] == 1
+    assert s["tiers"]["disk"]["entries"] == 2 and s["tiers"]["host"]["entries"] == 2
+    assert c.lookup([NS.id], b"".join(hashes)).hits == 1, "the changed chunk is a miss at once"
+    h.close()
+    cold = sidecar(*disk_flags(disk_dir), "--verify", "on")
+    reader = cold.client(namespaces=[NS])
+    assert load(reader, hashes[:1]) == [payload(hashes[0])]
+    assert load(reader, hashes) == [payload(hashes[0])], "the disk never got the changed chunk"
+    assert load(reader, hashes[2:]) == [payload(hashes[2])]
+
+
 def test_verify_on_promoted_chunks_carry_their_checksum(sidecar: Callable[..., SidecarHandle],
                                                         disk_dir: Path) -> None:
     from lmkv_mp.tiers.base import checksum

@@ -1,5 +1,5 @@
 """Lower tiers that fail under the sidecar: a disk tier that is full (at its capacity, and
-refusing writes), and a Redis killed in the middle of writes.
+its filesystem out of space), and a Redis killed in the middle of writes.
 
 The promises: the host tier keeps serving every chunk it holds, byte for byte; a failed
 copy down is counted and is a future miss, never a torn record that a reader could get;
@@ -8,8 +8,10 @@ no mover stays stuck and no pin taken for a copy outlives it.
 
 from __future__ import annotations
 
-import resource
+import os
 import signal
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -54,31 +56,49 @@ def test_disk_tier_at_capacity_evicts_its_oldest_records(sidecar: Callable[..., 
     assert load(cold.client(namespaces=[NS]), hashes[:2]) == [], "evicted everywhere: a miss"
 
 
-def test_disk_refusing_writes_costs_copies_not_chunks(sidecar: Callable[..., SidecarHandle], disk_dir: Path) -> None:
-    """The disk stops taking writes (here: a file size limit on the sidecar, so every write
-    of a record fails part-way, as on a full disk). Stores and loads go on from the host
-    tier; the failed copies are counted, leave no partial file, and hold nothing; once the
-    disk takes writes again, so does the tier."""
-    h = sidecar(*disk_flags(disk_dir))
+@pytest.fixture
+def full_disk() -> Iterator[Path]:
+    """A real filesystem of 1 MiB (tmpfs, mounted for this test and unmounted after), which
+    runs out of space long before the tier's --disk-size: the disk-full case."""
+    d = Path(tempfile.mkdtemp(prefix="lmkv-fulldisk-", dir="/tmp"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        d.rmdir()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot mount a small tmpfs for the disk-full test: {mounted.stderr.strip()}")
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+        d.rmdir()
+
+
+def test_a_full_disk_costs_copies_not_chunks(sidecar: Callable[..., SidecarHandle], full_disk: Path) -> None:
+    """The filesystem under --disk-dir fills up (ENOSPC part-way through a record). Stores and
+    loads go on from the host tier; the failed copies are counted, leave no partial file and
+    hold nothing; once the filesystem has room again, the tier writes again."""
+    h = sidecar(*disk_flags(full_disk))          # --disk-size 64MiB: the filesystem is what is full
     writer = h.client(namespaces=[NS])
     before = chunk_hashes(3, seed=31)
-    assert store(writer, before) == 3
+    assert store(writer, before) == 3            # three 256 KiB records fit in 1 MiB, a fourth does not
     assert quiet(h)["tiers"]["disk"]["entries"] == 3
 
-    _soft, hard = resource.prlimit(h.pid, resource.RLIMIT_FSIZE)
-    resource.prlimit(h.pid, resource.RLIMIT_FSIZE, (64 << 10, hard))   # the soft limit: it can be lifted
     during = chunk_hashes(4, seed=32)
     assert store(writer, during) == 4
     s = quiet(h)
     assert s["tiers"]["disk"]["errors"] >= 4 and s["tiers"]["disk"]["entries"] == 3
-    assert all(p.stat().st_size > CHUNK_BYTES for p in records(disk_dir)), "no partial record is left"
+    assert len(records(full_disk)) == 3, "no partial record is left"
+    assert all(p.stat().st_size > CHUNK_BYTES for p in records(full_disk))
     assert load(writer, before + during) == [payload(x) for x in before + during]
     assert_no_leaks(h, CHUNK_BYTES)
 
-    resource.prlimit(h.pid, resource.RLIMIT_FSIZE, (hard, hard))
+    subprocess.run(["mount", "-o", "remount,size=4m", str(full_disk)], check=True)   # room again
     after = chunk_hashes(2, seed=33)
     assert store(writer, after) == 2
     assert quiet(h)["tiers"]["disk"]["entries"] == 5, "writes reach the disk again"
+    h.close()
 
 
 @pytest.fixture
