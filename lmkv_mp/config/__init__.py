@@ -1,0 +1,48 @@
+"""Every setting of lmkv_mp, parsed and validated in one place.
+
+The sidecar reads its command-line flags and their ``LMKV_*`` twins with
+:func:`load_sidecar_config` (``sidecar.py``); schedulers, workers and the vLLM connector
+read theirs with :func:`load_client_config` (``client.py``); what both share (ConfigError,
+defaults, endpoints, value parsers) is in ``common.py``. Nothing else in the package reads
+``os.environ``.
+
+Loading has no side effects: nothing is created, bound or written. The only files read are
+the secret files named by settings and, when no host pool size is given, the meminfo file.
+"""
+
+from lmkv_mp.config.client import (
+                                   CLIENT_SETTINGS,
+                                   ClientConfig,
+                                   load_client_config,
+                                   stats_endpoint_from_env,
+)
+from lmkv_mp.config.common import (
+                                   DEFAULT_CLIENT_MAX_INFLIGHT,
+                                   DEFAULT_CLIENT_POOL_SHARE,
+                                   DEFAULT_HASH_KEY,
+                                   DEFAULT_PREFETCH_TIMEOUT,
+                                   ConfigError,
+                                   default_endpoint,
+                                   default_run_dir,
+                                   default_stats_endpoint,
+                                   default_stats_publish_endpoint,
+                                   is_loopback_endpoint,
+                                   redact_url,
+)
+from lmkv_mp.config.sidecar import (
+                                   SidecarConfig,
+                                   build_arg_parser,
+                                   default_host_pool_size,
+                                   load_sidecar_config,
+                                   sidecar_main_config,
+)
+from lmkv_mp.units import GiB, KiB, MiB, TiB, format_size, parse_duration, parse_size
+
+__all__ = [
+    "CLIENT_SETTINGS", "DEFAULT_CLIENT_MAX_INFLIGHT", "DEFAULT_CLIENT_POOL_SHARE", "DEFAULT_HASH_KEY",
+    "DEFAULT_PREFETCH_TIMEOUT", "ClientConfig", "ConfigError", "GiB", "KiB", "MiB", "SidecarConfig", "TiB",
+    "build_arg_parser", "default_endpoint", "default_host_pool_size", "default_run_dir", "default_stats_endpoint",
+    "default_stats_publish_endpoint", "format_size", "is_loopback_endpoint", "load_client_config",
+    "load_sidecar_config", "parse_duration", "parse_size", "redact_url", "sidecar_main_config",
+    "stats_endpoint_from_env",
+]
