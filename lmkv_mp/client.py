@@ -234,6 +234,16 @@ class SidecarClient:
         except SidecarError:
             return False
 
+    def leases_alive(self, lease_ids: list[int]) -> bytes | None:
+        """One byte per lease id, 1 if it is alive now; None if the sidecar did not answer.
+        Tries even while backing off: a loader asks right after its copy."""
+        try:
+            r = self.call(P.Ping(0, list(lease_ids)), probe=True)
+        except SidecarError:
+            return None
+        assert isinstance(r, P.PingReply)
+        return r.alive if len(r.alive) == len(lease_ids) else None
+
     # -- admin: raise -------------------------------------------------------------------------
 
     def stats(self) -> dict:

@@ -543,6 +543,10 @@ class ChunkIndex:
                 out[key[:HASH_BYTES]] = (n + 1, b + e.length)
         return out
 
+    def leases_alive(self, lease_ids: list[int]) -> bytes:
+        """One byte per id: 1 while that lease lives (not yet ended, released or reaped)."""
+        return bytes(int(i in self._leases) for i in lease_ids)
+
     def owner_lease_count(self, owner: Owner) -> int:
         return len(self._owner_leases.get(owner, ()))
 

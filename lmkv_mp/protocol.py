@@ -28,6 +28,7 @@ MAX_FRAME_BYTES = 4 << 20
 """Largest payload the sidecar decodes (a 1M-token prompt's hashes are ~64 KiB)."""
 MAX_CHUNKS_PER_REQUEST = 65536
 MAX_NAMESPACES_PER_REQUEST = 256
+MAX_LEASES_PER_PING = 256
 MAX_KEYS_PER_LOOKUP = 1 << 18
 """Namespaces × chunks one LOOKUP may ask about: the index walk is ~1 µs per key on the
 loop, so this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
@@ -172,8 +173,12 @@ class Release:
 
 @dataclass(frozen=True, slots=True)
 class Ping:
+    """Heartbeat. ``leases`` (at most 256) asks which of these lease ids are alive now: lease
+    ids are never reused, so a lease alive after a copy was alive all through it."""
+
     OP: ClassVar[Op] = Op.PING
     req_id: int
+    leases: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,10 +278,14 @@ class ReleaseReply:
 
 @dataclass(frozen=True, slots=True)
 class PingReply:
+    """``leases``: how many leases the caller holds; ``alive[i]`` is 1 if the request's
+    ``leases[i]`` is alive (whoever holds it), else 0."""
+
     OP: ClassVar[Op] = Op.PING
     req_id: int
     boot_id: bytes
     leases: int
+    alive: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,6 +541,8 @@ def _validate(msg: Request) -> None:
         n = _hash_list(msg.hashes, "hashes")
         if msg.checksums and len(msg.checksums) != 8 * n:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "checksums must be one uint64 per listed hash")
+    elif isinstance(msg, Ping) and len(msg.leases) > MAX_LEASES_PER_PING:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"PING asks about {len(msg.leases)} leases; at most {MAX_LEASES_PER_PING}")
     elif isinstance(msg, Clear) and msg.namespace is not None:
         _ns_id(msg.namespace, "namespace")
     elif isinstance(msg, Corrupt):

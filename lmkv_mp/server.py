@@ -485,7 +485,8 @@ class Sidecar:
         return P.CorruptReply(msg.req_id, self.boot_id, n)
 
     def _ping(self, ident: bytes, msg: P.Ping) -> P.PingReply:
-        return P.PingReply(msg.req_id, self.boot_id, self.index.owner_lease_count(self._client(ident).client_id))
+        return P.PingReply(msg.req_id, self.boot_id, self.index.owner_lease_count(self._client(ident).client_id),
+                           self.index.leases_alive(msg.leases))
 
     def _stats(self, ident: bytes, msg: P.Stats) -> P.StatsReply:
         return P.StatsReply(msg.req_id, self.boot_id, self.snapshot())

@@ -446,6 +446,14 @@ def test_corrupt_namespace_of_wrong_size() -> None:
     assert_rejected(frames(Op.CORRUPT, body), ErrorCode.BAD_REQUEST, "16 bytes")
 
 
+def test_ping_asks_about_a_bounded_number_of_leases() -> None:
+    ok = P.Ping(req_id=1, leases=list(range(1, P.MAX_LEASES_PER_PING + 1)))
+    assert P.decode_request(P.encode_request(ok)) == ok
+    with pytest.raises(P.ProtocolError) as e:
+        P.decode_request(P.encode_request(P.Ping(req_id=1, leases=list(range(P.MAX_LEASES_PER_PING + 1)))))
+    assert e.value.code == P.ErrorCode.TOO_LARGE
+
+
 def test_lookup_keys_are_bounded_across_namespaces() -> None:
     """Namespaces × chunks bounds one LOOKUP's walk of the index (the loop's time)."""
     n = P.MAX_KEYS_PER_LOOKUP // 16
@@ -665,7 +673,7 @@ REQUEST_STRATEGIES: dict[Op, st.SearchStrategy[Any]] = {
     Op.RESERVE: st.builds(P.Reserve, req_id=_u63, namespace=_ns, hashes=_hash_lists),
     Op.COMMIT: st.builds(_commit, _u63, _i64, _hashes_with_sums()),
     Op.RELEASE: st.builds(P.Release, req_id=_u63, lease_id=_i64),
-    Op.PING: st.builds(P.Ping, req_id=_u63),
+    Op.PING: st.builds(P.Ping, req_id=_u63, leases=st.lists(_u63, max_size=8)),
     Op.STATS: st.builds(P.Stats, req_id=_u63),
     Op.CLEAR: st.builds(P.Clear, req_id=_u63, token=st.none() | st.binary(max_size=64), namespace=st.none() | _ns),
     Op.CORRUPT: st.builds(_corrupt, _u63, _ns, _hashes_with_sums(min_size=1, sums_optional=False)),
@@ -690,7 +698,7 @@ REPLY_STRATEGIES: dict[Op, st.SearchStrategy[Any]] = {
                           offsets=st.binary(max_size=64), regions=st.binary(max_size=8)),
     Op.COMMIT: st.builds(P.CommitReply, req_id=_u63, boot_id=_boot, committed=_i64),
     Op.RELEASE: st.builds(P.ReleaseReply, req_id=_u63, boot_id=_boot, released=_i64),
-    Op.PING: st.builds(P.PingReply, req_id=_u63, boot_id=_boot, leases=_i64),
+    Op.PING: st.builds(P.PingReply, req_id=_u63, boot_id=_boot, leases=_i64, alive=st.binary(max_size=8)),
     Op.STATS: st.builds(P.StatsReply, req_id=_u63, boot_id=_boot,
                         snapshot=st.dictionaries(st.text(max_size=10), _snapshot_values, max_size=5)),
     Op.CLEAR: st.builds(P.ClearReply, req_id=_u63, boot_id=_boot, dropped=_i64),

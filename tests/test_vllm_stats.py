@@ -45,7 +45,8 @@ def test_worker_reports_each_job_once(handle: SidecarHandle) -> None:
     assert w.take_stats() == {}, "reported once"
 
     found = key.lookup([bytes(range(16))], hashes, pin=True)
-    loads = [LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], list(range(10, 10 + 3 * BPC)), 0),
+    loads = [LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], list(range(10, 10 + 3 * BPC)), 0,
+                     lease_id=found.lease_id),
              LoadJob("r3", b"another-boot-id!", [[0]], [], [30, 31], 0)]
     w.submit_loads(plan(loads=loads))
     w.submit_stores(plan(stores=[StoreJob("r4", hashes, list(range(3 * BPC)))]))  # all present: skipped

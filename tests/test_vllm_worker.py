@@ -4,7 +4,7 @@ that does not match the KV spec) becomes a reported load error, never wrong bloc
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -59,7 +59,8 @@ def test_store_then_load_into_other_blocks(handle: SidecarHandle) -> None:
     assert found.hits == 3
     wb = worker(handle, b)
     dst = list(range(10, 10 + 3 * BPC))
-    wb.submit_loads(plan(loads=[LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], dst, 0)]))
+    wb.submit_loads(plan(loads=[LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], dst, 0,
+                                        lease_id=found.lease_id)]))
     wb.wait_for_inflight()
     assert wb.finished(set()) == (None, {"r2"})
     assert wb.load_errors() == set()
@@ -78,6 +79,36 @@ def test_stale_boot_id_is_a_reported_load_error(handle: SidecarHandle) -> None:
     assert wb.load_errors() == {4, 5}
     assert wb.finished(set()) == (None, {"r3"})   # reported done, so vLLM recomputes instead of waiting
     assert all(torch.equal(x, y) for x, y in zip(blocks(b, [4, 5]), before))
+
+
+def test_a_load_whose_lease_ended_during_the_copy_is_a_load_error(handle: SidecarHandle) -> None:
+    """The scheduler's read lease is reaped while the worker copies (the scheduler was frozen
+    past the lease timeout): its slots may have been evicted and rewritten under the copy, so
+    the rank keeps nothing and vLLM recomputes."""
+    a, b = cache(5), cache(6)
+    wa = worker(handle, a)
+    key = handle.client("scheduler")
+    assert key.connect()
+    hashes = chain_hashes(list(range(2 * CHUNK)), CHUNK, key.hello.hash_key)
+    wa.submit_stores(plan(stores=[StoreJob("r6", hashes, list(range(2 * BPC)))]))
+    wa.wait_for_inflight()
+    found = key.lookup([NS], hashes, pin=True)
+    assert found.hits == 2
+    wb = worker(handle, b)
+    scatter = wb.paged.scatter
+
+    def scatter_then_lose_the_lease(*args: Any, **kw: Any) -> None:
+        scatter(*args, **kw)
+        key.release(found.lease_id)   # as the reaper would: the lease ends mid-load
+
+    wb.paged.scatter = scatter_then_lose_the_lease  # type: ignore[method-assign]
+    dst = list(range(10, 10 + 2 * BPC))
+    wb.submit_loads(plan(loads=[LoadJob("r7", found.boot_id, [found.offsets[0].tolist()], [], dst, 0,
+                                        lease_id=found.lease_id)]))
+    wb.wait_for_inflight()
+    assert wb.load_errors() == set(dst)
+    assert wb.finished(set()) == (None, {"r7"})
+    assert wb.stats["load_chunks"] == 0
 
 
 def test_unexpected_layout_disables_the_rank(handle: SidecarHandle) -> None:

@@ -21,6 +21,9 @@ class LoadJob:
     from ``skip_blocks`` on (the engine already holds the ones before). ``checksums[r][i]``
     (``--verify on``, else empty) is what chunk i's bytes must hash to, and ``hashes`` holds
     the chunks' chain hashes, so that a rank can name a chunk that failed to the sidecar.
+    ``lease_id`` is the scheduler's read lease that pins the chunks: a rank keeps what it
+    copied only if that lease is still alive after the copy (reaped while the scheduler was
+    frozen, its slots may have been evicted and rewritten during the copy).
     """
 
     req_id: str
@@ -30,6 +33,7 @@ class LoadJob:
     block_ids: list[int]
     skip_blocks: int
     hashes: bytes = b""
+    lease_id: int = 0
 
 
 @dataclass(frozen=True, slots=True)

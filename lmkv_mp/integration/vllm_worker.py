@@ -172,11 +172,14 @@ class WorkerSide:
             if sums and self.checksum(slot) != sums[i]:
                 self._report_corrupt(plan, job, i, sums[i])
                 return False
-        # The lease protected the slots only while that sidecar lived: after a restart during
-        # the copy, eviction may have handed them to a writer before the copy ended.
-        if not self.client.ping(probe=True) or self.client.boot_id != job.boot_id:
-            log.warning("lmkv: load of %s not confirmed (sidecar unreachable or restarted during the copy): "
-                        "recomputing", job.req_id)
+        # The pins protected the slots only while their lease lived: a sidecar restart, or the
+        # lease reaped while the scheduler was frozen, may have let eviction hand the slots to
+        # a writer before the copy ended. Alive now means alive throughout (ids are not reused).
+        alive = self.client.leases_alive([job.lease_id])
+        if alive != b"\x01" or self.client.boot_id != job.boot_id:
+            log.warning("lmkv: load of %s not confirmed (%s): recomputing", job.req_id,
+                        "sidecar unreachable" if alive is None else "sidecar restarted" if alive == b"\x01"
+                        else "its lease ended during the copy")
             return False
         with self._lock:
             self.stats["load_chunks"] += len(offsets)

@@ -82,7 +82,7 @@ def test_the_vllm_worker_recomputes_a_corrupt_chunk(sidecar: Callable[..., Sidec
     wb = worker(h, b)
     dst = list(range(10, 10 + 3 * BPC))
     wb.submit_loads(plan(loads=[LoadJob("r2", found.boot_id, [found.offsets[0].tolist()],
-                                        [found.checksums[0].tolist()], dst, 0, hashes)]))
+                                        [found.checksums[0].tolist()], dst, 0, hashes, found.lease_id)]))
     wb.wait_for_inflight()
     assert wb.load_errors() == set(dst), "every block of the job is recomputed"
     assert wb.finished(set()) == (None, {"r2"})
@@ -93,7 +93,7 @@ def test_the_vllm_worker_recomputes_a_corrupt_chunk(sidecar: Callable[..., Sidec
     # An intact chunk loads fine under verification.
     ok = sched.lookup([NS], hashes, pin=True)
     wb.submit_loads(plan(loads=[LoadJob("r3", ok.boot_id, [ok.offsets[0].tolist()], [ok.checksums[0].tolist()],
-                                        dst[:BPC], 0, hashes[:16])]))
+                                        dst[:BPC], 0, hashes[:16], ok.lease_id)]))
     wb.wait_for_inflight()
     assert wb.load_errors() == set()
     for got, want in zip(blocks(b, dst[:BPC]), blocks(a, list(range(BPC)))):
