@@ -379,8 +379,10 @@ class ChunkIndex:
     def drop_corrupt(self, namespace: bytes, hashes: bytes, checksums: list[int]) -> int:
         """Drop the COMMITTED entries a loader found corrupt: those of ``hashes`` in
         ``namespace`` that still carry the checksum it was given (a late report about an
-        entry rewritten since drops nothing). Pinned ones vanish from lookups now and are
-        freed when unpinned, as cleared ones. Returns how many were dropped."""
+        entry rewritten since drops nothing) and, with :attr:`checksum_at` set, whose bytes
+        really do not match it (a client cannot drop others' chunks by reporting them).
+        Pinned ones vanish from lookups now and are freed when unpinned, as cleared ones.
+        Returns how many were dropped."""
         visible = self._visible.get(namespace)
         if visible is None:
             return 0
@@ -388,6 +390,8 @@ class ChunkIndex:
         for i in range(0, len(hashes), HASH_BYTES):
             e = visible.get(hashes[i:i + HASH_BYTES])
             if e is None or e.checksum != checksums[i // HASH_BYTES]:
+                continue
+            if self.checksum_at is not None and self.checksum_at(e.offset, e.length) == e.checksum:
                 continue
             n += 1
             self._discard(e)

@@ -374,6 +374,31 @@ def test_a_reported_corrupt_chunk_is_dropped_and_counted(verifying: Harness) -> 
     assert list(again.status) == [P.SlotStatus.PRESENT, P.SlotStatus.WRITE, P.SlotStatus.PRESENT]  # type: ignore
 
 
+def test_a_corrupt_report_about_intact_bytes_drops_nothing(verifying: Harness) -> None:
+    """The sidecar hashes a reported slot itself: a client cannot drop others' chunks by
+    reporting them with the checksum a pinned LOOKUP gave it."""
+    from lmkv_mp.tiers.base import checksum
+
+    h = verifying
+    h.hello(b"w1", NS_A)
+    h.hello(b"liar", role="worker")
+    intact = checksum(bytes(CHUNK))            # a fresh pool's slots hold zeros
+    r = h.ok(b"w1", P.Reserve(1, NS_A, hashes(1)))
+    h.ok(b"w1", P.Commit(2, r.lease_id, hashes(1), P.pack_u64([intact])))  # type: ignore[union-attr]
+    lie = h.ok(b"liar", P.Corrupt(3, NS_A, hashes(1), P.pack_u64([intact])))
+    assert isinstance(lie, P.CorruptReply) and lie.dropped == 0
+    assert h.lookup(b"w1", [NS_A], hashes(1)).hits == 1 and h.stats()["errors_by_code"] == {}
+    h.error(b"liar", P.Corrupt(4, NS_A, hashes(*range(1, 66)), P.pack_u64([intact] * 65)), P.ErrorCode.TOO_LARGE)
+
+
+def test_corrupt_reports_are_refused_without_verify(sc: Harness) -> None:
+    sc.hello(b"w1", NS_A)
+    sc.store(b"w1", NS_A, hashes(1))              # verify off: its checksum is 0
+    err = sc.error(b"w1", P.Corrupt(1, NS_A, hashes(1), P.pack_u64([0])), P.ErrorCode.BAD_REQUEST)
+    assert "--verify off" in err.message
+    assert sc.lookup(b"w1", [NS_A], hashes(1)).hits == 1
+
+
 def test_restart_with_verify_drops_chunks_stored_without_checksums(sc: Harness) -> None:
     sc.hello(b"w1", NS_A)
     sc.store(b"w1", NS_A, hashes(1, 2))            # verify off: no checksums
