@@ -293,7 +293,10 @@ class Sidecar:
             client = self.clients.get(ident)
             if client is not None:
                 client.last_seen = time.monotonic()
-            elif not isinstance(msg, (P.Hello, P.Stats)):
+            elif not isinstance(msg, (P.Hello, P.Stats)) or (not stats_only and self.cfg.client_token is not None
+                                                              and isinstance(msg, P.Stats)):
+                # STATS needs no HELLO (lmkv-stats), except on a control socket that asks
+                # every client for a token: the snapshot names the node's models.
                 raise P.ProtocolError(P.ErrorCode.NOT_REGISTERED,
                                       "unknown client (sidecar restarted or your lease expired): send HELLO")
             reply = self._handlers[type(msg)](ident, msg)

@@ -147,8 +147,11 @@ def test_hello_must_present_the_client_token(run_dir: Path, tmp_path: Path) -> N
             err = h.error(b"w", P.Hello(1, P.PROTOCOL_VERSION, "worker", token=presented), P.ErrorCode.UNAUTHORIZED)
             assert "LMKV_TOKEN_FILE" in err.message
         h.error(b"w", P.Lookup(2, [NS_A], hashes(1)), P.ErrorCode.NOT_REGISTERED)
+        # The snapshot names the node's models: on the control socket it needs a HELLO too.
+        h.error(b"w", P.Stats(4), P.ErrorCode.NOT_REGISTERED)
         h.ok(b"w", P.Hello(3, P.PROTOCOL_VERSION, "worker", token=b"cl1ent-t0ken"))
-        assert h.stats()["errors_by_code"] == {"UNAUTHORIZED": 4, "NOT_REGISTERED": 1}
+        assert isinstance(h.ok(b"w", P.Stats(5)), P.StatsReply)
+        assert h.stats()["errors_by_code"] == {"UNAUTHORIZED": 4, "NOT_REGISTERED": 2}
     finally:
         h.close()
 
@@ -171,3 +174,4 @@ def test_remote_clients_over_tcp_need_the_token(sidecar: Callable[..., SidecarHa
         r = c.reserve(NS_A, hashes(1))
         assert r is not None and c.commit(r.lease_id) == 1
         assert c.lookup([NS_A], hashes(1)).hits == 1
+        assert c.stats()["clients"], "a registered client (it presented the token) reads the snapshot"

@@ -88,8 +88,9 @@ class Harness:
         return r
 
     def stats(self) -> dict:
-        r = self.ok(b"stats-reader", P.Stats(5))
-        assert isinstance(r, P.StatsReply)
+        """The snapshot, asked on the stats socket (as lmkv-stats does)."""
+        r = self.send(b"stats-reader", P.Stats(5), stats_only=True)
+        assert isinstance(r, P.StatsReply), r
         return r.snapshot
 
     def close(self) -> None:
