@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable
 
 from lmkv_mp.keys import HASH_BYTES, split_hashes
-from lmkv_mp.memory.allocator import SlotId
+from lmkv_mp.memory.allocator import SlotId, Span
 from lmkv_mp.memory.pool import HostPool, Record, SlotState
 from lmkv_mp.protocol import SlotStatus
 
@@ -226,6 +226,7 @@ class ChunkIndex:
         lease: Lease | None = None
         full = over_quota = False
         held: list[Entry] = []
+        victims: dict[int, list[Span]] = {}   # spans of other classes to evict, ranked once per RESERVE
         try:
             for i in range(0, len(hashes), HASH_BYTES):
                 key = namespace + hashes[i:i + HASH_BYTES]
@@ -243,7 +244,7 @@ class ChunkIndex:
                     continue
                 if not full and max_write_bytes is not None and held_bytes + slot_bytes > max_write_bytes:
                     full = over_quota = True
-                slot = None if full else self._alloc(chunk_bytes)
+                slot = None if full else self._alloc(chunk_bytes, victims)
                 if slot is None:
                     full = True
                     self.counters.quota_refused += over_quota
@@ -475,14 +476,23 @@ class ChunkIndex:
         del self._by_slot[e.slot]
         self.pool.free(e.slot)
 
-    def _alloc(self, chunk_bytes: int) -> SlotId | None:
+    def _alloc(self, chunk_bytes: int, victims: dict[int, list[Span]] | None = None) -> SlotId | None:
+        """A slot for ``chunk_bytes``, evicting as needed; ``victims`` carries the ranked spans
+        of other classes across the allocations of one request (see :meth:`_evict_for`)."""
+        victims = {} if victims is None else victims
         slot = self.pool.alloc(chunk_bytes)
-        while slot is None and self._evict_for(self.pool.slot_bytes_for(chunk_bytes)):
+        while slot is None and self._evict_for(self.pool.slot_bytes_for(chunk_bytes), victims):
             slot = self.pool.alloc(chunk_bytes)
         return slot
 
-    def _evict_for(self, slot_bytes: int) -> bool:
-        """Free room for one slot of ``slot_bytes``; False if nothing can be evicted."""
+    def _evict_for(self, slot_bytes: int, victims: dict[int, list[Span]]) -> bool:
+        """Free room for one slot of ``slot_bytes``; False if nothing can be evicted.
+
+        When no entry of that class can go, whole spans of other classes go, the one whose
+        newest entry is oldest first. Ranking them walks every slot of the pool, so it is done
+        once per request and kept in ``victims`` (evicting never reorders the entries left);
+        each candidate is checked again when its turn comes. Measured before: one RESERVE
+        of slab-sized chunks into a full 8 GiB pool of 256 KiB chunks took 9.4 s."""
         lru = self._lru.get(slot_bytes)
         if lru and self.prefer_clean:
             for e in itertools.islice(lru, CLEAN_SCAN):
@@ -494,28 +504,42 @@ class ChunkIndex:
                 if e.pins == 0:
                     self._evict(e)
                     return True
-        # No evictable entry of this class: free the span of another class whose newest
-        # entry is oldest, if every slot in it is committed and unpinned.
-        best: tuple[int, list[Entry]] | None = None
+        if slot_bytes not in victims:
+            victims[slot_bytes] = self._rank_spans(slot_bytes)
+        candidates = victims[slot_bytes]
+        while candidates:
+            live = self._evictable(candidates.pop())
+            if live is not None:
+                for e in live:
+                    self._evict(e)
+                return True
+        return False
+
+    def _rank_spans(self, slot_bytes: int) -> list[Span]:
+        """Spans of other classes that could be evicted whole, the best victim last (its
+        newest entry is the oldest)."""
         ranks: dict[int, dict[bytes, int]] = {}
+        ranked: list[tuple[int, int, Span]] = []
         for span in self.pool.alloc_state.spans():
-            if span.slot_bytes == slot_bytes:
-                continue
-            base = span.head * self.pool.geo.max_slots_per_slab
-            members = [self._by_slot.get(SlotId(base + i)) for i in range(span.nslots)]
-            live = [m for m in members if m is not None]
-            if len(live) != span.used or any(m.pins or m.state is not EntryState.COMMITTED for m in live):
+            live = None if span.slot_bytes == slot_bytes else self._evictable(span)
+            if not live:
                 continue
             if span.slot_bytes not in ranks:
                 ranks[span.slot_bytes] = {k.key: i for i, k in enumerate(self._lru[span.slot_bytes])}
-            rank = max((ranks[span.slot_bytes][m.key] for m in live), default=0)
-            if best is None or rank < best[0]:
-                best = (rank, live)
-        if best is None:
-            return False
-        for e in best[1]:
-            self._evict(e)
-        return True
+            ranked.append((max(ranks[span.slot_bytes][m.key] for m in live), span.head, span))
+        ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
+        return [span for _rank, _head, span in ranked]
+
+    def _evictable(self, span: Span) -> list[Entry] | None:
+        """The entries of ``span`` if it is still allocated and every used slot in it holds a
+        committed, unpinned entry; else None."""
+        if not self.pool.alloc_state.is_live(span):
+            return None
+        base = span.head * self.pool.geo.max_slots_per_slab
+        live = [m for m in (self._by_slot.get(SlotId(base + i)) for i in range(span.nslots)) if m is not None]
+        if len(live) != span.used or any(m.pins or m.state is not EntryState.COMMITTED for m in live):
+            return None
+        return live
 
     def _evict(self, e: Entry) -> None:
         self.counters.evictions += 1

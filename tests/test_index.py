@@ -481,6 +481,29 @@ def test_no_space_when_no_span_is_wholly_evictable() -> None:
     idx.release("s", p2.lease_id)
 
 
+def test_one_reserve_ranks_the_other_spans_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranking victim spans walks every slot of the pool: once per RESERVE, however many of
+    its chunks need a span evicted (per chunk it took seconds on a full 8 GiB pool), and the
+    oldest spans still go first."""
+    idx = make_index(num_slabs=8)
+    for i in range(32):                         # 8 slabs of 4 small chunks each
+        store(idx, NS0, i)
+    load(idx, [NS0], hs(*range(16, 32)))        # slabs 4-7 are the newest now
+    walks = 0
+    spans = idx.pool.alloc_state.spans
+
+    def counted() -> list:
+        nonlocal walks
+        walks += 1
+        return spans()
+
+    monkeypatch.setattr(idx.pool.alloc_state, "spans", counted)
+    r = idx.reserve("w", NSB, hs(100, 101, 102, 103, 104, 105, 106, 107))   # 2 per slab: 4 slabs
+    assert r.status == [W] * 8
+    assert walks == 1
+    assert not any(hit(idx, NS0, i) for i in range(16)) and all(hit(idx, NS0, i) for i in range(16, 32))
+
+
 def test_multi_slab_class_evicts_enough_spans() -> None:
     idx = make_index(num_slabs=2)
     for i in range(8):

@@ -72,6 +72,10 @@ class SlabAllocator:
         span = self.span_of(slot)
         return span.head * self.slab_size + (slot % self.max_slots_per_slab) * span.slot_bytes
 
+    def is_live(self, span: Span) -> bool:
+        """Whether ``span`` is still allocated (not freed, nor its slabs reused since)."""
+        return self._slab_span[span.head] is span
+
     def spans(self) -> list[Span]:
         seen: dict[int, Span] = {}
         for s in self._slab_span:
