@@ -115,6 +115,7 @@ class ChunkIndex:
         self._owner_leases: dict[Owner, set[int]] = {}
         self._owner_write_bytes: dict[Owner, int] = {}
         self._ns_bytes: dict[bytes, int] = {}
+        self._parked: dict[int, list[Entry]] = {}              # lease id -> WRITING entries of a reaped writer
         self._lease_ids = itertools.count(1)
         self.counters = IndexCounters()
         # With lower tiers, eviction first looks among the oldest entries for one a lower tier
@@ -368,6 +369,37 @@ class ChunkIndex:
         """End a lease: a read lease unpins, a write lease frees its uncommitted slots."""
         lease = self._take_lease(owner, lease_id, None)
         return self._end(lease)
+
+    def park_writes(self, owner: Owner) -> list[int]:
+        """End the owner's write leases that have unfinished chunks without freeing their
+        slots: a writer that was only stopped (not dead) may still be copying into them, so
+        they must go to no one else until :meth:`unpark`. The chunks themselves are gone
+        (another writer may reserve the same hashes at once, in other slots). Returns the
+        parked lease ids."""
+        parked: list[int] = []
+        for lease_id in list(self._owner_leases.get(owner, ())):
+            lease = self._leases[lease_id]
+            writing = [e for e in lease.entries if e.state is EntryState.WRITING]
+            if lease.kind is not LeaseKind.WRITE or not writing:
+                continue
+            self._take_lease(owner, lease_id, LeaseKind.WRITE)
+            for e in writing:
+                if self._entries.get(e.key) is e:
+                    del self._entries[e.key]
+            self._parked[lease_id] = writing
+            self.counters.aborted += len(writing)
+            parked.append(lease_id)
+        return parked
+
+    def unpark(self, lease_id: int) -> int:
+        """Free the slots of a parked lease (its writer is done with them, or gone); how many."""
+        entries = self._parked.pop(lease_id, [])
+        for e in entries:
+            self._drop(e)
+        return len(entries)
+
+    def parked_slots(self) -> int:
+        return sum(len(v) for v in self._parked.values())
 
     def drop_owner(self, owner: Owner) -> int:
         """End every lease of an owner (it disconnected or stopped heartbeating)."""

@@ -41,6 +41,8 @@ MAX_LEASES_PER_CLIENT = 4096
 MAX_NAMESPACES_PER_CLIENT = 1024
 MAX_NAMESPACES = 65536
 MAX_CLIENTS = 4096
+# How long the write slots of a reaped client whose process lives stay parked (see reap).
+PARK_MAX_SECONDS = 600.0
 # A loader reports the one chunk that failed; the sidecar re-hashes each one it is told of.
 MAX_CORRUPT_PER_REPORT = 64
 HOST_REGION_ID = 0
@@ -68,6 +70,7 @@ class Sidecar:
         self.boot_id = os.urandom(16)
         self.counters = SidecarCounters()
         self.clients: dict[bytes, ClientState] = {}
+        self._parked: dict[int, tuple[int, float]] = {}     # parked write lease -> (writer pid, since)
         self._next_client = 1
         self._running = False
         self._lock_fd = -1
@@ -315,13 +318,37 @@ class Sidecar:
         return P.encode_reply(P.ErrorReply(P.peek_req_id(frames), self.boot_id, int(code), message))
 
     def reap(self, now: float) -> None:
-        """Drop clients silent for longer than the lease timeout, with all their leases."""
+        """Drop clients silent for longer than the lease timeout, with all their leases.
+
+        A silent client whose process still lives may only be stopped (SIGSTOP, a frozen
+        cgroup, swap) in the middle of a copy into its write slots: those are parked, not
+        freed, until its stale COMMIT or RELEASE says it is done, its process is gone, or
+        PARK_MAX_SECONDS pass; freeing them at once would let another writer's chunk be
+        overwritten when it resumes."""
         for ident, c in list(self.clients.items()):
             if now - c.last_seen > self.cfg.lease_timeout:
-                n = self.index.drop_owner(c.client_id)
+                parked = self.index.park_writes(c.client_id) if process_alive(c.pid) else []
+                for lease_id in parked:
+                    self._parked[lease_id] = (c.pid, now)
+                n = self.index.drop_owner(c.client_id) + len(parked)
                 del self.clients[ident]
-                log.info("client reaped: id=%d role=%s pid=%d silent %.1fs, %d leases ended",
-                         c.client_id, c.role, c.pid, now - c.last_seen, n)
+                log.info("client reaped: id=%d role=%s pid=%d silent %.1fs, %d leases ended (%d with slots parked)",
+                         c.client_id, c.role, c.pid, now - c.last_seen, n, len(parked))
+        for lease_id, (pid, since) in list(self._parked.items()):
+            if not process_alive(pid) or now - since > PARK_MAX_SECONDS:
+                self._unpark(lease_id)
+
+    def _unpark(self, lease_id: int) -> None:
+        del self._parked[lease_id]
+        self.index.unpark(lease_id)
+
+    def _stale_lease(self, client: ClientState, lease_id: int, e: LeaseError) -> P.ProtocolError:
+        """The error for a COMMIT or RELEASE of a lease this client does not hold; a parked
+        lease of the same process is freed now (its writer is done with its slots)."""
+        parked = self._parked.get(lease_id)
+        if parked is not None and parked[0] == client.pid:
+            self._unpark(lease_id)
+        return P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0]))
 
     def _check_region(self) -> None:
         """Notice (and say once) that the host pool's segment was removed from outside: this
@@ -457,13 +484,13 @@ class Sidecar:
             try:
                 self.index.release(client.client_id, msg.lease_id)
             except LeaseError as e:
-                raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+                raise self._stale_lease(client, msg.lease_id, e) from None
             raise P.ProtocolError(P.ErrorCode.BAD_REQUEST, "this sidecar runs --verify on: COMMIT must list the "
                                   "chunks written with one checksum each; nothing was stored")
         try:
             done = self.index.commit_entries(client.client_id, msg.lease_id, msg.hashes, sums)
         except LeaseError as e:
-            raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+            raise self._stale_lease(client, msg.lease_id, e) from None
         n = len(done)
         if self.tiers is not None:
             self.tiers.committed(done)
@@ -476,7 +503,7 @@ class Sidecar:
         try:
             n = self.index.release(client.client_id, msg.lease_id)
         except LeaseError as e:
-            raise P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0])) from None
+            raise self._stale_lease(client, msg.lease_id, e) from None
         return P.ReleaseReply(msg.req_id, self.boot_id, n)
 
     def _corrupt(self, ident: bytes, msg: P.Corrupt) -> P.CorruptReply:
@@ -536,6 +563,7 @@ class Sidecar:
         snap["corrupt_chunks"] = self.index.counters.corrupt
         snap["quota_refused_chunks"] = self.index.counters.quota_refused
         snap["host_pool_linked"] = not self._region_gone
+        snap["parked_slots"] = self.index.parked_slots()
         if self.tiers is not None:
             snap["tiers"].update(self.tiers.stats())
             snap["tier_movers"] = self.tiers.activity()
@@ -558,6 +586,20 @@ class Sidecar:
         if self.index.owner_lease_count(client.client_id) >= MAX_LEASES_PER_CLIENT:
             raise P.ProtocolError(P.ErrorCode.QUOTA,
                                   f"client holds {MAX_LEASES_PER_CLIENT} leases: release some before taking more")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (clients that write the host pool
+    are local: it is shared memory)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
 
 
 def unimplemented(cfg: SidecarConfig) -> list[str]:

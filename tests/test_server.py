@@ -9,7 +9,9 @@ tests/faults/ and test_cli.py.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -224,6 +226,62 @@ def test_silent_client_is_reaped_with_its_leases(sc: Harness) -> None:
     sc.hello(b"w1", NS_A)
     r = sc.ok(b"w1", P.Reserve(3, NS_A, hashes(2, 3)))
     assert isinstance(r, P.ReserveReply) and list(r.status) == [P.SlotStatus.WRITE] * 2
+
+
+def hello_as(h: Harness, ident: bytes, pid: int) -> None:
+    h.ok(ident, P.Hello(1, P.PROTOCOL_VERSION, "worker", pid, ident.decode(), [P.NamespaceInfo(NS_A, CHUNK, "a")]))
+
+
+def test_a_stopped_writers_slots_are_parked_until_its_stale_commit(sc: Harness) -> None:
+    """A writer reaped while its process lives may only be stopped mid-copy: its slots go to
+    no one until it says it is done (its stale COMMIT), so its late writes cannot land in
+    another writer's chunk."""
+    hello_as(sc, b"w1", os.getpid())
+    r = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1, 2)))
+    assert isinstance(r, P.ReserveReply)
+    mine = set(P.unpack_u64(r.offsets).tolist())
+    sc.server.reap(time.monotonic() + 5)
+    s = sc.stats()
+    assert s["parked_slots"] == 2 and s["leases"] == {"read": 0, "write": 0}
+    hello_as(sc, b"w2", os.getpid() + 10**7)   # no such process
+    other = sc.ok(b"w2", P.Reserve(2, NS_A, hashes(1, 2)))
+    assert isinstance(other, P.ReserveReply) and list(other.status) == [P.SlotStatus.WRITE] * 2
+    assert not mine & set(P.unpack_u64(other.offsets).tolist()), "the parked slots are nobody else's"
+    used = sc.stats()["tiers"]["host"]["used_bytes"]
+
+    hello_as(sc, b"w1", os.getpid())          # continued: re-registers, then its stale COMMIT
+    sc.error(b"w1", P.Commit(3, r.lease_id), P.ErrorCode.UNKNOWN_LEASE)
+    s = sc.stats()
+    assert s["parked_slots"] == 0 and s["tiers"]["host"]["used_bytes"] < used, "freed now"
+
+
+def test_parked_slots_go_when_the_writer_is_gone_or_after_a_while(sc: Harness) -> None:
+    from lmkv_mp.server import PARK_MAX_SECONDS
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        hello_as(sc, b"w1", child.pid)
+        sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1)))
+        hello_as(sc, b"w2", os.getpid())
+        sc.ok(b"w2", P.Reserve(2, NS_A, hashes(2)))
+        now = time.monotonic()
+        sc.server.reap(now + 5)
+        assert sc.stats()["parked_slots"] == 2
+    finally:
+        child.kill()
+        child.wait()
+    sc.server.reap(now + 6)
+    assert sc.stats()["parked_slots"] == 1, "the dead writer's slot is freed"
+    sc.server.reap(now + 5 + PARK_MAX_SECONDS + 1)
+    assert sc.stats()["parked_slots"] == 0, "and a stopped one's after PARK_MAX_SECONDS"
+
+
+def test_a_dead_writers_slots_are_freed_when_it_is_reaped(sc: Harness) -> None:
+    hello_as(sc, b"w1", os.getpid() + 10**7)   # no such process
+    sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1)))
+    sc.server.reap(time.monotonic() + 5)
+    s = sc.stats()
+    assert s["parked_slots"] == 0 and s["tiers"]["host"]["entries"] == 0
 
 
 def test_heartbeat_keeps_a_client(sc: Harness) -> None:
