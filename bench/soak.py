@@ -15,7 +15,9 @@ An *error* is anything a healthy cache must never do: a call that fails, a COMMI
 publishes fewer chunks than were written, a RELEASE refused, a wrong byte, a checksum
 mismatch. Misses (evicted chunks) are not errors. Once every client has stopped, the
 snapshot must show no lease and no WRITING slot, and every used slot byte must belong to
-a committed entry (``leaked_slots``). One JSON line; exit status 1 if errors or leaks.
+a committed entry (``leaked_slots``). One JSON line; exit status 1 on any client error (a
+failed or timed-out call counts, though the data path answers it as a miss), leak, sidecar
+INTERNAL error, or RSS growth over 16 MiB (or 5%).
 
 RSS growth is the sidecar's private resident memory (RssAnon) at the end minus after a
 warm-up (the first fifth of the run): a leak grows it with the op count.
@@ -132,10 +134,14 @@ class Worker:
             else:
                 self.client.lookup([NS.id], b"".join(self.shared[int(self.rng.integers(SHARED_PROMPTS))]))
                 self.ops["lookup"] += 1
+            if not self.client.available:   # a call failed or timed out: it came back as a miss
+                self.errors["sidecar_unavailable"] += 1
         self.client.close()
         self.region.close()
         return {"ops": dict(self.ops), "errors": dict(self.errors)}
 
+
+RSS_GROWTH_MAX = 16 << 20   # sidecar private memory growth that fails the soak (or 5% of its start)
 
 def rss_anon(pid: int) -> int:
     from common import proc_memory
@@ -205,7 +211,11 @@ def main() -> int:
           "leaked_leases": leases, "sidecar_errors_by_code": snap["errors_by_code"],
           "evictions": snap["evictions"], "rss_start_bytes": rss_start, "rss_end_bytes": rss_end,
           "rss_growth_bytes": rss_end - rss_start, "host_pool": args.pool_size, "machine": machine()})
-    return 1 if errors or slots or leases else 0
+    # The sidecar's own failures count too: an INTERNAL error is a bug, and private memory
+    # that keeps growing over a bounded workload is a leak.
+    internal = snap["errors_by_code"].get("INTERNAL", 0)
+    rss_bad = rss_end - rss_start > max(RSS_GROWTH_MAX, rss_start // 20)
+    return 1 if errors or slots or leases or internal or rss_bad else 0
 
 
 if __name__ == "__main__":
