@@ -411,18 +411,22 @@ class Sidecar:
                                   "namespaces: use another connection for more")
         if sum(self.index.chunk_bytes(ns.id) is None for ns in new) + self.index.namespace_count() > MAX_NAMESPACES:
             raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar knows {MAX_NAMESPACES} namespaces already")
+        # All or nothing: a HELLO refused half-way must leave no namespace behind.
+        sizes: dict[bytes, int] = {}
         for ns in msg.namespaces:
-            try:
-                self.index.declare(ns.id, ns.chunk_bytes)
-            except ValueError as e:
-                raise P.ProtocolError(P.ErrorCode.CONFLICT, str(e)) from None
+            have = sizes.setdefault(ns.id, self.index.chunk_bytes(ns.id) or ns.chunk_bytes)
+            if have != ns.chunk_bytes:
+                raise P.ProtocolError(P.ErrorCode.CONFLICT, f"namespace {ns.id.hex()} holds {have}-byte chunks, "
+                                      f"not {ns.chunk_bytes}")
+        for ns in msg.namespaces:
+            self.index.declare(ns.id, ns.chunk_bytes)
             if ns.name:
                 self.ns_names[ns.id] = ns.name[:200]
         if client is None:
             client = ClientState(self._next_client, msg.role, msg.pid, msg.name[:200], time.monotonic())
             self._next_client += 1
             self.clients[ident] = client
-            log.info("client joined: id=%d role=%s pid=%d name=%s", client.client_id, msg.role, msg.pid, msg.name)
+            log.info("client joined: id=%d role=%s pid=%d name=%s", client.client_id, msg.role, msg.pid, client.name)
         client.namespaces.update(ns.id for ns in msg.namespaces)
         region = P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)
         return P.HelloReply(msg.req_id, self.boot_id, client.client_id, self.cfg.chunk_tokens, self.cfg.hash_key,

@@ -60,6 +60,7 @@ def harness(run_dir: Path, *flags: str) -> Harness:
 
 
 def test_owner_only_by_default(run_dir: Path) -> None:
+    run_dir.chmod(0o755)            # an existing, too open run dir is closed (mkdtemp's 0700 proves nothing)
     h = harness(run_dir)
     try:
         assert mode(run_dir) == 0o700

@@ -126,7 +126,13 @@ def test_hello_rejects_bad_versions_roles_and_conflicting_namespaces(sc: Harness
     sc.hello(b"w1", NS_A)
     sc.error(b"w2", P.Hello(9, P.PROTOCOL_VERSION, "worker", 1, "",
                             [P.NamespaceInfo(NS_A, CHUNK * 2)]), P.ErrorCode.CONFLICT)
-    assert sc.stats()["errors_by_code"] == {"VERSION": 1, "BAD_REQUEST": 1, "CONFLICT": 1}
+    # All or nothing: a HELLO refused for its second namespace declares neither.
+    sc.error(b"w3", P.Hello(10, P.PROTOCOL_VERSION, "worker", 1, "",
+                            [P.NamespaceInfo(NS_B, CHUNK), P.NamespaceInfo(NS_A, CHUNK * 2)]), P.ErrorCode.CONFLICT)
+    sc.error(b"w3", P.Hello(11, P.PROTOCOL_VERSION, "worker", 1, "",
+                            [P.NamespaceInfo(NS_B, CHUNK), P.NamespaceInfo(NS_B, CHUNK * 2)]), P.ErrorCode.CONFLICT)
+    assert sc.server.index.chunk_bytes(NS_B) is None
+    assert sc.stats()["errors_by_code"] == {"VERSION": 1, "BAD_REQUEST": 1, "CONFLICT": 3}
 
 
 def test_requests_before_hello_are_not_registered(sc: Harness) -> None:
