@@ -135,7 +135,8 @@ def test_sidecar_killed_under_load_from_four_clients(sidecar: Callable[..., Side
     assert_no_leaks(h, ns.chunk_bytes)
 
 
-def test_shm_segment_removed_from_outside(sidecar: Callable[..., SidecarHandle], procs: Procs) -> None:
+def test_shm_segment_removed_from_outside(sidecar: Callable[..., SidecarHandle], procs: Procs,
+                                          caplog: pytest.LogCaptureFixture) -> None:
     """Someone unlinks the host pool's segment (a cleanup script, `rm /dev/shm/*`). The
     sidecar notices and says so once, and keeps serving from its mapping; a worker that
     had mapped it goes on storing and loading; a worker that starts now cannot attach it:
@@ -164,6 +165,19 @@ def test_shm_segment_removed_from_outside(sidecar: Callable[..., SidecarHandle],
     assert old.lookup([ns.id], K.prompt_hashes(2, N, key)).hits == 0
     assert h.alive() and stats(h)["tiers"]["host"]["entries"] == N
     assert_no_leaks(h, ns.chunk_bytes)
+
+    # Someone recreates a segment under the pool's name: a worker that maps it now sees
+    # another pool's uuid and never uses it (its writes would reach no sidecar's slots).
+    name = shm_name_for(h.run_dir)
+    impostor = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600,
+                                      size=old.hello.regions[0].size)  # type: ignore[union-attr]
+    impostor.close_fd()
+    try:
+        stranger = h.client(role="worker", namespaces=[ns])
+        assert stranger.connect() and stranger.host_tensor() is None
+        assert "is not the sidecar's pool" in caplog.text
+    finally:
+        posix_ipc.unlink_shared_memory(name)
 
     h.restart()
     assert Path("/dev/shm", shm_name_for(h.run_dir).lstrip("/")).exists(), "a new segment"
