@@ -111,6 +111,40 @@ def test_a_load_whose_lease_ended_during_the_copy_is_a_load_error(handle: Sideca
     assert wb.stats["load_chunks"] == 0
 
 
+def test_a_sidecar_restart_during_the_copy_is_a_load_error(handle: SidecarHandle) -> None:
+    """The sidecar is SIGKILLed and restarted while the worker copies: the lease that pinned
+    the slots died with it (the new one may even hand out the same lease id), so the rank
+    keeps nothing."""
+    a, b = cache(7), cache(8)
+    wa = worker(handle, a)
+    key = handle.client("scheduler")
+    assert key.connect()
+    hashes = chain_hashes(list(range(2 * CHUNK)), CHUNK, key.hello.hash_key)
+    wa.submit_stores(plan(stores=[StoreJob("r8", hashes, list(range(2 * BPC)))]))
+    wa.wait_for_inflight()
+    found = key.lookup([NS], hashes, pin=True)
+    assert found.hits == 2
+    wb = worker(handle, b)
+    assert wb.client.connect()
+    scatter = wb.paged.scatter
+    restarted: list[bool] = []
+
+    def scatter_across_a_restart(*args: Any, **kw: Any) -> None:
+        scatter(*args, **kw)
+        if not restarted:
+            handle.kill()
+            handle.restart()
+            restarted.append(True)
+
+    wb.paged.scatter = scatter_across_a_restart  # type: ignore[method-assign]
+    dst = list(range(10, 10 + 2 * BPC))
+    wb.submit_loads(plan(loads=[LoadJob("r9", found.boot_id, [found.offsets[0].tolist()], [], dst, 0,
+                                        lease_id=found.lease_id)]))
+    wb.wait_for_inflight()
+    assert restarted and wb.load_errors() == set(dst)
+    assert wb.stats["load_chunks"] == 0
+
+
 def test_unexpected_layout_disables_the_rank(handle: SidecarHandle) -> None:
     a = cache(4)
     wa = worker(handle, a, expected=a.chunk_bytes(1) + 2)
