@@ -73,6 +73,22 @@ def prepare_run_dir(run_dir: Path, access: Access = OWNER_ONLY) -> None:
         os.chmod(run_dir, access.dir_mode)
 
 
+def closed_ancestor(run_dir: Path, access: Access) -> Path | None:
+    """With a group grant, the first directory above ``run_dir`` that the group cannot pass
+    through (no group or other execute bit, and not group-owned with one), or None. The
+    run dir's own mode does not help group members who cannot reach it: the default
+    ``$XDG_RUNTIME_DIR`` is 0700, for one."""
+    if access.gid is None:
+        return None
+    for parent in run_dir.absolute().parents:
+        st = parent.stat()
+        others = st.st_mode & stat.S_IXOTH
+        group = st.st_gid == access.gid and st.st_mode & stat.S_IXGRP
+        if not (others or group):
+            return parent
+    return None
+
+
 def share_socket(endpoint: str, access: Access) -> None:
     """Give a bound ipc:// socket file to the group (its mode came from the bind's umask)."""
     if access.gid is not None and endpoint.startswith("ipc://"):

@@ -24,7 +24,7 @@ from typing import Callable
 import zmq
 
 from lmkv_mp import protocol as P
-from lmkv_mp.access import AccessError, access_for, prepare_run_dir, share_socket, token_ok
+from lmkv_mp.access import AccessError, access_for, closed_ancestor, prepare_run_dir, share_socket, token_ok
 from lmkv_mp.config import SidecarConfig, redact_url
 from lmkv_mp.index import ChunkIndex, LeaseError
 from lmkv_mp.keys import split_hashes
@@ -81,6 +81,11 @@ class Sidecar:
             prepare_run_dir(cfg.run_dir, self.access)
         except AccessError as e:
             raise StartupError(str(e)) from None
+        closed = closed_ancestor(cfg.run_dir, self.access)
+        if closed is not None:
+            log.warning("warning: --allow-group %s, but %s (mode %o) keeps the group out of the run dir %s: "
+                        "choose a --run-dir the group can reach, e.g. under /run or /tmp", cfg.allow_group, closed,
+                        closed.stat().st_mode & 0o777, cfg.run_dir)
         self._take_lock()
         if cfg.host_pool_path is not None:
             self._exclusive(cfg.host_pool_path, f"the host pool file {cfg.host_pool_path}", "--host-pool-path")

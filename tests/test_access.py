@@ -96,6 +96,24 @@ def test_allow_group_shares_everything_but_the_lock_with_that_group(run_dir: Pat
         h.close()
 
 
+def test_allow_group_warns_when_a_parent_keeps_the_group_out(run_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The default run dir under $XDG_RUNTIME_DIR sits in a 0700 directory: sharing it with a
+    group would silently not work. The sidecar says so (and still starts)."""
+    group = service_group()
+    inner = run_dir / "inner"                    # run_dir itself is 0700
+    h = harness(inner, "--allow-group", group.gr_name)
+    try:
+        assert f"keeps the group out of the run dir {inner}" in caplog.text and str(run_dir) in caplog.text
+    finally:
+        h.close()
+    caplog.clear()
+    h = harness(run_dir, "--allow-group", group.gr_name)   # under /tmp: reachable
+    try:
+        assert "keeps the group out" not in caplog.text
+    finally:
+        h.close()
+
+
 def test_allow_group_takes_a_numeric_gid(run_dir: Path) -> None:
     gid = service_group().gr_gid
     h = harness(run_dir, "--allow-group", str(gid))
