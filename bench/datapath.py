@@ -28,6 +28,10 @@ own the cores); the memcpy limit then runs on one thread too. ``--threads 0`` us
 default: the index copies are many small parallel regions, and with a core taken by
 another process they wait on each other (here: up to 100x slower with 2 threads).
 
+``--chunk-tokens`` sets the sidecar's chunk size (default 256, a multiple of the block
+size); by default a prompt stays 2048 tokens (quick: 1024), so runs at different chunk
+sizes move the same bytes per iteration and differ only in how they are cut.
+
 ``--verify`` runs the sidecar with ``--verify on`` and does what the connector then does:
 a store hashes each slot after its gather and sends the checksums at COMMIT, a load
 hashes each slot after its scatter and compares. The line then carries ``verify: true``
@@ -60,6 +64,7 @@ from lmkv_mp.transfer import PagedKV, slot_checksum  # noqa: E402
 LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, CHUNK_TOKENS = 32, 8, 128, 16, 256
 BPC = CHUNK_TOKENS // BLOCK_SIZE
 SLAB = 64 << 20
+PROMPT_TOKENS, QUICK_PROMPT_TOKENS = 2048, 1024
 
 
 def cpu_kv_cache(num_blocks: int, seed: int) -> list[torch.Tensor]:
@@ -73,23 +78,26 @@ def cpu_kv_cache(num_blocks: int, seed: int) -> list[torch.Tensor]:
 
 class Prompts:
     """Fresh prompts: random tokens (so new chain hashes), block ids to store from and
-    disjoint ones to load into (random, or two runs of consecutive ids)."""
+    disjoint ones to load into (random, or two runs of consecutive ids), per chunk one
+    list of ``chunk_tokens / BLOCK_SIZE`` block ids."""
 
-    def __init__(self, chunks: int, num_blocks: int, hash_key: bytes, seed: int, consecutive: bool) -> None:
+    def __init__(self, chunks: int, num_blocks: int, hash_key: bytes, seed: int, consecutive: bool,
+                 chunk_tokens: int = CHUNK_TOKENS) -> None:
         self.chunks, self.num_blocks, self.hash_key = chunks, num_blocks, hash_key
-        self.consecutive = consecutive
+        self.consecutive, self.chunk_tokens = consecutive, chunk_tokens
         self.rng = np.random.default_rng(seed)
 
     def next(self) -> tuple[bytes, list[list[int]], list[list[int]]]:
-        tokens = self.rng.integers(0, 128_000, self.chunks * CHUNK_TOKENS)
-        need = 2 * self.chunks * BPC
+        bpc = self.chunk_tokens // BLOCK_SIZE
+        tokens = self.rng.integers(0, 128_000, self.chunks * self.chunk_tokens)
+        need = 2 * self.chunks * bpc
         if self.consecutive:
             start = int(self.rng.integers(0, self.num_blocks - need + 1))
             ids = list(range(start, start + need))
         else:
             ids = self.rng.permutation(self.num_blocks)[:need].tolist()
-        split = [ids[i * BPC:(i + 1) * BPC] for i in range(2 * self.chunks)]
-        return chain_hashes(tokens, CHUNK_TOKENS, self.hash_key), split[:self.chunks], split[self.chunks:]
+        split = [ids[i * bpc:(i + 1) * bpc] for i in range(2 * self.chunks)]
+        return chain_hashes(tokens, self.chunk_tokens, self.hash_key), split[:self.chunks], split[self.chunks:]
 
 
 def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_ids: list[list[int]],
@@ -150,7 +158,11 @@ def timed(fn: Callable[[], None]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--chunks", type=int, default=None, help="chunks per iteration (one prompt) [8; quick 4]")
+    ap.add_argument("--chunk-tokens", type=int, default=CHUNK_TOKENS,
+                    help=f"tokens per chunk, a multiple of {BLOCK_SIZE} [{CHUNK_TOKENS}]")
+    ap.add_argument("--chunks", type=int, default=None,
+                    help=f"chunks per iteration (one prompt) [{PROMPT_TOKENS} tokens' worth: 8 at {CHUNK_TOKENS} "
+                         f"tokens; quick {QUICK_PROMPT_TOKENS} tokens' worth]")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations per op [10; quick 5]")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads for the copies and the memcpy limit (default 1: what the vLLM "
@@ -163,31 +175,36 @@ def main() -> None:
                     help="run the sidecar with --verify on: checksums at COMMIT, checked after each load")
     ap.add_argument("--quick", action="store_true", help="CI-sized run (under a minute)")
     args = ap.parse_args()
-    chunks = args.chunks or (4 if args.quick else 8)
+    if args.chunk_tokens <= 0 or args.chunk_tokens % BLOCK_SIZE:
+        ap.error(f"--chunk-tokens must be a positive multiple of the block size {BLOCK_SIZE}")
+    chunk_tokens, bpc = args.chunk_tokens, args.chunk_tokens // BLOCK_SIZE
+    chunks = args.chunks or max(1, (QUICK_PROMPT_TOKENS if args.quick else PROMPT_TOKENS) // chunk_tokens)
     iters = args.iters or (5 if args.quick else 10)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    num_blocks = 3 * chunks * BPC + BPC  # a store's blocks and a load's disjoint ones, with room to spare
+    num_blocks = 3 * chunks * bpc + bpc  # a store's blocks and a load's disjoint ones, with room to spare
     paged = PagedKV(cpu_kv_cache(num_blocks, seed=0), num_blocks=num_blocks, block_dim=0)
-    nbytes = paged.chunk_bytes(BPC)
+    nbytes = paged.chunk_bytes(bpc)
     # Every prompt (warm-up included) stays, plus the scratch reservation the shm copy uses,
-    # plus a slab for the segment's header and slot table.
+    # plus a slab for the segment's header and slot table. A chunk larger than SLAB gets a
+    # slab of its own size (whole MiB).
     slots = (iters + 2) * chunks
-    per_slab = max(1, SLAB // nbytes)
-    pool = args.pool_size or f"{(-(-slots // per_slab) + 1) * SLAB >> 20}MiB"
-    slab = f"{max(SLAB, -(-nbytes // 4096) * 4096) >> 20}MiB"
+    slab_bytes = max(SLAB, -(-nbytes // (1 << 20)) << 20)
+    per_slab = max(1, slab_bytes // nbytes)
+    pool = args.pool_size or f"{(-(-slots // per_slab) + 1) * slab_bytes >> 20}MiB"
+    slab = f"{slab_bytes >> 20}MiB"
     src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
     dst = torch.empty(nbytes, dtype=torch.uint8).fill_(2)
 
-    with sidecar(pool, slab, "--chunk-tokens", str(CHUNK_TOKENS), "--verify", "on" if args.verify else "off") as sc:
+    with sidecar(pool, slab, "--chunk-tokens", str(chunk_tokens), "--verify", "on" if args.verify else "off") as sc:
         ns = Namespace("llama-3-8b-like", "bench", "bfloat16", LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE,
-                       paged.layout_fingerprint(), CHUNK_TOKENS, 1, 0).id
+                       paged.layout_fingerprint(), chunk_tokens, 1, 0).id
         client = SidecarClient(sc.client_config(), role="worker", namespaces=[P.NamespaceInfo(ns, nbytes, "bench")])
         if not client.connect() or client.hello is None:
             raise RuntimeError("HELLO failed")
         prompts = Prompts(chunks, num_blocks, client.hello.hash_key, seed=1,
-                          consecutive=args.block_ids == "consecutive")
+                          consecutive=args.block_ids == "consecutive", chunk_tokens=chunk_tokens)
         host = client.host_tensor()
         if host is None:
             raise RuntimeError("the host pool could not be mapped")
@@ -257,8 +274,8 @@ def main() -> None:
               "copy_gbps": round(moved / med[f"{op}_copy"] / 1e9, 2), "page_faults": int(med[f"{op}_faults"]),
               "verify": args.verify,
               **({"checksum_gbps": round(moved / med["checksum"] / 1e9, 2)} if args.verify else {}),
-              "chunk_bytes": nbytes, "chunks": chunks, "iters": iters, "block_ids": args.block_ids,
-              "host_pool": pool, "evictions": evictions, "machine": machine()})
+              "chunk_tokens": chunk_tokens, "chunk_bytes": nbytes, "chunks": chunks, "iters": iters,
+              "block_ids": args.block_ids, "host_pool": pool, "evictions": evictions, "machine": machine()})
 
 
 if __name__ == "__main__":

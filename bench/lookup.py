@@ -6,6 +6,10 @@ that does nothing but send back a reply as large as the sidecar's, measured in t
 run with the same number of client processes. One JSON line per client count:
 
     {"bench":"lookup","clients":N,"p50_us":…,"p99_us":…,"zmq_p50_us":…,"ratio_p50":…}
+
+``--percentiles`` adds the whole latency distribution of both sides, percentiles 0 to 100
+in steps of 1 (``percentiles_us`` and ``zmq_percentiles_us``, 101 values each), for plots
+of the tail that p50/p99 alone hide.
 """
 
 from __future__ import annotations
@@ -90,6 +94,11 @@ def _run_clients(target, args_for, clients: int) -> list[float]:
     return lat
 
 
+def distribution_us(lat: list[float]) -> list[float]:
+    """Percentiles 0, 1, ..., 100 of ``lat`` (seconds) in µs, as ``percentile`` computes p50/p99."""
+    return [round(percentile(lat, q) * 1e6, 1) for q in range(101)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=32768)
@@ -97,6 +106,8 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4")
     ap.add_argument("--iters", type=int, default=3000)
     ap.add_argument("--pin", action="store_true", help="pinned LOOKUP (+ RELEASE, not timed)")
+    ap.add_argument("--percentiles", action="store_true",
+                    help="add percentiles 0..100 of ours and of the raw round trip to each line (the distribution)")
     ap.add_argument("--quick", action="store_true", help="CI-sized run (under a minute)")
     args = ap.parse_args()
     iters = 500 if args.quick else args.iters
@@ -129,7 +140,8 @@ def main() -> None:
                   "p50_us": round(p50, 1), "p99_us": round(p99, 1), "zmq_p50_us": round(z50, 1),
                   "zmq_p99_us": round(percentile(raw, 99) * 1e6, 1), "ratio_p50": round(p50 / z50, 2),
                   "request_bytes": len(request[1]), "reply_bytes": reply_bytes, "iters": iters,
-                  "machine": machine()})
+                  **({"percentiles_us": distribution_us(lat), "zmq_percentiles_us": distribution_us(raw)}
+                     if args.percentiles else {}), "machine": machine()})
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.connect(raw_ep)
         sock.send_multipart([b"q", b""])
