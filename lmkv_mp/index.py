@@ -588,6 +588,11 @@ class ChunkIndex:
             out[lease.kind.value] += 1
         return out
 
+    def entry_slot_bytes(self) -> int:
+        """Slot bytes held by entries of any state (written, committed, hidden while pinned,
+        parked): equal to the allocator's used bytes unless a slot leaked."""
+        return sum(e.slot_bytes for e in self._by_slot.values())
+
     def entries_by_state(self) -> dict[str, int]:
         out = {"writing": 0, "committed": 0}
         for e in self._entries.values():

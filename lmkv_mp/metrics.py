@@ -113,6 +113,7 @@ def host_tier(counters: SidecarCounters, index: ChunkIndex) -> dict[str, Any]:
         "capacity_bytes": alloc.capacity_bytes,
         "entries": len(index),
         "entries_by_state": index.entries_by_state(),
+        "entry_slot_bytes": index.entry_slot_bytes(),
         "free_slabs": alloc.free_slabs(),
         "hit_chunks": counters.hit_chunks,
         "stored_chunks": counters.stores,

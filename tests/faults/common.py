@@ -74,6 +74,8 @@ def leaks(snap: dict[str, Any], slot_bytes: int | None) -> list[str]:
         out.append(f"{host['entries_by_state']['writing']} slots WRITING")
     if snap.get("parked_slots"):
         out.append(f"{snap['parked_slots']} slots parked for a stopped writer")
+    if host["used_bytes"] != host["entry_slot_bytes"]:
+        out.append(f"{host['used_bytes'] - host['entry_slot_bytes']} used slot bytes belong to no entry")
     if slot_bytes is not None and host["used_bytes"] != host["entries"] * slot_bytes:
         out.append(f"{host['used_bytes']} bytes used by {host['entries']} entries of {slot_bytes}")
     if snap.get("tier_movers", {}).get("in_flight", 0):

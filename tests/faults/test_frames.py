@@ -227,7 +227,9 @@ class Fuzzer:
                 elif how == 3 and data:
                     del data[pos:pos + r.randint(1, 8)]
                 elif how == 4:
-                    fr.append(r.randbytes(4)) if len(fr) < 3 else fr.pop()
+                    # Up to 8 frames: a message of many frames must be refused whole too.
+                    fr.extend(r.randbytes(r.randint(0, 16)) for _ in range(r.randint(1, 6))) if len(fr) < 3 \
+                        else fr.pop()
                     continue
                 fr[i] = bytes(data)
         return fr
