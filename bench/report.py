@@ -248,7 +248,12 @@ def datapath_section(results: Results, figure: Path) -> str:
     body = table(["op", "chunk tokens (MiB)", "through the sidecar", "memcpy", "ratio", "RPC time per prompt"],
                  [[r["op"], f"{r['chunk_tokens']} ({r['chunk_bytes'] >> 20})", gbps(r["gbps"]), gbps(r["memcpy_gbps"]),
                    f"{r['ratio']:.2f}", f"{r['rpc_ms']:.1f} ms"] for r in rows])
-    return "\n\n".join([head, body, f"Figure: `{figure}` ({run_label(results)})."])
+    return "\n\n".join([head, body, figure_lines(results, figure, "store and load by chunk size")])
+
+
+def figure_lines(results: Results, figure: Path, what: str) -> str:
+    """The figure embedded in the README, then a line naming its file, run and machine."""
+    return f"![{what}]({figure})\n\nFigure: `{figure}` ({run_label(results)})."
 
 
 def lookup_section(results: Results, figure: Path) -> str:
@@ -263,7 +268,7 @@ def lookup_section(results: Results, figure: Path) -> str:
                    usec(r["zmq_p99_us"]), f"{r['ratio_p50']:.2f}"] for r in rows])
     parts = [head, body]
     if any("percentiles_us" in r for r in rows):
-        parts.append(f"Figure (latency distribution, ours vs raw ZeroMQ): `{figure}` ({run_label(results)}).")
+        parts.append(figure_lines(results, figure, "LOOKUP latency distribution, ours vs raw ZeroMQ"))
     return "\n\n".join(parts)
 
 
@@ -348,7 +353,7 @@ def ttft_section(results: Results, figure: Path) -> str:
     native = [f"vLLM's native CPU offloading on this machine: {r['status']}"
               + (f" ({r['error']})." if "error" in r else ".")
               for r in lines(results, "ttft") if r.get("system") == "vllm-native-offloading"]
-    return "\n\n".join([head, body, *native, f"Figure: `{figure}` ({run_label(results)})."])
+    return "\n\n".join([head, body, *native, figure_lines(results, figure, "TTFT with and without lmkv")])
 
 
 def readme_block(results: Results, results_file: Path, root: Path) -> str:
@@ -360,7 +365,7 @@ def readme_block(results: Results, results_file: Path, root: Path) -> str:
               f"(`{results['command']}`, commit {results['commit']}"
               f"{', with uncommitted changes' if results['dirty'] else ''}, {results['seconds'] / 60:.1f} min) on "
               f"{machine_short(m)}; Python {m['python']}, torch {m['torch']}, {m['vllm'] or 'no vLLM'}. "
-              f"Its plots are written next to that file (git-ignored).")
+              f"Its plots are committed next to that file.")
     sections = [
         (datapath_section(results, plot_path(rel, "datapath")), [f"datapath-{c}" for c in CHUNK_SIZES]),
         (lookup_section(results, plot_path(rel, "lookup")), ["lookup"]),
