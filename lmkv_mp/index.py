@@ -114,6 +114,8 @@ class ChunkIndex:
         self._leases: dict[int, Lease] = {}
         self._owner_leases: dict[Owner, set[int]] = {}
         self._owner_write_bytes: dict[Owner, int] = {}
+        self._owner_pins: dict[Owner, dict[Entry, int]] = {}     # read pins per owner and chunk
+        self._owner_pin_bytes: dict[Owner, int] = {}             # slot bytes of those distinct chunks
         self._ns_bytes: dict[bytes, int] = {}
         self._parked: dict[int, list[Entry]] = {}              # lease id -> WRITING entries of a reaped writer
         self._lease_ids = itertools.count(1)
@@ -171,17 +173,40 @@ class ChunkIndex:
         cols = self._leading(namespaces, hashes, touch=False)
         return len(cols[0]) if cols else 0
 
-    def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes) -> Pinned:
-        """Like :meth:`lookup`, and take a read lease on the hits (0 hits: no lease)."""
+    def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes, max_pin_bytes: int | None = None) -> Pinned:
+        """Like :meth:`lookup`, and take a read lease on the hits (0 hits: no lease).
+
+        ``max_pin_bytes`` bounds the slot bytes of the distinct chunks the owner holds
+        pinned, so one client cannot hold the pool against eviction; hits past it are not
+        reported (a shorter prefix; counted in ``quota_refused``). A chunk the owner has
+        pinned already costs nothing more: a scheduler pins a shared prefix once per request."""
         cols = self._leading(namespaces, hashes)
         hits = len(cols[0]) if cols else 0
+        mine = self._owner_pins.get(owner) or {}
+        used = self._owner_pin_bytes.get(owner, 0)
+        if hits and max_pin_bytes is not None and used + hits * sum(c[0].slot_bytes for c in cols) > max_pin_bytes:
+            room = max_pin_bytes - used       # near the share: count what is new, hit by hit
+            for i in range(hits):
+                room -= sum(col[i].slot_bytes for col in cols if col[i] not in mine)
+                if room < 0:
+                    self.counters.quota_refused += hits - i
+                    hits = i
+                    cols = [col[:i] for col in cols]
+                    break
         if not hits:
             return Pinned(0, 0, [[] for _ in namespaces], [[] for _ in namespaces])
         lease = self._new_lease(owner, LeaseKind.READ)
+        self._owner_pins[owner] = mine
         for col in cols:
+            fresh = 0
             for e in col:
                 e.pins += 1
+                n = mine.get(e, 0)
+                fresh += not n
+                mine[e] = n + 1
+            used += fresh * col[0].slot_bytes
             lease.entries.extend(col)
+        self._owner_pin_bytes[owner] = used
         return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
                       [[e.checksum for e in col] for col in cols])
 
@@ -465,6 +490,8 @@ class ChunkIndex:
         return lease
 
     def _end(self, lease: Lease) -> int:
+        if lease.kind is LeaseKind.READ:
+            self._unpin(lease)
         for e in lease.entries:
             if lease.kind is LeaseKind.READ:
                 self.unhold(e)
@@ -472,6 +499,22 @@ class ChunkIndex:
                 self._drop(e)
                 self.counters.aborted += 1
         return len(lease.entries)
+
+    def _unpin(self, lease: Lease) -> None:
+        """Take a read lease's chunks off its owner's pin account."""
+        mine = self._owner_pins[lease.owner]
+        freed = 0
+        for e in lease.entries:
+            n = mine[e]
+            if n == 1:
+                del mine[e]
+                freed += e.slot_bytes
+            else:
+                mine[e] = n - 1
+        self._owner_pin_bytes[lease.owner] -= freed
+        if not mine:
+            del self._owner_pins[lease.owner]
+            del self._owner_pin_bytes[lease.owner]
 
     def _publish(self, e: Entry) -> None:
         self._visible.setdefault(e.key[:HASH_BYTES], {})[e.key[HASH_BYTES:]] = e

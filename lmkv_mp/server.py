@@ -447,7 +447,7 @@ class Sidecar:
             return P.LookupReply(msg.req_id, self.boot_id, hits, pending=self._prefetch(msg, hits, n))
         client = self._client(ident)
         self._check_quota(client)
-        pinned = self.index.pin(client.client_id, msg.namespaces, msg.hashes)
+        pinned = self.index.pin(client.client_id, msg.namespaces, msg.hashes, self._share_bytes())
         self._count_hits(msg.namespaces, pinned.hits)
         for ns in msg.namespaces:
             nbytes = self.index.chunk_bytes(ns) or 0
@@ -479,10 +479,13 @@ class Sidecar:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_NAMESPACE,
                                   f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
         self._check_quota(client)
-        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes,
-                               int(self.cfg.client_pool_share * self.pool.alloc_state.capacity_bytes))
+        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes, self._share_bytes())
         return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.pack_u64(r.offsets),
                               bytes(len(r.status)))
+
+    def _share_bytes(self) -> int:
+        """Slot bytes one client may hold in write leases, and apart in read pins."""
+        return int(self.cfg.client_pool_share * self.pool.alloc_state.capacity_bytes)
 
     def _commit(self, ident: bytes, msg: P.Commit) -> P.CommitReply:
         client = self._client(ident)

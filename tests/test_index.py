@@ -886,6 +886,28 @@ def test_write_quota_refuses_slots_past_the_owners_share() -> None:
     assert idx.owner_write_bytes("w") == 0
 
 
+def test_pin_quota_counts_distinct_chunks_and_reports_a_shorter_prefix() -> None:
+    idx = make_index(num_slabs=2)               # 8 SMALL slots
+    for i in range(1, 7):
+        store(idx, NS0, i)
+    p = idx.pin("s", [NS0], hs(1, 2, 3, 4), max_pin_bytes=3 * SMALL)
+    assert p.hits == 3 and idx.counters.quota_refused == 1
+    again = [idx.pin("s", [NS0], hs(1, 2, 3), max_pin_bytes=3 * SMALL) for _ in range(5)]
+    assert [x.hits for x in again] == [3] * 5, "pinning the same chunks again costs nothing"
+    assert idx.pin("s", [NS0], hs(4), max_pin_bytes=3 * SMALL).hits == 0
+    assert idx.pin("t", [NS0], hs(1, 2, 3, 4), max_pin_bytes=3 * SMALL).hits == 3, "per owner"
+    for i in range(1, 3):                      # two namespaces (two ranks' shards): a slot in each
+        store(idx, NS1, i)
+    assert idx.pin("u", [NS0, NS1], hs(1, 2), max_pin_bytes=3 * SMALL).hits == 1
+    idx.release("s", p.lease_id)
+    assert idx.pin("s", [NS0], hs(4), max_pin_bytes=3 * SMALL).hits == 0, "1-3 still pinned by the others"
+    for x in again:
+        idx.release("s", x.lease_id)
+    assert idx.pin("s", [NS0], hs(1, 2, 3), max_pin_bytes=3 * SMALL).hits == 3, "released pins no longer count"
+    idx.drop_owner("s")
+    assert idx.pin("s", [NS0], hs(1, 2, 3), max_pin_bytes=3 * SMALL).hits == 3
+
+
 def test_hold_keeps_a_cleared_entry_readable_until_unheld() -> None:
     idx = make_index()
     store(idx, NS0, 1)

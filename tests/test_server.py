@@ -505,6 +505,23 @@ def test_one_writer_cannot_hold_more_than_its_share_of_the_pool(tmp_path: Path) 
         h.close()
 
 
+def test_one_reader_cannot_pin_more_than_its_share_of_the_pool(tmp_path: Path) -> None:
+    h = Harness(Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp")), "--client-pool-share", "25%")
+    try:
+        h.hello(b"w1", NS_A, chunk=1 << 20)
+        h.hello(b"r1", role="scheduler")
+        share = h.stats()["tiers"]["host"]["capacity_bytes"] // 4 // (1 << 20)
+        h.store(b"w1", NS_A, hashes(*range(1, share + 1)))   # committed chunks leave the write share
+        h.store(b"w1", NS_A, hashes(share + 1, share + 2))
+        p = h.lookup(b"r1", [NS_A], hashes(*range(1, share + 3)), pin=True)
+        assert p.hits == share and h.stats()["quota_refused_chunks"] == 2
+        assert h.lookup(b"r1", [NS_A], hashes(*range(1, share + 1)), pin=True).hits == share, "the same chunks again"
+        assert h.lookup(b"r1", [NS_A], hashes(*range(1, share + 3))).hits == share + 2, "unpinned: no limit"
+        assert h.lookup(b"w1", [NS_A], hashes(*range(1, share + 3)), pin=True).hits == share, "per client"
+    finally:
+        h.close()
+
+
 def test_namespaces_and_clients_are_bounded(sc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmkv_mp.server as server
 

@@ -210,7 +210,8 @@ _SIDECAR_FLAGS: tuple[_Flag, ...] = (
           "allow tcp:// endpoints on non-loopback addresses (other hosts can connect; needs --client-token-file)"),
     _Flag("--client-pool-share", "FRACTION", f"{DEFAULT_CLIENT_POOL_SHARE:.0%}",
           "largest share of the host pool one client may hold in write leases (uncommitted slots), e.g. 50% "
-          "or 0.5; chunks past it get NO_SPACE"),
+          "or 0.5, and again in read pins (distinct chunks); chunks past it get NO_SPACE, or are not reported "
+          "as hits"),
     _Flag("--client-max-inflight", "N", str(DEFAULT_CLIENT_MAX_INFLIGHT),
           "requests one client may have queued in the sidecar; a client sending faster waits (backpressure)"),
     _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST,
