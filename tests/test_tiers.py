@@ -38,8 +38,12 @@ def payload(h: bytes) -> bytes:
     return np.random.default_rng(int.from_bytes(h[:8], "little")).bytes(CHUNK_BYTES)
 
 
-def store(client: SidecarClient, hashes: list[bytes]) -> int:
-    """Reserve, write and commit ``hashes``; the number committed."""
+def store(client: SidecarClient, hashes: list[bytes], checksums: bool = False, tamper: int | None = None) -> int:
+    """Reserve, write and commit ``hashes``; the number committed. ``checksums``: send each
+    payload's checksum (``--verify on``); ``tamper``: flip a bit of that chunk after its
+    checksum was taken, as a stray write would."""
+    from lmkv_mp.tiers.base import checksum
+
     r = client.reserve(NS.id, b"".join(hashes))
     assert r is not None, "sidecar unreachable"
     host = client.host_tensor()
@@ -47,7 +51,13 @@ def store(client: SidecarClient, hashes: list[bytes]) -> int:
     for i in r.writable():
         off = int(r.offsets[i])
         host[off:off + CHUNK_BYTES] = torch.frombuffer(bytearray(payload(hashes[i])), dtype=torch.uint8)
-    return client.commit(r.lease_id) if r.lease_id else 0
+    if tamper is not None:
+        host[int(r.offsets[tamper]) + 7] ^= 0x01
+    if not r.lease_id:
+        return 0
+    if checksums:
+        return client.commit(r.lease_id, b"".join(hashes), [checksum(payload(x)) for x in hashes])
+    return client.commit(r.lease_id)
 
 
 def load(client: SidecarClient, hashes: list[bytes], timeout: float = 20.0) -> list[bytes]:
@@ -261,20 +271,10 @@ def test_verify_on_a_chunk_whose_host_bytes_changed_is_dropped_not_copied_down(
     """With --verify on, the mover checks a chunk's host bytes against its COMMIT checksum
     before copying it down: bytes that changed in the pool are dropped, never written to a
     lower tier with a fresh (valid) record checksum."""
-    from lmkv_mp.tiers.base import checksum
-
     h = sidecar(*disk_flags(disk_dir), "--verify", "on")
     c = h.client(namespaces=[NS])
     hashes = chunk_hashes(3, seed=11)
-    r = c.reserve(NS.id, b"".join(hashes))
-    assert r is not None
-    host = c.host_tensor()
-    assert host is not None
-    for i in r.writable():
-        off = int(r.offsets[i])
-        host[off:off + CHUNK_BYTES] = torch.frombuffer(bytearray(payload(hashes[i])), dtype=torch.uint8)
-    host[int(r.offsets[1]) + 7] ^= 0x01          # changed after its checksum was taken
-    assert c.commit(r.lease_id, b"".join(hashes), [checksum(payload(x)) for x in hashes]) == 3
+    assert store(c, hashes, checksums=True, tamper=1) == 3
     s = quiet(h)
     assert s["tier_movers"]["corrupt_found"] == 1
     assert s["tiers"]["disk"]["entries"] == 2 and s["tiers"]["host"]["entries"] == 2
@@ -294,14 +294,7 @@ def test_verify_on_promoted_chunks_carry_their_checksum(sidecar: Callable[..., S
     first = sidecar(*disk_flags(disk_dir), "--verify", "on")
     c = first.client(namespaces=[NS])
     hashes = chunk_hashes(3, seed=10)
-    r = c.reserve(NS.id, b"".join(hashes))
-    assert r is not None
-    host = c.host_tensor()
-    assert host is not None
-    for i in r.writable():
-        off = int(r.offsets[i])
-        host[off:off + CHUNK_BYTES] = torch.frombuffer(bytearray(payload(hashes[i])), dtype=torch.uint8)
-    assert c.commit(r.lease_id, b"".join(hashes), [checksum(payload(h)) for h in hashes]) == 3
+    assert store(c, hashes, checksums=True) == 3
     quiet(first)
     first.close()
     second = sidecar(*disk_flags(disk_dir), "--verify", "on")

@@ -81,20 +81,25 @@ def test_stale_boot_id_is_a_reported_load_error(handle: SidecarHandle) -> None:
     assert all(torch.equal(x, y) for x, y in zip(blocks(b, [4, 5]), before))
 
 
+def two_chunks_pinned(handle: SidecarHandle, seed: int) -> tuple[Any, Any, WorkerSide]:
+    """Two chunks stored by one worker and pinned by a scheduler (its client, the LOOKUP),
+    and a second worker to load them."""
+    wa = worker(handle, cache(seed))
+    key = handle.client("scheduler")
+    assert key.connect()
+    hashes = chain_hashes(list(range(seed, seed + 2 * CHUNK)), CHUNK, key.hello.hash_key)
+    wa.submit_stores(plan(stores=[StoreJob(f"store-{seed}", hashes, list(range(2 * BPC)))]))
+    wa.wait_for_inflight()
+    found = key.lookup([NS], hashes, pin=True)
+    assert found.hits == 2
+    return key, found, worker(handle, cache(seed + 1))
+
+
 def test_a_load_whose_lease_ended_during_the_copy_is_a_load_error(handle: SidecarHandle) -> None:
     """The scheduler's read lease is reaped while the worker copies (the scheduler was frozen
     past the lease timeout): its slots may have been evicted and rewritten under the copy, so
     the rank keeps nothing and vLLM recomputes."""
-    a, b = cache(5), cache(6)
-    wa = worker(handle, a)
-    key = handle.client("scheduler")
-    assert key.connect()
-    hashes = chain_hashes(list(range(2 * CHUNK)), CHUNK, key.hello.hash_key)
-    wa.submit_stores(plan(stores=[StoreJob("r6", hashes, list(range(2 * BPC)))]))
-    wa.wait_for_inflight()
-    found = key.lookup([NS], hashes, pin=True)
-    assert found.hits == 2
-    wb = worker(handle, b)
+    key, found, wb = two_chunks_pinned(handle, 5)
     scatter = wb.paged.scatter
 
     def scatter_then_lose_the_lease(*args: Any, **kw: Any) -> None:
@@ -115,16 +120,7 @@ def test_a_sidecar_restart_during_the_copy_is_a_load_error(handle: SidecarHandle
     """The sidecar is SIGKILLed and restarted while the worker copies: the lease that pinned
     the slots died with it (the new one may even hand out the same lease id), so the rank
     keeps nothing."""
-    a, b = cache(7), cache(8)
-    wa = worker(handle, a)
-    key = handle.client("scheduler")
-    assert key.connect()
-    hashes = chain_hashes(list(range(2 * CHUNK)), CHUNK, key.hello.hash_key)
-    wa.submit_stores(plan(stores=[StoreJob("r8", hashes, list(range(2 * BPC)))]))
-    wa.wait_for_inflight()
-    found = key.lookup([NS], hashes, pin=True)
-    assert found.hits == 2
-    wb = worker(handle, b)
+    _key, found, wb = two_chunks_pinned(handle, 7)
     assert wb.client.connect()
     scatter = wb.paged.scatter
     restarted: list[bool] = []
