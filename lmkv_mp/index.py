@@ -15,7 +15,8 @@ Invariants the rest of the system relies on:
 * A chunk reported corrupt (:meth:`drop_corrupt`) is invisible from that moment on.
 
 Owners are opaque hashable ids (the server uses client ids). Lease expiry is driven from
-outside: the server calls :meth:`drop_owner` for clients that stopped heartbeating.
+outside: the server calls :meth:`drop_owner` for clients that stopped heartbeating. The
+leases themselves, and the per-owner quota accounts, are kept by ``lmkv_mp.leases``.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from lmkv_mp.keys import HASH_BYTES, split_hashes
+from lmkv_mp.leases import Lease, LeaseKind, LeaseTable, Owner
 from lmkv_mp.memory.allocator import SlotId, Span
 from lmkv_mp.memory.pool import HostPool, Record, SlotState
 from lmkv_mp.protocol import SlotStatus
 
-Owner = Hashable
 CLEAN_SCAN = 256  # oldest entries eviction searches for one with a lower-tier copy
 
 
@@ -39,11 +40,6 @@ class EntryState(enum.Enum):
     WRITING = 1
     COMMITTED = 2
     DOOMED = 3   # cleared or expired while pinned: invisible, freed when unpinned
-
-
-class LeaseKind(enum.Enum):
-    READ = "read"
-    WRITE = "write"
 
 
 @dataclass(slots=True, eq=False)
@@ -57,15 +53,6 @@ class Entry:
     pins: int = 0
     checksum: int = 0
     in_lower: bool = False  # a copy is in the lower tiers (written there, or promoted from there)
-
-
-@dataclass(slots=True, eq=False)
-class Lease:
-    id: int
-    kind: LeaseKind
-    owner: Owner
-    entries: list[Entry] = field(default_factory=list)
-    slot_bytes: int = 0  # write leases: the slot bytes reserved (the owner's quota counts them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +85,6 @@ class IndexCounters:
     unverified: int = 0      # restored entries dropped for lack of a checksum (restart with verify on)
 
 
-class LeaseError(KeyError):
-    """A lease id the owner does not hold."""
-
-
 class ChunkIndex:
     """The host tier's index. ``chunk_bytes`` of a namespace is fixed once declared."""
 
@@ -111,14 +94,9 @@ class ChunkIndex:
         self._by_slot: dict[SlotId, Entry] = {}
         self._visible: dict[bytes, dict[bytes, Entry]] = {}    # namespace -> hash -> COMMITTED entry
         self._lru: dict[int, OrderedDict[Entry, None]] = {}    # slot_bytes -> committed, oldest first
-        self._leases: dict[int, Lease] = {}
-        self._owner_leases: dict[Owner, set[int]] = {}
-        self._owner_write_bytes: dict[Owner, int] = {}
-        self._owner_pins: dict[Owner, dict[Entry, int]] = {}     # read pins per owner and chunk
-        self._owner_pin_bytes: dict[Owner, int] = {}             # slot bytes of those distinct chunks
+        self.leases = LeaseTable()
         self._ns_bytes: dict[bytes, int] = {}
         self._parked: dict[int, list[Entry]] = {}              # lease id -> WRITING entries of a reaped writer
-        self._lease_ids = itertools.count(1)
         self.counters = IndexCounters()
         # With lower tiers, eviction first looks among the oldest entries for one a lower tier
         # holds a copy of, so evicting it loses nothing (set by the tier hierarchy).
@@ -182,8 +160,7 @@ class ChunkIndex:
         pinned already costs nothing more: a scheduler pins a shared prefix once per request."""
         cols = self._leading(namespaces, hashes)
         hits = len(cols[0]) if cols else 0
-        mine = self._owner_pins.get(owner) or {}
-        used = self._owner_pin_bytes.get(owner, 0)
+        mine, used = self.leases.pinned(owner)
         if hits and max_pin_bytes is not None and used + hits * sum(c[0].slot_bytes for c in cols) > max_pin_bytes:
             room = max_pin_bytes - used       # near the share: count what is new, hit by hit
             for i in range(hits):
@@ -195,18 +172,11 @@ class ChunkIndex:
                     break
         if not hits:
             return Pinned(0, 0, [[] for _ in namespaces], [[] for _ in namespaces])
-        lease = self._new_lease(owner, LeaseKind.READ)
-        self._owner_pins[owner] = mine
+        lease = self.leases.new(owner, LeaseKind.READ)
         for col in cols:
-            fresh = 0
             for e in col:
                 e.pins += 1
-                n = mine.get(e, 0)
-                fresh += not n
-                mine[e] = n + 1
-            used += fresh * col[0].slot_bytes
-            lease.entries.extend(col)
-        self._owner_pin_bytes[owner] = used
+            self.leases.pin(lease, col)
         return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
                       [[e.checksum for e in col] for col in cols])
 
@@ -246,7 +216,7 @@ class ChunkIndex:
         if chunk_bytes is None:
             raise ValueError(f"namespace {namespace.hex()} was never declared")
         slot_bytes = self.pool.slot_bytes_for(chunk_bytes)
-        held_bytes = self._owner_write_bytes.get(owner, 0)
+        held_bytes = self.leases.write_bytes(owner)
         statuses: list[SlotStatus] = []
         offsets: list[int] = []
         lease: Lease | None = None
@@ -279,15 +249,14 @@ class ChunkIndex:
                     continue
                 held_bytes += slot_bytes
                 if lease is None:
-                    lease = self._new_lease(owner, LeaseKind.WRITE)
+                    lease = self.leases.new(owner, LeaseKind.WRITE)
                 e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
                           self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
                 self.pool.write_record(slot, SlotState.WRITING, namespace, key[HASH_BYTES:], chunk_bytes)
                 self._entries[key] = e
                 self._by_slot[slot] = e
                 lease.entries.append(e)
-                lease.slot_bytes += e.slot_bytes
-                self._owner_write_bytes[owner] = self._owner_write_bytes.get(owner, 0) + e.slot_bytes
+                self.leases.add_write(lease, e.slot_bytes)
                 statuses.append(SlotStatus.WRITE)
                 offsets.append(e.offset)
         finally:
@@ -303,7 +272,7 @@ class ChunkIndex:
     def commit_entries(self, owner: Owner, lease_id: int, hashes: bytes = b"",
                        checksums: list[int] | None = None) -> list[Entry]:
         """:meth:`commit`, returning the entries that became COMMITTED (for write-through)."""
-        lease = self._take_lease(owner, lease_id, LeaseKind.WRITE)
+        lease = self.leases.take(owner, lease_id, LeaseKind.WRITE)
         wanted: dict[bytes, int] | None = None
         if hashes:
             sums = checksums or [0] * (len(hashes) // HASH_BYTES)
@@ -392,8 +361,7 @@ class ChunkIndex:
 
     def release(self, owner: Owner, lease_id: int) -> int:
         """End a lease: a read lease unpins, a write lease frees its uncommitted slots."""
-        lease = self._take_lease(owner, lease_id, None)
-        return self._end(lease)
+        return self._end(self.leases.take(owner, lease_id, None))
 
     def park_writes(self, owner: Owner) -> list[int]:
         """End the owner's write leases that have unfinished chunks without freeing their
@@ -402,12 +370,13 @@ class ChunkIndex:
         (another writer may reserve the same hashes at once, in other slots). Returns the
         parked lease ids."""
         parked: list[int] = []
-        for lease_id in list(self._owner_leases.get(owner, ())):
-            lease = self._leases[lease_id]
+        for lease_id in self.leases.owned(owner):
+            lease = self.leases.get(lease_id)
+            assert lease is not None
             writing = [e for e in lease.entries if e.state is EntryState.WRITING]
             if lease.kind is not LeaseKind.WRITE or not writing:
                 continue
-            self._take_lease(owner, lease_id, LeaseKind.WRITE)
+            self.leases.take(owner, lease_id, LeaseKind.WRITE)
             for e in writing:
                 if self._entries.get(e.key) is e:
                     del self._entries[e.key]
@@ -429,9 +398,9 @@ class ChunkIndex:
     def drop_owner(self, owner: Owner) -> int:
         """End every lease of an owner (it disconnected or stopped heartbeating)."""
         n = 0
-        for lease_id in list(self._owner_leases.get(owner, ())):
-            n += self._end(self._take_lease(owner, lease_id, None))
-        self._owner_leases.pop(owner, None)
+        for lease_id in self.leases.owned(owner):
+            n += self._end(self.leases.take(owner, lease_id, None))
+        self.leases.forget(owner)
         return n
 
     def drop_corrupt(self, namespace: bytes, hashes: bytes, checksums: list[int]) -> int:
@@ -469,29 +438,9 @@ class ChunkIndex:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _new_lease(self, owner: Owner, kind: LeaseKind) -> Lease:
-        lease = Lease(next(self._lease_ids), kind, owner)
-        self._leases[lease.id] = lease
-        self._owner_leases.setdefault(owner, set()).add(lease.id)
-        return lease
-
-    def _take_lease(self, owner: Owner, lease_id: int, kind: LeaseKind | None) -> Lease:
-        lease = self._leases.get(lease_id)
-        if lease is None or lease.owner != owner or (kind is not None and lease.kind is not kind):
-            raise LeaseError(f"lease {lease_id} is not held by this client (expired or already ended)")
-        del self._leases[lease_id]
-        self._owner_leases[owner].discard(lease_id)
-        if lease.slot_bytes:
-            left = self._owner_write_bytes[owner] - lease.slot_bytes
-            if left:
-                self._owner_write_bytes[owner] = left
-            else:
-                del self._owner_write_bytes[owner]
-        return lease
-
     def _end(self, lease: Lease) -> int:
         if lease.kind is LeaseKind.READ:
-            self._unpin(lease)
+            self.leases.unpin(lease)
         for e in lease.entries:
             if lease.kind is LeaseKind.READ:
                 self.unhold(e)
@@ -499,22 +448,6 @@ class ChunkIndex:
                 self._drop(e)
                 self.counters.aborted += 1
         return len(lease.entries)
-
-    def _unpin(self, lease: Lease) -> None:
-        """Take a read lease's chunks off its owner's pin account."""
-        mine = self._owner_pins[lease.owner]
-        freed = 0
-        for e in lease.entries:
-            n = mine[e]
-            if n == 1:
-                del mine[e]
-                freed += e.slot_bytes
-            else:
-                mine[e] = n - 1
-        self._owner_pin_bytes[lease.owner] -= freed
-        if not mine:
-            del self._owner_pins[lease.owner]
-            del self._owner_pin_bytes[lease.owner]
 
     def _publish(self, e: Entry) -> None:
         self._visible.setdefault(e.key[:HASH_BYTES], {})[e.key[HASH_BYTES:]] = e
@@ -626,10 +559,7 @@ class ChunkIndex:
     # -- stats ------------------------------------------------------------------------------
 
     def leases_by_kind(self) -> dict[str, int]:
-        out = {k.value: 0 for k in LeaseKind}
-        for lease in self._leases.values():
-            out[lease.kind.value] += 1
-        return out
+        return self.leases.by_kind()
 
     def entry_slot_bytes(self) -> int:
         """Slot bytes held by entries of any state (written, committed, hidden while pinned,
@@ -652,15 +582,13 @@ class ChunkIndex:
         return out
 
     def leases_alive(self, lease_ids: list[int]) -> bytes:
-        """One byte per id: 1 while that lease lives (not yet ended, released or reaped)."""
-        return bytes(int(i in self._leases) for i in lease_ids)
+        return self.leases.alive(lease_ids)
 
     def owner_lease_count(self, owner: Owner) -> int:
-        return len(self._owner_leases.get(owner, ()))
+        return self.leases.count(owner)
 
     def owner_write_bytes(self, owner: Owner) -> int:
-        """Slot bytes the owner's write leases hold."""
-        return self._owner_write_bytes.get(owner, 0)
+        return self.leases.write_bytes(owner)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -26,8 +26,9 @@ import zmq
 from lmkv_mp import protocol as P
 from lmkv_mp.access import AccessError, access_for, closed_ancestor, prepare_run_dir, share_socket, token_ok
 from lmkv_mp.config import SidecarConfig, redact_url
-from lmkv_mp.index import ChunkIndex, LeaseError
+from lmkv_mp.index import ChunkIndex
 from lmkv_mp.keys import split_hashes
+from lmkv_mp.leases import LeaseError
 from lmkv_mp.memory import HostPool, HostRegion, RegionError, shm_name_for
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
 from lmkv_mp.tiers.base import Tier, checksum

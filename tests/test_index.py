@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from lmkv_mp.index import ChunkIndex, LeaseError
+from lmkv_mp.index import ChunkIndex
+from lmkv_mp.leases import LeaseError
 from lmkv_mp.memory import HostPool, SlotState
 from lmkv_mp.protocol import SlotStatus
 
