@@ -133,9 +133,17 @@ class ChunkIndex:
 
     def declare(self, namespace: bytes, chunk_bytes: int) -> None:
         """Fix a namespace's chunk size. Raises ValueError if declared with another size."""
-        have = self._ns_bytes.setdefault(namespace, chunk_bytes)
-        if have != chunk_bytes:
-            raise ValueError(f"namespace {namespace.hex()} holds {have}-byte chunks, not {chunk_bytes}")
+        self.declare_all([(namespace, chunk_bytes)])
+
+    def declare_all(self, sizes: list[tuple[bytes, int]]) -> None:
+        """Fix the chunk sizes of several namespaces, all or none: raises ValueError (and
+        declares nothing) if one is known, or listed twice, with another size."""
+        wanted: dict[bytes, int] = {}
+        for namespace, chunk_bytes in sizes:
+            have = wanted.setdefault(namespace, self._ns_bytes.get(namespace, chunk_bytes))
+            if have != chunk_bytes:
+                raise ValueError(f"namespace {namespace.hex()} holds {have}-byte chunks, not {chunk_bytes}")
+        self._ns_bytes.update(wanted)
 
     def chunk_bytes(self, namespace: bytes) -> int | None:
         return self._ns_bytes.get(namespace)
@@ -499,8 +507,9 @@ class ChunkIndex:
         When no entry of that class can go, whole spans of other classes go, the one whose
         newest entry is oldest first. Ranking them walks every slot of the pool, so it is done
         once per request and kept in ``victims`` (evicting never reorders the entries left);
-        each candidate is checked again when its turn comes. Measured before: one RESERVE
-        of slab-sized chunks into a full 8 GiB pool of 256 KiB chunks took 9.4 s."""
+        each candidate is checked again when its turn comes. Measured (a sparse 8 GiB pool
+        full of 256 KiB chunks, one RESERVE of 8 slab-sized chunks): 496 ms ranked per chunk,
+        95 ms ranked once."""
         lru = self._lru.get(slot_bytes)
         if lru and self.prefer_clean:
             for e in itertools.islice(lru, CLEAN_SCAN):
@@ -580,9 +589,6 @@ class ChunkIndex:
                 n, b = out.get(key[:HASH_BYTES], (0, 0))
                 out[key[:HASH_BYTES]] = (n + 1, b + e.length)
         return out
-
-    def leases_alive(self, lease_ids: list[int]) -> bytes:
-        return self.leases.alive(lease_ids)
 
     def owner_lease_count(self, owner: Owner) -> int:
         return self.leases.count(owner)

@@ -417,15 +417,11 @@ class Sidecar:
                                   "namespaces: use another connection for more")
         if sum(self.index.chunk_bytes(ns.id) is None for ns in new) + self.index.namespace_count() > MAX_NAMESPACES:
             raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar knows {MAX_NAMESPACES} namespaces already")
-        # All or nothing: a HELLO refused half-way must leave no namespace behind.
-        sizes: dict[bytes, int] = {}
+        try:  # all or nothing: a HELLO refused half-way leaves no namespace behind
+            self.index.declare_all([(ns.id, ns.chunk_bytes) for ns in msg.namespaces])
+        except ValueError as e:
+            raise P.ProtocolError(P.ErrorCode.CONFLICT, str(e)) from None
         for ns in msg.namespaces:
-            have = sizes.setdefault(ns.id, self.index.chunk_bytes(ns.id) or ns.chunk_bytes)
-            if have != ns.chunk_bytes:
-                raise P.ProtocolError(P.ErrorCode.CONFLICT, f"namespace {ns.id.hex()} holds {have}-byte chunks, "
-                                      f"not {ns.chunk_bytes}")
-        for ns in msg.namespaces:
-            self.index.declare(ns.id, ns.chunk_bytes)
             if ns.name:
                 self.ns_names[ns.id] = ns.name[:200]
         if client is None:
@@ -538,7 +534,7 @@ class Sidecar:
 
     def _ping(self, ident: bytes, msg: P.Ping) -> P.PingReply:
         return P.PingReply(msg.req_id, self.boot_id, self.index.owner_lease_count(self._client(ident).client_id),
-                           self.index.leases_alive(msg.leases))
+                           self.index.leases.alive(msg.leases))
 
     def _stats(self, ident: bytes, msg: P.Stats) -> P.StatsReply:
         return P.StatsReply(msg.req_id, self.boot_id, self.snapshot())
