@@ -14,12 +14,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import struct
 from dataclasses import asdict, dataclass
 from typing import NewType, Sequence
 
 import msgpack
 import numpy as np
+
+try:  # built by pip install (setup.py); optional, so a box without a C compiler still installs
+    from lmkv_mp import _chain
+except ImportError:
+    _chain = None
+
+log = logging.getLogger(__name__)
+_warned_python = False
 
 HASH_BYTES = 16
 ChunkHash = NewType("ChunkHash", bytes)
@@ -49,12 +58,12 @@ def chain_hashes(
     salts never share a key. ``max_chunks`` stops early (the caller only needs a prefix).
     """
     if isinstance(tokens, (list, tuple)):
-        # vLLM's prompt_token_ids: packing the list straight to int32 costs a third of what a
-        # numpy conversion does (1 ms vs 2.5 ms for 32k tokens here), on every LOOKUP.
+        # vLLM's prompt_token_ids. Every id is checked, as the numpy path does, not just the
+        # hashed ones. For 32k tokens: C 0.1 ms, struct.pack 0.55 ms, numpy 2.5 ms (here).
         n = _chunks_wanted(len(tokens), chunk_tokens, max_chunks)
-        try:  # every id is checked, as the numpy path does, not just the hashed ones
-            raw = struct.pack(f"<{len(tokens)}i", *tokens)[: n * chunk_tokens * 4]
-        except struct.error:
+        try:
+            raw = _chain.pack_tokens(tokens) if _chain else struct.pack(f"<{len(tokens)}i", *tokens)
+        except (struct.error, OverflowError, TypeError):
             raise ValueError("tokens must be a 1-D sequence of integer token ids that fit in int32") from None
     else:
         try:
@@ -68,14 +77,27 @@ def chain_hashes(
         n = _chunks_wanted(int(arr.size), chunk_tokens, max_chunks)
         raw = arr[: n * chunk_tokens].astype("<i4").tobytes()
     step = chunk_tokens * 4
-    prev = hashlib.blake2b(_CHAIN_SEED + salt, digest_size=HASH_BYTES, key=key).digest()
+    first = hashlib.blake2b(_CHAIN_SEED + salt, digest_size=HASH_BYTES, key=key).digest()
+    if _chain:
+        return _chain.chain(raw, step, n, key, first, HASH_BYTES)
+    _warn_python_once()
+    prev = first
     out = bytearray(n * HASH_BYTES)
+    view = memoryview(raw)
     for i in range(n):
         h = hashlib.blake2b(prev, digest_size=HASH_BYTES, key=key)
-        h.update(raw[i * step : (i + 1) * step])
+        h.update(view[i * step : (i + 1) * step])
         prev = h.digest()
         out[i * HASH_BYTES : (i + 1) * HASH_BYTES] = prev
     return bytes(out)
+
+
+def _warn_python_once() -> None:
+    global _warned_python
+    if not _warned_python:
+        _warned_python = True
+        log.warning("lmkv_mp._chain (C) is not built: prompt hashing runs in Python, about 3x slower "
+                    "per lookup; reinstall lmkv_mp where a C compiler and the Python headers exist")
 
 
 def _chunks_wanted(num_tokens: int, chunk_tokens: int, max_chunks: int | None) -> int:

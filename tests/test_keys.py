@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lmkv_mp import keys
 from lmkv_mp.keys import HASH_BYTES, Namespace, chain_hashes, num_full_chunks, split_hashes
 
 KEY = b"k" * 32
@@ -28,6 +31,53 @@ def make_ns(**overrides: object) -> Namespace:
 
 
 # -- chain_hashes -----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both paths of chain_hashes: the C extension and the pure-Python
+    fallback. Without the extension the C run is skipped, except in CI, which builds it."""
+    if request.param == "python":
+        monkeypatch.setattr(keys, "_chain", None)
+    elif keys._chain is None:
+        if os.environ.get("CI"):
+            pytest.fail("lmkv_mp._chain is not built: pip install -e . must compile lmkv_mp/_chain.c in CI")
+        pytest.skip("lmkv_mp._chain is not built here (no C compiler at install)")
+    return request.param
+
+
+def reference_chain(toks: list[int], chunk: int, key: bytes, salt: bytes = b"") -> bytes:
+    """ARCHITECTURE §3 written out with hashlib, independent of keys.py."""
+    prev = hashlib.blake2b(b"lmkv_mp/chain/v1" + salt, digest_size=16, key=key).digest()
+    out = b""
+    for i in range(len(toks) // chunk):
+        body = b"".join(t.to_bytes(4, "little", signed=True) for t in toks[i * chunk:(i + 1) * chunk])
+        prev = hashlib.blake2b(prev + body, digest_size=16, key=key).digest()
+        out += prev
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 70), st.lists(st.integers(-(2**31), 2**31 - 1), max_size=300),
+       st.binary(max_size=64), st.binary(max_size=40))
+def test_chain_equals_reference(chunk: int, toks: list[int], key: bytes, salt: bytes) -> None:
+    """Chunk sizes 1..70 put the hashed message (16 + 4*chunk bytes) on, below and above
+    BLAKE2b's 128-byte block edges; keys 0..64 bytes; ids over the whole int32 range."""
+    assert chain_hashes(toks, chunk, key, salt=salt) == reference_chain(toks, chunk, key, salt)
+    assert chain_hashes(np.array(toks, dtype=np.int64), chunk, key, salt=salt) == reference_chain(toks, chunk, key, salt)
+
+
+def test_numpy_integers_in_a_list_are_token_ids() -> None:
+    toks = tokens(2 * CHUNK)
+    assert chain_hashes([np.int64(t) for t in toks], CHUNK, KEY) == reference_chain(toks, CHUNK, KEY)
+
+
+@pytest.mark.parametrize("bad", [1.0, "7", None, b"x"])
+def test_rejects_non_integer_token(bad: object) -> None:
+    toks: list[object] = list(tokens(2 * CHUNK))
+    toks[3] = bad
+    with pytest.raises(ValueError, match="int32"):
+        chain_hashes(toks, CHUNK, KEY)  # type: ignore[arg-type]
 
 
 def test_chain_hashes_is_deterministic_across_input_types() -> None:
@@ -149,8 +199,6 @@ def test_rejects_non_positive_chunk_tokens(chunk_tokens: int) -> None:
 
 def test_chain_matches_documented_construction() -> None:
     """h_i = H(h_{i-1} || tokens_i as little-endian int32), keyed BLAKE2b-128 (ARCHITECTURE §3)."""
-    import hashlib
-
     toks = tokens(2 * CHUNK)
     hs = split_hashes(chain_hashes(toks, CHUNK, KEY, salt=b"s"))
     prev = hs[0]
