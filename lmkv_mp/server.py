@@ -11,27 +11,28 @@ reaped: its read leases unpin, its write leases free their uncommitted slots.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import zmq
 
 from lmkv_mp import protocol as P
-from lmkv_mp.access import AccessError, access_for, closed_ancestor, prepare_run_dir, share_socket, token_ok
-from lmkv_mp.config import SidecarConfig, redact_url
+from lmkv_mp.access import token_ok
+from lmkv_mp.clients import ClientState, ParkedWrites
+from lmkv_mp.config import SidecarConfig
 from lmkv_mp.index import ChunkIndex
 from lmkv_mp.keys import split_hashes
 from lmkv_mp.leases import LeaseError
-from lmkv_mp.memory import HostPool, HostRegion, RegionError, shm_name_for
+from lmkv_mp.memory import RegionError
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
-from lmkv_mp.tiers.base import Tier, checksum
+from lmkv_mp.startup import (Locks, StartupError, bind, open_host_pool, open_lower_tiers, open_run_dir, start_metrics,
+                             unimplemented)
+from lmkv_mp.tiers.base import checksum
 from lmkv_mp.tiers.hierarchy import TierHierarchy
 
 log = logging.getLogger("lmkv.server")
@@ -42,25 +43,9 @@ MAX_LEASES_PER_CLIENT = 4096
 MAX_NAMESPACES_PER_CLIENT = 1024
 MAX_NAMESPACES = 65536
 MAX_CLIENTS = 4096
-# How long the write slots of a reaped client whose process lives stay parked (see reap).
-PARK_MAX_SECONDS = 600.0
 # A loader reports the one chunk that failed; the sidecar re-hashes each one it is told of.
 MAX_CORRUPT_PER_REPORT = 64
 HOST_REGION_ID = 0
-
-
-@dataclass(slots=True)
-class ClientState:
-    client_id: int
-    role: str
-    pid: int
-    name: str
-    last_seen: float
-    namespaces: set[bytes] = field(default_factory=set)
-
-
-class StartupError(RuntimeError):
-    """The sidecar cannot start; the message says what to change."""
 
 
 class Sidecar:
@@ -71,36 +56,14 @@ class Sidecar:
         self.boot_id = os.urandom(16)
         self.counters = SidecarCounters()
         self.clients: dict[bytes, ClientState] = {}
-        self._parked: dict[int, tuple[int, float]] = {}     # parked write lease -> (writer pid, since)
         self._next_client = 1
         self._running = False
-        self._lock_fd = -1
-        self._path_locks: list[int] = []
-        self._sockets: list[zmq.Socket] = []
-        try:
-            self.access = access_for(cfg.allow_group)
-            prepare_run_dir(cfg.run_dir, self.access)
-        except AccessError as e:
-            raise StartupError(str(e)) from None
-        closed = closed_ancestor(cfg.run_dir, self.access)
-        if closed is not None:
-            log.warning("warning: --allow-group %s, but %s (mode %o) keeps the group out of the run dir %s: "
-                        "choose a --run-dir the group can reach, e.g. under /run or /tmp", cfg.allow_group, closed,
-                        closed.stat().st_mode & 0o777, cfg.run_dir)
-        self._take_lock()
-        if cfg.host_pool_path is not None:
-            self._exclusive(cfg.host_pool_path, f"the host pool file {cfg.host_pool_path}", "--host-pool-path")
-        self.region = HostRegion.create_or_attach(shm_name_for(cfg.run_dir), cfg.host_pool_size, cfg.host_pool_path,
-                                                  self.access.file_mode, self.access.gid)
+        self._locks = Locks()
+        self.access = open_run_dir(cfg, self._locks)
+        self.region, self.pool, records = open_host_pool(cfg, self.access, self._locks)
         self._region_gone = False
-        try:
-            self.pool, records = HostPool.open(self.region, cfg.slab_size)
-        except ValueError:
-            self.region.close()
-            if self.region.created:  # an unusable segment we just made would outlive us in /dev/shm
-                self.region.unlink()
-            raise
         self.index = ChunkIndex(self.pool)
+        self._parked = ParkedWrites(self.index)
         restored = self.index.restore(records, require_checksum=cfg.verify)
         if self.index.counters.unverified:
             log.warning("memory: %d warm chunks had no checksum (stored with --verify off): dropped",
@@ -113,16 +76,18 @@ class Sidecar:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.tiers: TierHierarchy | None = None
-        lower = self._open_lower_tiers()
+        lower = open_lower_tiers(cfg, self._locks)
         if lower:
             self.tiers = TierHierarchy(self.index, self.region.view, lower, cfg.write_policy, self._wake)
         self.ctx = zmq.Context.instance()
-        self.control = self._bind(zmq.ROUTER, cfg.endpoint)
-        self.stats = self._bind(zmq.ROUTER, cfg.stats_endpoint)
+        self.control = bind(self.ctx, zmq.ROUTER, cfg.endpoint, cfg.client_max_inflight, self.access)
+        self.stats = bind(self.ctx, zmq.ROUTER, cfg.stats_endpoint, cfg.client_max_inflight, self.access)
         # Snapshots also go out on an XPUB socket every --stats-interval while anyone listens
         # (a snapshot walks the index), and to the Prometheus server's threads through the
         # broker (those threads never touch the loop's state).
-        self.publisher = self._bind(zmq.XPUB, cfg.stats_publish_endpoint) if cfg.stats_interval else None
+        self.publisher = (bind(self.ctx, zmq.XPUB, cfg.stats_publish_endpoint, cfg.client_max_inflight, self.access)
+                          if cfg.stats_interval else None)
+        self._sockets = [sock for sock in (self.control, self.stats, self.publisher) if sock is not None]
         self._subscribed: set[bytes] = set()  # topic prefixes someone subscribed to
         self.broker = SnapshotBroker(self._wake)
         self.metrics: MetricsServer | None = None
@@ -134,62 +99,11 @@ class Sidecar:
             P.Release: self._release, P.Ping: self._ping, P.Stats: self._stats, P.Clear: self._clear,
             P.Corrupt: self._corrupt,
         }
-        if not cfg.metrics_port:
-            log.info("metrics: off (--metrics-port 0)")
-            return
         try:
-            self.metrics = MetricsServer(cfg.metrics_host, cfg.metrics_port, self.broker, cfg.metrics_namespaces)
-        except OSError as e:
+            self.metrics = start_metrics(cfg, self.broker)
+        except StartupError:
             self.close()
-            raise StartupError(f"cannot serve metrics on {cfg.metrics_host}:{cfg.metrics_port}: {e.strerror or e}; "
-                               "choose another --metrics-port or --metrics-host (--metrics-port 0: no metrics)") from None
-        log.info("metrics: serving %s", self.metrics.url)
-
-    # -- setup ------------------------------------------------------------------------------
-
-    def _take_lock(self) -> None:
-        path = self.cfg.run_dir / "lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StartupError(f"another lmkv-sidecar is running on {self.cfg.run_dir} (lock held): "
-                               "stop it or use another --run-dir") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
-
-    def _open_lower_tiers(self) -> list[Tier]:
-        """The disk and remote tiers the config names (imported only when used)."""
-        tiers: list[Tier] = []
-        if self.cfg.disk_dir is not None:
-            from lmkv_mp.tiers.disk import DiskTier
-
-            self.cfg.disk_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._exclusive(self.cfg.disk_dir / "lock", f"the disk tier {self.cfg.disk_dir}", "--disk-dir")
-            tiers.append(DiskTier(self.cfg.disk_dir, self.cfg.disk_size))
-            u = tiers[-1].usage()
-            log.info("tier disk: %s, %d of %d bytes used, %d entries", self.cfg.disk_dir, u.used_bytes,
-                     u.capacity_bytes, u.entries)
-        if self.cfg.remote_url is not None:
-            from lmkv_mp.tiers.redis import RedisTier
-
-            tiers.append(RedisTier(self.cfg.remote_url, timeout_s=self.cfg.remote_timeout))
-            log.info("tier remote: %s (timeout %.3fs)", redact_url(self.cfg.remote_url), self.cfg.remote_timeout)
-        return tiers
-
-    def _exclusive(self, path: Path, what: str, flag: str) -> None:
-        """Hold an flock on ``path`` for the sidecar's life: two sidecars on one pool file or
-        one disk dir would overwrite each other's slots or files behind their indexes (the
-        run-dir lock does not cover them: those can be shared by sidecars with other run dirs)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StartupError(f"another lmkv-sidecar uses {what} (lock held): give each sidecar its own {flag}") from None
-        self._path_locks.append(fd)
+            raise
 
     def _wake(self) -> None:
         """Wake the loop (from a mover thread): a byte on the socketpair it polls."""
@@ -197,34 +111,6 @@ class Sidecar:
             self._wake_w.send(b"w")
         except (BlockingIOError, OSError):
             pass  # already woken (buffer full) or closing
-
-    def _bind(self, kind: int, endpoint: str) -> zmq.Socket:
-        sock = self.ctx.socket(kind)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, 2 * P.MAX_FRAME_BYTES)
-        if kind == zmq.ROUTER:
-            sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-            # High-water marks are per client: a client with this many requests queued (or
-            # replies it does not read) waits; others are served in turn (ROUTER fair-queues).
-            sock.setsockopt(zmq.RCVHWM, self.cfg.client_max_inflight)
-            sock.setsockopt(zmq.SNDHWM, self.cfg.client_max_inflight)
-        else:  # PUB: a subscriber that falls behind misses snapshots instead of queueing them
-            sock.setsockopt(zmq.SNDHWM, 4)
-        if endpoint.startswith("ipc://"):
-            path = Path(endpoint[len("ipc://"):])
-            if path.exists():
-                path.unlink()  # a stale socket of a crashed sidecar: we hold the lock now
-        old = os.umask(self.access.umask)
-        try:
-            sock.bind(endpoint)
-            share_socket(endpoint, self.access)
-        except (zmq.ZMQError, OSError) as e:
-            sock.close()
-            raise StartupError(f"cannot bind {endpoint}: {e}") from e
-        finally:
-            os.umask(old)
-        self._sockets.append(sock)
-        return sock
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -326,34 +212,21 @@ class Sidecar:
     def reap(self, now: float) -> None:
         """Drop clients silent for longer than the lease timeout, with all their leases.
 
-        A silent client whose process still lives may only be stopped (SIGSTOP, a frozen
-        cgroup, swap) in the middle of a copy into its write slots: those are parked, not
-        freed, until its stale COMMIT or RELEASE says it is done, its process is gone, or
-        PARK_MAX_SECONDS pass; freeing them at once would let another writer's chunk be
-        overwritten when it resumes."""
+        The write slots of one whose process lives are parked instead (see
+        :mod:`lmkv_mp.clients`): it may only be stopped in the middle of a copy into them."""
         for ident, c in list(self.clients.items()):
             if now - c.last_seen > self.cfg.lease_timeout:
-                parked = self.index.park_writes(c.client_id) if process_alive(c.pid) else []
-                for lease_id in parked:
-                    self._parked[lease_id] = (c.pid, now)
-                n = self.index.drop_owner(c.client_id) + len(parked)
+                parked = self._parked.park(c, now)
+                n = self.index.drop_owner(c.client_id) + parked
                 del self.clients[ident]
                 log.info("client reaped: id=%d role=%s pid=%d silent %.1fs, %d leases ended (%d with slots parked)",
-                         c.client_id, c.role, c.pid, now - c.last_seen, n, len(parked))
-        for lease_id, (pid, since) in list(self._parked.items()):
-            if not process_alive(pid) or now - since > PARK_MAX_SECONDS:
-                self._unpark(lease_id)
-
-    def _unpark(self, lease_id: int) -> None:
-        del self._parked[lease_id]
-        self.index.unpark(lease_id)
+                         c.client_id, c.role, c.pid, now - c.last_seen, n, parked)
+        self._parked.expire(now)
 
     def _stale_lease(self, client: ClientState, lease_id: int, e: LeaseError) -> P.ProtocolError:
         """The error for a COMMIT or RELEASE of a lease this client does not hold; a parked
         lease of the same process is freed now (its writer is done with its slots)."""
-        parked = self._parked.get(lease_id)
-        if parked is not None and parked[0] == client.pid:
-            self._unpark(lease_id)
+        self._parked.done(lease_id, client.pid)
         return P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0]))
 
     def _check_region(self) -> None:
@@ -386,12 +259,7 @@ class Sidecar:
         self.region.close()
         if self.cfg.unlink_on_exit:
             self.region.unlink()
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
-        for fd in self._path_locks:
-            os.close(fd)
-        self._path_locks.clear()
+        self._locks.release()
         log.info("stop: boot_id=%s", self.boot_id.hex())
 
     # -- handlers ---------------------------------------------------------------------------
@@ -595,28 +463,6 @@ class Sidecar:
         if self.index.owner_lease_count(client.client_id) >= MAX_LEASES_PER_CLIENT:
             raise P.ProtocolError(P.ErrorCode.QUOTA,
                                   f"client holds {MAX_LEASES_PER_CLIENT} leases: release some before taking more")
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (clients that write the host pool
-    are local: it is shared memory)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        return True
-    return True
-
-
-def unimplemented(cfg: SidecarConfig) -> list[str]:
-    """Settings this build accepts but cannot honour yet: refusing them beats pretending."""
-    out = []
-    if cfg.gpu_pool_size or cfg.gpu_devices:
-        out.append("--gpu-pool-size/--gpu-devices (the GPU tier)")
-    return out
 
 
 def serve(cfg: SidecarConfig) -> int:

@@ -23,7 +23,7 @@ from lmkv_mp.access import AccessError, access_for
 from lmkv_mp.client import SidecarClient
 from lmkv_mp.config import load_client_config
 from lmkv_mp.memory import shm_name_for
-from lmkv_mp.server import StartupError
+from lmkv_mp.startup import StartupError
 
 from tests.conftest import SidecarHandle, wait_for
 from tests.redisproc import free_port

@@ -22,7 +22,8 @@ import pytest
 from lmkv_mp import protocol as P
 from lmkv_mp.config import load_sidecar_config
 from lmkv_mp.memory import shm_name_for
-from lmkv_mp.server import MAX_LEASES_PER_CLIENT, Sidecar, StartupError
+from lmkv_mp.server import MAX_LEASES_PER_CLIENT, Sidecar
+from lmkv_mp.startup import StartupError
 
 from tests.conftest import unlink_shm
 
@@ -262,7 +263,7 @@ def test_a_stopped_writers_slots_are_parked_until_its_stale_commit(sc: Harness) 
 
 
 def test_parked_slots_go_when_the_writer_is_gone_or_after_a_while(sc: Harness) -> None:
-    from lmkv_mp.server import PARK_MAX_SECONDS
+    from lmkv_mp.clients import PARK_MAX_SECONDS
 
     child = subprocess.Popen(["sleep", "60"])
     try:
