@@ -1,4 +1,4 @@
-"""ChunkIndex: which chunks the host tier holds, their states, leases and LRU (no sockets).
+"""ChunkIndex: which chunks the host tier holds, their states and leases (no sockets).
 
 Invariants the rest of the system relies on:
 
@@ -8,8 +8,8 @@ Invariants the rest of the system relies on:
 * A write lease owns WRITING entries; releasing or expiring it frees their slots, so a
   writer that dies between RESERVE and COMMIT leaks nothing and exposes nothing.
 * Eviction takes the least recently used unpinned COMMITTED entries, first of the size
-  class that needs a slot, else a whole span of another class; it happens only under
-  allocation pressure.
+  class that needs a slot, else a whole span of another class (``lmkv_mp.committed``
+  chooses them); it happens only under allocation pressure.
 * An owner's write leases never hold more slot bytes than the ``max_write_bytes`` its
   RESERVE passes (one writer cannot take the whole pool); chunks past it get NO_SPACE.
 * A chunk reported corrupt (:meth:`drop_corrupt`) is invisible from that moment on.
@@ -21,38 +21,16 @@ leases themselves, and the per-owner quota accounts, are kept by ``lmkv_mp.lease
 
 from __future__ import annotations
 
-import enum
-import itertools
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from lmkv_mp.keys import HASH_BYTES, split_hashes
+from lmkv_mp.committed import CLEAN_SCAN, CommittedEntries
+from lmkv_mp.entry import Entry, EntryState
+from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.leases import Lease, LeaseKind, LeaseTable, Owner
 from lmkv_mp.memory.allocator import SlotId, Span
 from lmkv_mp.memory.pool import HostPool, Record, SlotState
 from lmkv_mp.protocol import SlotStatus
-
-CLEAN_SCAN = 256  # oldest entries eviction searches for one with a lower-tier copy
-
-
-class EntryState(enum.Enum):
-    WRITING = 1
-    COMMITTED = 2
-    DOOMED = 3   # cleared or expired while pinned: invisible, freed when unpinned
-
-
-@dataclass(slots=True, eq=False)
-class Entry:
-    key: bytes          # namespace id (16) + chain hash (16)
-    slot: SlotId
-    offset: int
-    length: int
-    slot_bytes: int
-    state: EntryState
-    pins: int = 0
-    checksum: int = 0
-    in_lower: bool = False  # a copy is in the lower tiers (written there, or promoted from there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +70,7 @@ class ChunkIndex:
         self.pool = pool
         self._entries: dict[bytes, Entry] = {}
         self._by_slot: dict[SlotId, Entry] = {}
-        self._visible: dict[bytes, dict[bytes, Entry]] = {}    # namespace -> hash -> COMMITTED entry
-        self._lru: dict[int, OrderedDict[Entry, None]] = {}    # slot_bytes -> committed, oldest first
+        self._committed = CommittedEntries(pool, self._by_slot)   # the visible ones, by key and by last use
         self.leases = LeaseTable()
         self._ns_bytes: dict[bytes, int] = {}
         self._parked: dict[int, list[Entry]] = {}              # lease id -> WRITING entries of a reaped writer
@@ -124,7 +101,7 @@ class ChunkIndex:
                       EntryState.COMMITTED, checksum=rec.checksum)
             self._entries[key] = e
             self._by_slot[rec.slot] = e
-            self._publish(e)
+            self._committed.add(e)
             self._ns_bytes.setdefault(rec.namespace, rec.length)
             n += 1
         return n
@@ -156,7 +133,7 @@ class ChunkIndex:
     def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:
         """Leading chunks COMMITTED in every namespace. A plain lookup is a question, not a
         use: it leaves LRU order alone (a pinned lookup, i.e. a load, refreshes it)."""
-        cols = self._leading(namespaces, hashes, touch=False)
+        cols = self._committed.leading(namespaces, hashes, touch=False)
         return len(cols[0]) if cols else 0
 
     def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes, max_pin_bytes: int | None = None) -> Pinned:
@@ -166,7 +143,7 @@ class ChunkIndex:
         pinned, so one client cannot hold the pool against eviction; hits past it are not
         reported (a shorter prefix; counted in ``quota_refused``). A chunk the owner has
         pinned already costs nothing more: a scheduler pins a shared prefix once per request."""
-        cols = self._leading(namespaces, hashes)
+        cols = self._committed.leading(namespaces, hashes)
         hits = len(cols[0]) if cols else 0
         mine, used = self.leases.pinned(owner)
         if hits and max_pin_bytes is not None and used + hits * sum(c[0].slot_bytes for c in cols) > max_pin_bytes:
@@ -187,31 +164,6 @@ class ChunkIndex:
             self.leases.pin(lease, col)
         return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
                       [[e.checksum for e in col] for col in cols])
-
-    def _leading(self, namespaces: list[bytes], hashes: bytes, touch: bool = True) -> list[list[Entry]]:
-        """Per namespace, the entries of the leading chunks committed in all of them.
-
-        The hot path of every LOOKUP, so the per-chunk work runs in C: one ``map`` of
-        ``dict.get`` over the hash slices per namespace, and LRU refresh via ``map`` too.
-        """
-        keys = split_hashes(hashes)
-        cols: list[list[Entry]] = []
-        n = len(keys)
-        for ns in namespaces:
-            visible = self._visible.get(ns)
-            if visible is None or n == 0:
-                return []
-            col: list[Entry | None] = list(map(visible.get, keys[:n]))
-            if None in col:
-                n = col.index(None)
-            cols.append(col)  # type: ignore[arg-type]
-        if n == 0:
-            return []
-        cols = [col[:n] for col in cols]
-        if touch:
-            for col in cols:
-                deque(map(self._lru[col[0].slot_bytes].move_to_end, col), maxlen=0)
-        return cols
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -240,7 +192,7 @@ class ChunkIndex:
                         # The writer's prompt uses this prefix: the allocations for the chunks
                         # that follow must not evict it (PRESENT would then be a lie and the
                         # chunks written after it unreachable), so hold it until we return.
-                        self._lru[e.slot_bytes].move_to_end(e)
+                        self._committed.touch(e)
                         e.pins += 1
                         held.append(e)
                     statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
@@ -300,7 +252,7 @@ class ChunkIndex:
         e.checksum = checksum
         self.pool.write_record(e.slot, SlotState.COMMITTED, e.key[:HASH_BYTES], e.key[HASH_BYTES:], e.length, checksum)
         e.state = EntryState.COMMITTED
-        self._publish(e)
+        self._committed.add(e)
         self.counters.committed += 1
         self.counters.committed_bytes += e.length
 
@@ -308,8 +260,7 @@ class ChunkIndex:
 
     def is_visible(self, key: bytes) -> bool:
         """Whether ``key`` (namespace + hash) is COMMITTED here."""
-        visible = self._visible.get(key[:HASH_BYTES])
-        return visible is not None and key[HASH_BYTES:] in visible
+        return self._committed.get(key) is not None
 
     def reserve_internal(self, key: bytes) -> Entry | None:
         """A WRITING entry for the sidecar itself to fill (a promotion from a lower tier),
@@ -343,8 +294,7 @@ class ChunkIndex:
     def hold(self, key: bytes) -> Entry | None:
         """Pin a COMMITTED entry so its slot can be read off the loop (a demotion); None
         if absent. End with :meth:`unhold`."""
-        visible = self._visible.get(key[:HASH_BYTES])
-        e = visible.get(key[HASH_BYTES:]) if visible is not None else None
+        e = self._committed.get(key)
         if e is not None:
             e.pins += 1
         return e
@@ -358,14 +308,7 @@ class ChunkIndex:
         """Up to ``limit`` least recently used COMMITTED, unpinned entries that no lower tier
         holds yet, among the ``scan`` oldest of each size class (bounded work per call):
         what write-back copies down before eviction would lose them."""
-        out: list[Entry] = []
-        for lru in self._lru.values():
-            for e in itertools.islice(lru, scan):
-                if len(out) >= limit:
-                    return out
-                if not e.in_lower and e.pins == 0:
-                    out.append(e)
-        return out
+        return self._committed.cold_dirty(limit, scan)
 
     def release(self, owner: Owner, lease_id: int) -> int:
         """End a lease: a read lease unpins, a write lease frees its uncommitted slots."""
@@ -418,12 +361,9 @@ class ChunkIndex:
         really do not match it (a client cannot drop others' chunks by reporting them).
         Pinned ones vanish from lookups now and are freed when unpinned, as cleared ones.
         Returns how many were dropped."""
-        visible = self._visible.get(namespace)
-        if visible is None:
-            return 0
         n = 0
         for i in range(0, len(hashes), HASH_BYTES):
-            e = visible.get(hashes[i:i + HASH_BYTES])
+            e = self._committed.get(namespace + hashes[i:i + HASH_BYTES])
             if e is None or e.checksum != checksums[i // HASH_BYTES]:
                 continue
             if self.checksum_at is not None and self.checksum_at(e.offset, e.length) == e.checksum:
@@ -457,18 +397,6 @@ class ChunkIndex:
                 self.counters.aborted += 1
         return len(lease.entries)
 
-    def _publish(self, e: Entry) -> None:
-        self._visible.setdefault(e.key[:HASH_BYTES], {})[e.key[HASH_BYTES:]] = e
-        self._lru.setdefault(e.slot_bytes, OrderedDict())[e] = None
-
-    def _unpublish(self, e: Entry) -> None:
-        visible = self._visible.get(e.key[:HASH_BYTES])
-        if visible is not None and visible.get(e.key[HASH_BYTES:]) is e:
-            del visible[e.key[HASH_BYTES:]]
-        lru = self._lru.get(e.slot_bytes)
-        if lru is not None:
-            lru.pop(e, None)
-
     def _discard(self, e: Entry) -> None:
         """A COMMITTED entry leaves the cache: at once, or when its last pin goes."""
         if e.pins:
@@ -478,14 +406,14 @@ class ChunkIndex:
 
     def _hide(self, e: Entry) -> None:
         del self._entries[e.key]
-        self._unpublish(e)
+        self._committed.remove(e)
         e.state = EntryState.DOOMED
         self.pool.write_state(e.slot, SlotState.FREE)  # never restored after a crash
 
     def _drop(self, e: Entry) -> None:
         if self._entries.get(e.key) is e:
             del self._entries[e.key]
-        self._unpublish(e)
+        self._committed.remove(e)
         self._free_slot(e)
 
     def _free_slot(self, e: Entry) -> None:
@@ -494,69 +422,17 @@ class ChunkIndex:
 
     def _alloc(self, chunk_bytes: int, victims: dict[int, list[Span]] | None = None) -> SlotId | None:
         """A slot for ``chunk_bytes``, evicting as needed; ``victims`` carries the ranked spans
-        of other classes across the allocations of one request (see :meth:`_evict_for`)."""
+        of other classes across the allocations of one request (see :meth:`CommittedEntries.victims`)."""
         victims = {} if victims is None else victims
         slot = self.pool.alloc(chunk_bytes)
-        while slot is None and self._evict_for(self.pool.slot_bytes_for(chunk_bytes), victims):
+        while slot is None:
+            doomed = self._committed.victims(self.pool.slot_bytes_for(chunk_bytes), victims, self.prefer_clean)
+            if doomed is None:
+                break
+            for e in doomed:
+                self._evict(e)
             slot = self.pool.alloc(chunk_bytes)
         return slot
-
-    def _evict_for(self, slot_bytes: int, victims: dict[int, list[Span]]) -> bool:
-        """Free room for one slot of ``slot_bytes``; False if nothing can be evicted.
-
-        When no entry of that class can go, whole spans of other classes go, the one whose
-        newest entry is oldest first. Ranking them walks every slot of the pool, so it is done
-        once per request and kept in ``victims`` (evicting never reorders the entries left);
-        each candidate is checked again when its turn comes. Measured (a sparse 8 GiB pool
-        full of 256 KiB chunks, one RESERVE of 8 slab-sized chunks): 496 ms ranked per chunk,
-        95 ms ranked once."""
-        lru = self._lru.get(slot_bytes)
-        if lru and self.prefer_clean:
-            for e in itertools.islice(lru, CLEAN_SCAN):
-                if e.pins == 0 and e.in_lower:
-                    self._evict(e)
-                    return True
-        if lru:
-            for e in lru:
-                if e.pins == 0:
-                    self._evict(e)
-                    return True
-        if slot_bytes not in victims:
-            victims[slot_bytes] = self._rank_spans(slot_bytes)
-        candidates = victims[slot_bytes]
-        while candidates:
-            live = self._evictable(candidates.pop())
-            if live is not None:
-                for e in live:
-                    self._evict(e)
-                return True
-        return False
-
-    def _rank_spans(self, slot_bytes: int) -> list[Span]:
-        """Spans of other classes that could be evicted whole, the best victim last (its
-        newest entry is the oldest)."""
-        ranks: dict[int, dict[bytes, int]] = {}
-        ranked: list[tuple[int, int, Span]] = []
-        for span in self.pool.alloc_state.spans():
-            live = None if span.slot_bytes == slot_bytes else self._evictable(span)
-            if not live:
-                continue
-            if span.slot_bytes not in ranks:
-                ranks[span.slot_bytes] = {k.key: i for i, k in enumerate(self._lru[span.slot_bytes])}
-            ranked.append((max(ranks[span.slot_bytes][m.key] for m in live), span.head, span))
-        ranked.sort(key=lambda r: (r[0], r[1]), reverse=True)
-        return [span for _rank, _head, span in ranked]
-
-    def _evictable(self, span: Span) -> list[Entry] | None:
-        """The entries of ``span`` if it is still allocated and every used slot in it holds a
-        committed, unpinned entry; else None."""
-        if not self.pool.alloc_state.is_live(span):
-            return None
-        base = span.head * self.pool.geo.max_slots_per_slab
-        live = [m for m in (self._by_slot.get(SlotId(base + i)) for i in range(span.nslots)) if m is not None]
-        if len(live) != span.used or any(m.pins or m.state is not EntryState.COMMITTED for m in live):
-            return None
-        return live
 
     def _evict(self, e: Entry) -> None:
         self.counters.evictions += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Hashable
 
 if TYPE_CHECKING:
-    from lmkv_mp.index import Entry
+    from lmkv_mp.entry import Entry
 
 Owner = Hashable
 

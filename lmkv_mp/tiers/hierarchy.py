@@ -22,7 +22,8 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
-from lmkv_mp.index import ChunkIndex, Entry
+from lmkv_mp.entry import Entry
+from lmkv_mp.index import ChunkIndex
 from lmkv_mp.tiers.base import Tier
 from lmkv_mp.tiers.mover import Job, JobKind, Movers
 
