@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE / "peers"))
 from common import emit, machine, percentile  # noqa: E402
 from peer_env import venv_ready  # noqa: E402
 
-from lmkv_mp.keys import chain_hashes  # noqa: E402
+from lmkv_mp import keys  # noqa: E402
 
 TARGETS = {  # metric -> (peer, target ratio)
     ("store_gbps", "lmcache"): 5.0, ("load_gbps", "lmcache"): 5.0,
@@ -61,16 +61,24 @@ def run_lines(cmd: list[str]) -> list[dict]:
     return lines
 
 
-def hashing_us(tokens: int, chunk_tokens: int, n: int = 50) -> float:
+def hashing_us(tokens: int, chunk_tokens: int, n: int = 50, python: bool = False) -> float:
     """p50 of the client-side chain hashing of a ``tokens``-token prompt (what a scheduler
-    pays before its LOOKUP; LMCache's server pays the equivalent inside its lookup)."""
+    pays before its LOOKUP; LMCache's server pays the equivalent inside its lookup).
+    ``python`` times keys.py's pure-Python fallback instead of the C extension (the
+    before/after of moving it to C, in the same run)."""
     key = bytes(32)
     toks = list(range(tokens))
     xs = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        chain_hashes(toks, chunk_tokens, key)
-        xs.append(time.perf_counter() - t0)
+    saved = keys._chain
+    if python:
+        keys._chain = None
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            keys.chain_hashes(toks, chunk_tokens, key)
+            xs.append(time.perf_counter() - t0)
+    finally:
+        keys._chain = saved
     return percentile(xs, 50) * 1e6
 
 
@@ -91,6 +99,7 @@ def one_run(args: argparse.Namespace, lmcache_lines: list[dict] | None) -> list[
         for rec in lm:
             emit(rec)
     hash_us = hashing_us(32768, 256)
+    hash_python_us = hashing_us(32768, 256, python=True)
     ours_lookup = lk["p50_us"] + hash_us
 
     out = []
@@ -119,7 +128,9 @@ def one_run(args: argparse.Namespace, lmcache_lines: list[dict] | None) -> list[
     if lm:
         theirs = next(r for r in lm if r["op"] == "lookup")
         add("lookup_p50_us", "lmcache", ours_lookup, theirs["p50_us"],
-            {"ours_without_hashing": lk["p50_us"], "ours_hashing_us": round(hash_us, 1), "chunks": lk["chunks"],
+            {"ours_without_hashing": lk["p50_us"], "ours_hashing_us": round(hash_us, 1),
+             "ours_hashing_c": keys._chain is not None, "ours_hashing_python_us": round(hash_python_us, 1),
+             "chunks": lk["chunks"],
              "theirs_includes": theirs["includes"]})
     elif args.lmcache != "skip":
         out.append({"bench": "compare", "peer": "lmcache", "skipped": "its venv is not installed: run with "
