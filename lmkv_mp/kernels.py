@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmkv_mp.transfer import BlockIds, LayerSpec, PagedKV
+from lmkv_mp.transfer import BlockIds, CopyThreads, LayerSpec, PagedKV
 
 log = logging.getLogger(__name__)
 
@@ -435,21 +435,23 @@ class KernelCopier:
     def uses_kernels(self) -> bool:
         return self._kernels is not None
 
-    def gather(self, block_ids: BlockIds, slot: torch.Tensor) -> None:
+    def gather(self, block_ids: BlockIds, slot: torch.Tensor, threads: CopyThreads | None = None) -> None:
         """:meth:`PagedKV.gather`."""
-        self.gather_many([(block_ids, slot)])
+        self.gather_many([(block_ids, slot)], threads)
 
-    def scatter(self, slot: torch.Tensor, block_ids: BlockIds, *, first: int = 0, total: int | None = None) -> None:
+    def scatter(self, slot: torch.Tensor, block_ids: BlockIds, *, first: int = 0, total: int | None = None,
+                threads: CopyThreads | None = None) -> None:
         """:meth:`PagedKV.scatter`."""
         if self._kernels is None:
-            self.paged.scatter(slot, block_ids, first=first, total=total)
+            self.paged.scatter(slot, block_ids, first=first, total=total, threads=threads)
         else:
             self._scatter([(slot, block_ids, first, total)])
 
-    def gather_many(self, chunks: Sequence[tuple[BlockIds, torch.Tensor]]) -> None:
-        """:meth:`PagedKV.gather_many`: one launch per chunk."""
+    def gather_many(self, chunks: Sequence[tuple[BlockIds, torch.Tensor]], threads: CopyThreads | None = None
+                    ) -> None:
+        """:meth:`PagedKV.gather_many`: one launch per chunk (``threads`` only for the torch fallback)."""
         if self._kernels is None:
-            self.paged.gather_many(chunks)
+            self.paged.gather_many(chunks, threads)
             return
         jobs = []
         for block_ids, slot in chunks:
@@ -460,10 +462,11 @@ class KernelCopier:
             if n:
                 self._launch("gather", idx, slot, n, 0, n)
 
-    def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]]) -> None:
-        """:meth:`PagedKV.scatter_many`: one launch per chunk."""
+    def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]], threads: CopyThreads | None = None
+                     ) -> None:
+        """:meth:`PagedKV.scatter_many`: one launch per chunk (``threads`` only for the torch fallback)."""
         if self._kernels is None:
-            self.paged.scatter_many(chunks)
+            self.paged.scatter_many(chunks, threads)
         else:
             self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks])
 

@@ -32,13 +32,19 @@ fixed-size dtype works and NaN payloads survive. One torch op per part per chunk
 per-block Python loop: a strided ``copy_`` when the ids are one ascending run, else
 ``index_select`` (contiguous block-first parts) or advanced indexing (other layouts) to
 gather, and ``index_copy_`` to scatter. Everything is checked before the first byte moves.
+
+A :class:`CopyThreads` splits one gather or scatter's per-part copies over several threads
+(``copy_threads`` of the connector, default 1): on a host with cores to spare a second
+thread lifts a load from one core's memcpy rate towards the memory bus's; on a host whose
+cores the engine keeps busy it makes copies wait for a core, so it is off by default.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +83,45 @@ class _View:
     tensor: torch.Tensor
     region_shape: tuple[int, ...]
     rows: bool
+
+
+class CopyThreads:
+    """``total`` threads for one copy: the caller's and ``total - 1`` helpers, each running
+    torch on one thread (OpenMP's setting is per calling thread; a copy split by us, not by
+    OpenMP, keeps each thread on one contiguous stretch of parts)."""
+
+    def __init__(self, total: int) -> None:
+        if isinstance(total, bool) or not isinstance(total, int) or not 1 <= total <= 64:
+            raise ValueError(f"copy threads must be an int in 1..64, got {total!r}")
+        self.total = total
+        self._pool = (ThreadPoolExecutor(total - 1, thread_name_prefix="lmkv-copy-helper",
+                                         initializer=torch.set_num_threads, initargs=(1,)) if total > 1 else None)
+
+    def run(self, fn: Callable[[list], None], ops: list) -> None:
+        """``fn(ops)``, split into up to ``total`` contiguous groups run at once. Returns when
+        every group has finished, even after one failed (so no copy outlives the call, and
+        the caller can release its slots); then raises the first failure."""
+        k = min(self.total, len(ops))
+        if self._pool is None or k < 2:
+            fn(ops)
+            return
+        bounds = [len(ops) * i // k for i in range(k + 1)]
+        futures = [self._pool.submit(fn, ops[bounds[i]:bounds[i + 1]]) for i in range(1, k)]
+        first: BaseException | None = None
+        try:
+            fn(ops[:bounds[1]])
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the helpers finish
+            first = e
+        for f in futures:
+            e = f.exception()
+            if first is None and e is not None:
+                first = e
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class PagedKV:
@@ -148,49 +193,46 @@ class PagedKV:
                 runs.append([1, d])
         return f"lmkv-layout-v1;parts={len(descs)};" + ";".join(f"{k}x{d}" for k, d in runs)
 
-    def gather(self, block_ids: BlockIds, slot: torch.Tensor) -> None:
+    def gather(self, block_ids: BlockIds, slot: torch.Tensor, threads: CopyThreads | None = None) -> None:
         """Copy blocks ``block_ids`` of every part into ``slot`` (store).
 
         ``slot`` must be a contiguous 1-D ``uint8`` tensor on the parts' device of exactly
         ``chunk_bytes(len(block_ids))`` bytes; ids must lie in ``[0, num_blocks)`` (they
         may repeat). On a CUDA device the copy is queued on the current stream; the caller
         synchronises before handing the slot on. Raises before copying anything if an
-        argument is bad.
+        argument is bad. ``threads`` splits the copy (CPU).
         """
-        self.gather_many([(block_ids, slot)])
+        self.gather_many([(block_ids, slot)], threads)
 
-    def scatter(self, slot: torch.Tensor, block_ids: BlockIds, *, first: int = 0, total: int | None = None) -> None:
+    def scatter(self, slot: torch.Tensor, block_ids: BlockIds, *, first: int = 0, total: int | None = None,
+                threads: CopyThreads | None = None) -> None:
         """Copy the chunk in ``slot`` into blocks ``block_ids`` of every part (load).
 
         Only the named blocks change. Ids must be distinct and in ``[0, num_blocks)``.
         ``slot`` is as for :meth:`gather`, holding a chunk of ``total`` blocks (default
         ``first + len(block_ids)``); its blocks ``first .. first+len(block_ids)`` are
         copied, so a load can skip a chunk's leading blocks that the engine already holds.
-        Raises before copying anything if an argument is bad.
+        Raises before copying anything if an argument is bad. ``threads`` splits the copy (CPU).
         """
-        self._scatter([(slot, block_ids, first, total)])
+        self._scatter([(slot, block_ids, first, total)], threads)
 
-    def gather_many(self, chunks: Sequence[tuple[BlockIds, torch.Tensor]]) -> None:
-        """``gather(ids, slot)`` for each ``(ids, slot)``, in order. Every chunk is
-        checked before any is copied, so a bad one leaves all slots untouched."""
-        jobs = []
+    def gather_many(self, chunks: Sequence[tuple[BlockIds, torch.Tensor]], threads: CopyThreads | None = None
+                    ) -> None:
+        """``gather(ids, slot)`` for each ``(ids, slot)``. Every chunk is checked before any
+        is copied, so a bad one leaves all slots untouched. ``threads`` splits the copies."""
+        ops = []
         for block_ids, slot in chunks:
             idx, ids = self._ids(block_ids, distinct=False)
-            jobs.append((idx, _run_start(ids), len(ids), self._plan(slot, len(ids), for_gather=True)))
-        for idx, start, n, plan in jobs:
-            for block_dim, part, dst, rows in plan:
-                if start is not None:
-                    dst.copy_(part.narrow(block_dim, start, n))
-                elif rows:
-                    torch.index_select(part, 0, idx, out=dst)
-                else:
-                    torch.ops.aten.index.Tensor_out(part, [None] * block_dim + [idx], out=dst)
+            start, n = _run_start(ids), len(ids)
+            ops.extend((idx, start, n, *part) for part in self._plan(slot, n, for_gather=True))
+        (threads.run if threads else _run_here)(_gather_ops, ops)
 
-    def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]]) -> None:
-        """``scatter(slot, ids)`` for each ``(slot, ids)``, in order. Every chunk is
-        checked before any is copied, so a bad one leaves the cache untouched. Ids must be
-        distinct across all chunks: one load never writes a block twice."""
-        self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks])
+    def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]], threads: CopyThreads | None = None
+                     ) -> None:
+        """``scatter(slot, ids)`` for each ``(slot, ids)``. Every chunk is checked before any
+        is copied, so a bad one leaves the cache untouched. Ids must be distinct across all
+        chunks: one load never writes a block twice. ``threads`` splits the copies."""
+        self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks], threads)
 
     def _scatter_parts(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> Iterator[tuple]:
         """Checked ``(slot, idx, ids, first, n, total)`` per chunk of a scatter: the block ids
@@ -208,17 +250,14 @@ class PagedKV:
                 raise ValueError(f"scatter of blocks {first}..{first + n} does not fit a chunk of {total} blocks")
             yield slot, idx, ids, first, n, total
 
-    def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> None:
-        jobs = [(idx, _run_start(ids), first, n, total, self._plan(slot, total, for_gather=False))
-                for slot, idx, ids, first, n, total in self._scatter_parts(chunks)]
-        for idx, start, first, n, total, plan in jobs:
-            for block_dim, part, src, _ in plan:
-                if n != total:
-                    src = src.narrow(block_dim, first, n)
-                if start is not None:
-                    part.narrow(block_dim, start, n).copy_(src)
-                else:
-                    part.index_copy_(block_dim, idx, src)
+    def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]],
+                 threads: CopyThreads | None = None) -> None:
+        ops = []
+        for slot, idx, ids, first, n, total in self._scatter_parts(chunks):
+            start = _run_start(ids)
+            for block_dim, part, src, _ in self._plan(slot, total, for_gather=False):
+                ops.append((idx, start, n, block_dim, part, src if n == total else src.narrow(block_dim, first, n)))
+        (threads.run if threads else _run_here)(_scatter_ops, ops)
 
     def _ids(self, block_ids: BlockIds, *, distinct: bool) -> tuple[torch.Tensor, list[int]]:
         """Block ids as an int64 tensor on the parts' device and as a list, range-checked:
@@ -304,6 +343,29 @@ class PagedKV:
         want = self.chunk_bytes(blocks)
         if slot.numel() != want:
             raise ValueError(f"slot holds {slot.numel()} bytes; a chunk of {blocks} blocks is {want} bytes")
+
+
+def _run_here(fn: Callable[[list], None], ops: list) -> None:
+    fn(ops)
+
+
+def _gather_ops(ops: list) -> None:
+    """One torch op per (chunk, part): a strided copy of a run of ids, else an index copy."""
+    for idx, start, n, block_dim, part, dst, rows in ops:
+        if start is not None:
+            dst.copy_(part.narrow(block_dim, start, n))
+        elif rows:
+            torch.index_select(part, 0, idx, out=dst)
+        else:
+            torch.ops.aten.index.Tensor_out(part, [None] * block_dim + [idx], out=dst)
+
+
+def _scatter_ops(ops: list) -> None:
+    for idx, start, n, block_dim, part, src in ops:
+        if start is not None:
+            part.narrow(block_dim, start, n).copy_(src)
+        else:
+            part.index_copy_(block_dim, idx, src)
 
 
 def slot_checksum(slot: torch.Tensor) -> int:

@@ -540,17 +540,19 @@ def test_client_from_env(tmp_path: Path) -> None:
         "LMKV_CLIENT_HEARTBEAT": "2s",
         "LMKV_CLIENT_RETRY": "0.5",
         "LMKV_TOKEN_FILE": str(tmp_path / "token"),
+        "LMKV_COPY_THREADS": "3",
     })
-    assert c == ClientConfig("tcp://10.0.0.5:5555", 0.25, 2.0, 0.5, b"tok")
+    assert c == ClientConfig("tcp://10.0.0.5:5555", 0.25, 2.0, 0.5, b"tok", copy_threads=3)
     assert "tok" not in repr(c)
 
 
 def test_client_overrides_win_over_env() -> None:
-    env = {"LMKV_ENDPOINT": "tcp://a:1", "LMKV_CLIENT_TIMEOUT": "5s", "LMKV_CLIENT_RETRY": "3s"}
+    env = {"LMKV_ENDPOINT": "tcp://a:1", "LMKV_CLIENT_TIMEOUT": "5s", "LMKV_CLIENT_RETRY": "3s",
+           "LMKV_COPY_THREADS": "4"}
     c = load_client_config(env, {"endpoint": "ipc:///run/x.sock", "timeout": 0.1,
-                                 "heartbeat_interval": "100ms", "retry_interval": None})
-    assert (c.endpoint, c.timeout, c.heartbeat_interval, c.retry_interval) == \
-        ("ipc:///run/x.sock", 0.1, 0.1, 3.0)
+                                 "heartbeat_interval": "100ms", "retry_interval": None, "copy_threads": 2})
+    assert (c.endpoint, c.timeout, c.heartbeat_interval, c.retry_interval, c.copy_threads) == \
+        ("ipc:///run/x.sock", 0.1, 0.1, 3.0, 2)
 
 
 @pytest.mark.parametrize(
@@ -566,6 +568,11 @@ def test_client_overrides_win_over_env() -> None:
         ({}, {"time_out": 1}, "time_out", "endpoint, timeout, heartbeat_interval, retry_interval"),
         ({"LMKV_TOKEN_FILE": "/nonexistent/lmkv-token"}, None, "LMKV_TOKEN_FILE", "cannot read"),
         ({"LMKV_RUN_DIR": "/" + "x" * 110}, None, "endpoint", "107"),
+        ({"LMKV_COPY_THREADS": "two"}, None, "copy_threads", "'two' is not a thread count"),
+        ({"LMKV_COPY_THREADS": "0"}, None, "copy_threads", "1 to 64"),
+        ({}, {"copy_threads": 65}, "copy_threads", "65"),
+        ({}, {"copy_threads": True}, "copy_threads", "True"),
+        ({}, {"copy_threads": 1.5}, "copy_threads", "1.5"),
     ],
 )
 def test_client_errors(env: dict[str, str], overrides: dict[str, object] | None, flag: str, needle: str) -> None:

@@ -350,9 +350,9 @@ class _FakeCudaCache:
         self.device = torch.device("cuda", 0)
         self.calls: list[str] = []
 
-    def gather_many(self, chunks: list) -> None:
+    def gather_many(self, chunks: list, threads: object = None) -> None:
         self.calls.append("gather_many")
-        self.inner.gather_many(chunks)
+        self.inner.gather_many(chunks, threads)  # type: ignore[arg-type]
 
 
 def test_without_a_gpu_the_copier_takes_the_torch_path_and_says_so_once(

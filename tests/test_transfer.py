@@ -5,12 +5,13 @@ byte layout; bad input is refused before anything is copied."""
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from lmkv_mp.transfer import PagedKV
+from lmkv_mp.transfer import CopyThreads, PagedKV
 
 NB = 40  # blocks per cache: room for two disjoint 16-block chunks
 BS, H, D = 4, 2, 16  # block size, kv heads, head size (all != NB, so the block dim is unique)
@@ -286,6 +287,73 @@ def test_a_bad_chunk_in_a_batch_leaves_everything_untouched() -> None:
     with pytest.raises(ValueError):
         paged.scatter_many([(good, [1]), (good, [NB])])
     assert same(block(paged, 1), before)
+
+
+@pytest.fixture
+def copy_threads() -> CopyThreads:
+    threads = CopyThreads(3)
+    yield threads
+    threads.close()
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_copies_split_over_threads_equal_one_thread(layout: str, chunk: str, copy_threads: CopyThreads) -> None:
+    """lmkv.copy_threads: the same slot bytes and the same blocks, whoever copied which part;
+    a partial scatter (first > 0) and the batched calls too."""
+    src, one, split = make(layout, torch.bfloat16, seed=21), make(layout, torch.bfloat16, seed=22), \
+        make(layout, torch.bfloat16, seed=22)
+    src_ids, dst_ids = CHUNKS[chunk]
+    a, b = new_slot(src, len(src_ids)), new_slot(src, len(src_ids))
+    src.gather(src_ids, a)
+    src.gather(src_ids, b, copy_threads)
+    assert torch.equal(a, b)
+    one.scatter(a, dst_ids[1:], first=1)
+    split.scatter(b, dst_ids[1:], first=1, threads=copy_threads)
+    assert all(same(block(one, i), block(split, i)) for i in range(NB))
+    many = [new_slot(src, len(src_ids)), new_slot(src, len(src_ids))]
+    src.gather_many([(src_ids, many[0]), (src_ids[::-1], many[1])], copy_threads)
+    one.scatter_many([(many[0], dst_ids)])
+    split.scatter_many([(many[0], dst_ids)], copy_threads)
+    assert all(same(block(one, i), block(split, i)) for i in range(NB))
+
+
+def test_copy_threads_run_every_group_on_its_own_thread_and_wait_for_all() -> None:
+    threads = CopyThreads(3)
+    seen: list[tuple[str, list[int]]] = []
+    gate = threading.Barrier(3, timeout=10)  # all three groups must run at once to pass it
+
+    def work(ops: list[int]) -> None:
+        gate.wait()
+        seen.append((threading.current_thread().name, ops))
+
+    threads.run(work, list(range(7)))
+    assert sorted(ops for _, ops in seen) == [[0, 1], [2, 3], [4, 5, 6]]
+    assert len({name for name, _ in seen}) == 3
+    threads.close()
+
+
+def test_copy_threads_raise_the_first_failure_only_after_every_group_ended() -> None:
+    threads = CopyThreads(2)
+    failing, finished = threading.Event(), threading.Event()
+
+    def work(ops: list[int]) -> None:
+        if ops == [0]:  # the caller's group
+            failing.set()
+            raise ValueError("bad chunk")
+        assert failing.wait(10)  # the helper's group is still copying when the caller's fails
+        finished.set()
+
+    with pytest.raises(ValueError, match="bad chunk"):
+        threads.run(work, [0, 1])
+    assert finished.is_set()
+    threads.close()
+
+
+@pytest.mark.parametrize("bad", [0, 65, -1, True, 1.5, "2"])
+def test_copy_threads_refuse_a_bad_count(bad: object) -> None:
+    with pytest.raises(ValueError, match="1..64"):
+        CopyThreads(bad)  # type: ignore[arg-type]
 
 
 def test_block_dim_is_inferred_or_must_be_named() -> None:

@@ -40,13 +40,17 @@ def handle(sidecar: Callable[..., SidecarHandle]) -> SidecarHandle:
     return sidecar()
 
 
-def worker(handle: SidecarHandle, paged: PagedKV, expected: int | None = None) -> WorkerSide:
-    return WorkerSide(handle.client("worker"), paged, 0, paged.chunk_bytes(1) if expected is None else expected)
+def worker(handle: SidecarHandle, paged: PagedKV, expected: int | None = None, **overrides: Any) -> WorkerSide:
+    return WorkerSide(handle.client("worker", **overrides), paged, 0,
+                      paged.chunk_bytes(1) if expected is None else expected)
 
 
-def test_store_then_load_into_other_blocks(handle: SidecarHandle) -> None:
+@pytest.mark.parametrize("copy_threads", [1, 2])
+def test_store_then_load_into_other_blocks(handle: SidecarHandle, copy_threads: int) -> None:
+    """Also with lmkv.copy_threads = 2: each chunk's copy split over two threads."""
     a, b = cache(1), cache(2)
-    wa = worker(handle, a)
+    wa = worker(handle, a, copy_threads=copy_threads)
+    assert (wa._copy_threads.total if wa._copy_threads else 1) == copy_threads
     tokens = list(range(3 * CHUNK))
     key = handle.client("scheduler")
     assert key.connect()
@@ -57,7 +61,7 @@ def test_store_then_load_into_other_blocks(handle: SidecarHandle) -> None:
 
     found = key.lookup([NS], hashes, pin=True)
     assert found.hits == 3
-    wb = worker(handle, b)
+    wb = worker(handle, b, copy_threads=copy_threads)
     dst = list(range(10, 10 + 3 * BPC))
     wb.submit_loads(plan(loads=[LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], dst, 0,
                                         lease_id=found.lease_id)]))

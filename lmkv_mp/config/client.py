@@ -30,7 +30,8 @@ class ClientConfig:
 
     ``timeout`` bounds every call; while the sidecar is unreachable, calls return a miss at
     once and the client probes it every ``retry_interval``. All durations are > 0. The
-    auth token is left out of repr().
+    auth token is left out of repr(). ``copy_threads`` (1..64) is how many threads a worker
+    splits each chunk's copy over (transfer.CopyThreads): 1 unless cores are to spare.
     """
 
     endpoint: str
@@ -39,6 +40,7 @@ class ClientConfig:
     retry_interval: float
     auth_token: bytes | None = field(repr=False)
     prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT
+    copy_threads: int = 1
 
 
 # Override key (e.g. from vLLM's kv_connector_extra_config) -> its environment twin.
@@ -48,6 +50,7 @@ CLIENT_SETTINGS: Mapping[str, str] = {
     "heartbeat_interval": "LMKV_CLIENT_HEARTBEAT",
     "retry_interval": "LMKV_CLIENT_RETRY",
     "prefetch_timeout": "LMKV_PREFETCH_TIMEOUT",
+    "copy_threads": "LMKV_COPY_THREADS",
 }
 _CLIENT_DURATION_DEFAULTS: Mapping[str, float] = {
     "timeout": DEFAULT_CLIENT_TIMEOUT,
@@ -110,6 +113,15 @@ def load_client_config(
     if problem is not None:
         raise ConfigError("endpoint", CLIENT_SETTINGS["endpoint"], f"{_show(endpoint)} {problem}")
 
+    copy_threads = raw("copy_threads")
+    if copy_threads is None:
+        copy_threads = 1
+    elif isinstance(copy_threads, str) and copy_threads.strip().isdigit():
+        copy_threads = int(copy_threads)
+    if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or not 1 <= copy_threads <= 64:
+        raise ConfigError("copy_threads", CLIENT_SETTINGS["copy_threads"],
+                          f"{_show(copy_threads)} is not a thread count; use a whole number from 1 to 64")
+
     token_file = env.get("LMKV_TOKEN_FILE") or None
     try:
         auth_token = read_token(token_file) if token_file else None
@@ -123,6 +135,7 @@ def load_client_config(
         retry_interval=duration("retry_interval"),
         auth_token=auth_token,
         prefetch_timeout=duration("prefetch_timeout"),
+        copy_threads=copy_threads,
     )
 
 

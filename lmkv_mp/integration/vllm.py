@@ -7,8 +7,8 @@ Load it with::
                            "kv_role":"kv_both"}'
 
 Settings come from ``kv_connector_extra_config`` (``lmkv.endpoint``, ``lmkv.timeout``,
-``lmkv.heartbeat_interval``, ``lmkv.retry_interval``, ``lmkv.prefetch_timeout``, ``lmkv.chunk_tokens``,
-``lmkv.tenant``) or the ``LMKV_*`` environment; with neither, the sidecar's default
+``lmkv.heartbeat_interval``, ``lmkv.retry_interval``, ``lmkv.prefetch_timeout``, ``lmkv.copy_threads``,
+``lmkv.chunk_tokens``, ``lmkv.tenant``) or the ``LMKV_*`` environment; with neither, the sidecar's default
 endpoint for this user is used.
 
 It is a best-effort cache: a failed or impossible load is reported to vLLM as a load
@@ -32,7 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole)
 
 from lmkv_mp.client import SidecarClient
-from lmkv_mp.config import load_client_config
+from lmkv_mp.config import CLIENT_SETTINGS, load_client_config
 from lmkv_mp.integration.plan import StepPlan, rank_namespaces
 from lmkv_mp.integration.vllm_scheduler import SchedulerSide
 from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, make_stats
@@ -63,7 +63,6 @@ def _log_through_vllm() -> None:
 _log_through_vllm()
 
 DEFAULT_CHUNK_TOKENS = 256
-_CLIENT_KEYS = ("endpoint", "timeout", "heartbeat_interval", "retry_interval", "prefetch_timeout")
 
 if "kv_cache_config" not in inspect.signature(KVConnectorBase_V1.__init__).parameters:
     raise ImportError(f"lmkv_mp's connector needs vLLM's v1 connector API with a kv_cache_config constructor "
@@ -86,7 +85,7 @@ class LMKVConnector(KVConnectorBase_V1):
             log.info("lmkv: setting kv_load_failure_policy=recompute (a cache miss must never fail a request)")
             ktc.kv_load_failure_policy = "recompute"
         extra = dict(ktc.kv_connector_extra_config or {})
-        overrides = {k: extra.get(f"lmkv.{k}") for k in _CLIENT_KEYS}
+        overrides = {k: extra.get(f"lmkv.{k}") for k in CLIENT_SETTINGS}
         self._client_config = load_client_config(overrides=overrides)
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None

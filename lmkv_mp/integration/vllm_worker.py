@@ -34,7 +34,7 @@ from lmkv_mp.client import SidecarClient
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.transfer import PagedKV, slot_checksum
+from lmkv_mp.transfer import CopyThreads, PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
 
@@ -59,6 +59,9 @@ class WorkerSide:
         # taking 0.1-1.6 s on a busy 2-core host). OpenMP's setting is per calling thread.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkv-copy",
                                         initializer=torch.set_num_threads, initargs=(1,))
+        # Helpers that share each chunk's copy with that thread, where configured
+        # (copy_threads > 1): for hosts with cores the engine leaves idle.
+        self._copy_threads = CopyThreads(client.config.copy_threads) if client.config.copy_threads > 1 else None
         self._lock = threading.Lock()
         self._inflight: list[Future[None]] = []
         self._saving: dict[str, int] = {}        # req id -> store jobs not yet done
@@ -167,7 +170,7 @@ class WorkerSide:
             slot = host[off:off + nbytes]
             first = job.skip_blocks if i == 0 else 0
             n = bpc - first
-            self.paged.scatter(slot, job.block_ids[pos:pos + n], first=first)
+            self.paged.scatter(slot, job.block_ids[pos:pos + n], first=first, threads=self._copy_threads)
             pos += n
             if sums and self.checksum(slot) != sums[i]:
                 self._report_corrupt(plan, job, i, sums[i])
@@ -230,7 +233,7 @@ class WorkerSide:
         for i in res.writable().tolist():
             off = int(res.offsets[i])
             slot = host[off:off + nbytes]
-            self.paged.gather(job.block_ids[i * bpc:(i + 1) * bpc], slot)
+            self.paged.gather(job.block_ids[i * bpc:(i + 1) * bpc], slot, self._copy_threads)
             written.append(job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES])
             if verify:
                 sums.append(self.checksum(slot))
@@ -241,4 +244,6 @@ class WorkerSide:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        if self._copy_threads is not None:
+            self._copy_threads.close()
         self.client.close()
