@@ -27,6 +27,9 @@ pool with its page tables populated; a slot first touched by a copy would fault 
 own the cores); the memcpy limit then runs on one thread too. ``--threads 0`` uses torch's
 default: the index copies are many small parallel regions, and with a core taken by
 another process they wait on each other (here: up to 100x slower with 2 threads).
+``--copy-threads N`` splits each chunk's copy over N threads as the connector's
+``lmkv.copy_threads`` does (transfer.CopyThreads, one torch thread each); the memcpy limits
+are then split the same way over the same threads (the line says ``copy_threads``).
 
 ``--chunk-tokens`` sets the sidecar's chunk size (default 256, a multiple of the block
 size); by default a prompt stays 2048 tokens (quick: 1024), so runs at different chunk
@@ -59,7 +62,7 @@ from common import emit, machine, sidecar  # noqa: E402
 from lmkv_mp import protocol as P  # noqa: E402
 from lmkv_mp.client import SidecarClient  # noqa: E402
 from lmkv_mp.keys import Namespace, chain_hashes  # noqa: E402
-from lmkv_mp.transfer import PagedKV, slot_checksum  # noqa: E402
+from lmkv_mp.transfer import CopyThreads, PagedKV, slot_checksum  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, CHUNK_TOKENS = 32, 8, 128, 16, 256
 BPC = CHUNK_TOKENS // BLOCK_SIZE
@@ -101,7 +104,7 @@ class Prompts:
 
 
 def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_ids: list[list[int]],
-          nbytes: int, verify: bool = False) -> tuple[float, float]:
+          nbytes: int, verify: bool = False, threads: CopyThreads | None = None) -> tuple[float, float]:
     """One prompt's store as the worker does it; returns (total, rpc) seconds."""
     t0 = time.perf_counter()
     res = client.reserve(ns, hashes)
@@ -115,7 +118,7 @@ def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block
     sums = []
     for i in written:
         off = int(res.offsets[i])
-        paged.gather(block_ids[i], host[off:off + nbytes])
+        paged.gather(block_ids[i], host[off:off + nbytes], threads)
         if verify:
             sums.append(slot_checksum(host[off:off + nbytes]))
     t2 = time.perf_counter()
@@ -127,7 +130,7 @@ def store(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block
 
 
 def load(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_ids: list[list[int]],
-         nbytes: int, verify: bool = False) -> tuple[float, float]:
+         nbytes: int, verify: bool = False, threads: CopyThreads | None = None) -> tuple[float, float]:
     """One prompt's load as the worker does it; returns (total, rpc) seconds."""
     t0 = time.perf_counter()
     r = client.lookup([ns], hashes, pin=True)
@@ -139,7 +142,7 @@ def load(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_
     if verify and len(sums) != len(block_ids):
         raise RuntimeError("--verify: the LOOKUP carried no checksums")
     for i, off in enumerate(r.offsets[0].tolist()):
-        paged.scatter(host[off:off + nbytes], block_ids[i])
+        paged.scatter(host[off:off + nbytes], block_ids[i], threads=threads)
         if verify and slot_checksum(host[off:off + nbytes]) != sums[i]:
             raise RuntimeError(f"chunk {i} failed its checksum after the load")
     t2 = time.perf_counter()
@@ -148,6 +151,21 @@ def load(client: SidecarClient, paged: PagedKV, ns: bytes, hashes: bytes, block_
     if not released:
         raise RuntimeError("RELEASE failed")
     return t3 - t0, (t1 - t0) + (t3 - t2)
+
+
+def copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: CopyThreads | None) -> None:
+    """``dst.copy_(src)`` for each pair; with ``threads``, each pair cut into LAYERS pieces
+    shared out as the connector shares a chunk's per-layer copies (one split per chunk)."""
+    for d, s in pairs:
+        if threads is None:
+            d.copy_(s)
+        else:
+            threads.run(_copy_pieces, list(zip(d.chunk(LAYERS), s.chunk(LAYERS))))
+
+
+def _copy_pieces(pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for d, s in pieces:
+        d.copy_(s)
 
 
 def timed(fn: Callable[[], None]) -> float:
@@ -167,6 +185,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads for the copies and the memcpy limit (default 1: what the vLLM "
                          "connector's copy thread uses; 0 = torch's choice)")
+    ap.add_argument("--copy-threads", type=int, default=1,
+                    help="threads each chunk's copy is split over, as lmkv.copy_threads does; the memcpy "
+                         "limits are split alike [1]")
     ap.add_argument("--pool-size", default=None,
                     help="host pool size, e.g. 1GiB (default: room for every prompt, so nothing is evicted)")
     ap.add_argument("--block-ids", choices=("random", "consecutive"), default="random",
@@ -182,6 +203,7 @@ def main() -> None:
     iters = args.iters or (5 if args.quick else 10)
     if args.threads:
         torch.set_num_threads(args.threads)
+    threads = CopyThreads(args.copy_threads) if args.copy_threads > 1 else None
 
     num_blocks = 3 * chunks * bpc + bpc  # a store's blocks and a load's disjoint ones, with room to spare
     paged = PagedKV(cpu_kv_cache(num_blocks, seed=0), num_blocks=num_blocks, block_dim=0)
@@ -217,16 +239,13 @@ def main() -> None:
         shm = [host[int(o):int(o) + nbytes] for o in res.offsets]
 
         def memcpy() -> None:
-            for _ in range(chunks):
-                dst.copy_(src)
+            copy_pairs([(dst, src)] * chunks, threads)
 
         def shm_in() -> None:
-            for s in shm:
-                s.copy_(src)
+            copy_pairs([(s, src) for s in shm], threads)
 
         def shm_out() -> None:
-            for s in shm:
-                dst.copy_(s)
+            copy_pairs([(dst, s) for s in shm], threads)
 
         def hash_only() -> None:
             for s in shm:
@@ -234,8 +253,8 @@ def main() -> None:
 
         # Warm-up (untimed), which also checks the bytes round-trip between disjoint blocks.
         hashes, ids_from, ids_to = prompts.next()
-        store(client, paged, ns, hashes, ids_from, nbytes, args.verify)
-        load(client, paged, ns, hashes, ids_to, nbytes, args.verify)
+        store(client, paged, ns, hashes, ids_from, nbytes, args.verify, threads)
+        load(client, paged, ns, hashes, ids_to, nbytes, args.verify, threads)
         for a, b in zip(ids_from, ids_to):
             for layer in paged.parts:
                 if not torch.equal(layer[a].view(torch.int16), layer[b].view(torch.int16)):
@@ -250,7 +269,7 @@ def main() -> None:
             hashes, ids_from, ids_to = prompts.next()
             for op, fn, ids, shm_fn in (("store", store, ids_from, shm_in), ("load", load, ids_to, shm_out)):
                 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                total, rpc = fn(client, paged, ns, hashes, ids, nbytes, args.verify)
+                total, rpc = fn(client, paged, ns, hashes, ids, nbytes, args.verify, threads)
                 times[f"{op}_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
                 times[op].append(total)
                 times[f"{op}_rpc"].append(rpc)
@@ -272,7 +291,7 @@ def main() -> None:
               "ratio": round(gbps / memcpy_gbps, 3), "shm_memcpy_gbps": round(moved / med[shm_key] / 1e9, 2),
               "ms": round(med[op] * 1e3, 2), "rpc_ms": round(med[f"{op}_rpc"] * 1e3, 2),
               "copy_gbps": round(moved / med[f"{op}_copy"] / 1e9, 2), "page_faults": int(med[f"{op}_faults"]),
-              "verify": args.verify,
+              "verify": args.verify, "copy_threads": args.copy_threads,
               **({"checksum_gbps": round(moved / med["checksum"] / 1e9, 2)} if args.verify else {}),
               "chunk_tokens": chunk_tokens, "chunk_bytes": nbytes, "chunks": chunks, "iters": iters,
               "block_ids": args.block_ids, "host_pool": pool, "evictions": evictions, "machine": machine()})
