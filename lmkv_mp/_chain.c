@@ -157,7 +157,9 @@ static int token_at(PyObject *item, int32_t *out) {
     } else if (PyLong_Check(item)) {
         v = PyLong_AsLongAndOverflow(item, &overflow);
     } else {
-        PyObject *idx = PyNumber_Index(item);  /* what struct.pack accepts: numpy ints too */
+        /* What struct.pack accepts: numpy ints too. __index__ runs Python code, which may
+         * change the list: the caller holds a reference to the item and re-reads the size. */
+        PyObject *idx = PyNumber_Index(item);
         if (idx == NULL) return -1;
         v = PyLong_AsLongAndOverflow(idx, &overflow);
         Py_DECREF(idx);
@@ -176,7 +178,6 @@ static PyObject *pack_tokens(PyObject *self, PyObject *seq_arg) {
     PyObject *seq = PySequence_Fast(seq_arg, "tokens must be a list or tuple of token ids");
     if (seq == NULL) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     PyObject *out = PyBytes_FromStringAndSize(NULL, n * 4);
     if (out == NULL) {
         Py_DECREF(seq);
@@ -185,7 +186,20 @@ static PyObject *pack_tokens(PyObject *self, PyObject *seq_arg) {
     uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
     for (Py_ssize_t i = 0; i < n; i++) {
         int32_t v;
-        if (token_at(items[i], &v) < 0) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        int bad;
+        if (PyLong_Check(item)) {  /* no Python code runs: the list cannot change under us */
+            bad = token_at(item, &v) < 0;
+        } else {  /* __index__ may change the list: hold the item, then re-check the size */
+            Py_INCREF(item);
+            bad = token_at(item, &v) < 0;
+            Py_DECREF(item);
+            if (!bad && PySequence_Fast_GET_SIZE(seq) != n) {
+                PyErr_SetString(PyExc_ValueError, "the token list changed while it was being packed");
+                bad = 1;
+            }
+        }
+        if (bad) {
             Py_DECREF(out);
             Py_DECREF(seq);
             return NULL;

@@ -72,6 +72,24 @@ def test_numpy_integers_in_a_list_are_token_ids() -> None:
     assert chain_hashes([np.int64(t) for t in toks], CHUNK, KEY) == reference_chain(toks, CHUNK, KEY)
 
 
+def test_a_list_changed_by_an_index_method_while_packing_is_refused_or_packed_as_given(impl: str) -> None:
+    """A token whose __index__ empties the list (hostile or buggy input): C re-reads the list
+    after any Python code ran (no read past its end, no use after free); Python packs the
+    arguments it was given."""
+    class Clearing:
+        def __index__(self) -> int:
+            toks.clear()
+            return 5
+
+    toks: list[object] = [*tokens(CHUNK - 1), Clearing(), *tokens(CHUNK, seed=1)]
+    given = [*toks[:CHUNK - 1], 5, *toks[CHUNK:]]
+    if impl == "c":
+        with pytest.raises(ValueError, match="changed"):
+            chain_hashes(toks, CHUNK, KEY)  # type: ignore[arg-type]
+    else:
+        assert chain_hashes(toks, CHUNK, KEY) == reference_chain(given, CHUNK, KEY)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("bad", [1.0, "7", None, b"x"])
 def test_rejects_non_integer_token(bad: object) -> None:
     toks: list[object] = list(tokens(2 * CHUNK))
