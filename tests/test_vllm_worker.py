@@ -4,6 +4,7 @@ that does not match the KV spec) becomes a reported load error, never wrong bloc
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import pytest
@@ -145,10 +146,28 @@ def test_a_sidecar_restart_during_the_copy_is_a_load_error(handle: SidecarHandle
     assert wb.stats["load_chunks"] == 0
 
 
-def test_unexpected_layout_disables_the_rank(handle: SidecarHandle) -> None:
+class _OnCuda:
+    """A CPU cache that says it is on a CUDA device (there is none here): what the worker
+    sees on a GPU node."""
+
+    def __init__(self, paged: PagedKV) -> None:
+        self.paged, self.device = paged, torch.device("cuda", 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.paged, name)
+
+
+@pytest.mark.parametrize("why", ["layout", "cuda"])
+def test_unexpected_layout_or_a_gpu_cache_disables_the_rank(handle: SidecarHandle, why: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """One warning at registration, then every load is a miss and no store runs, rather than
+    a traceback per request (a GPU cache: the GPU data path of #6 is not wired in)."""
     a = cache(4)
-    wa = worker(handle, a, expected=a.chunk_bytes(1) + 2)
-    assert wa.disabled
+    caplog.set_level(logging.WARNING, logger="lmkv.vllm")
+    wa = (worker(handle, a, expected=a.chunk_bytes(1) + 2) if why == "layout"
+          else worker(handle, _OnCuda(a)))  # type: ignore[arg-type]
+    assert wa.disabled and ("cuda:0" in wa.disabled) == (why == "cuda")
+    assert [r.message for r in caplog.records] == [f"lmkv: {wa.disabled}"]
     wa.submit_stores(plan(stores=[StoreJob("r4", bytes(16), [0, 1])]))
     wa.submit_loads(plan(loads=[LoadJob("r5", b"x" * 16, [[0]], [], [2, 3], 0)]))
     wa.wait_for_inflight()

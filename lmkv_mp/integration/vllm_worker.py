@@ -50,7 +50,13 @@ class WorkerSide:
         self.checksum = checksum
         self.disabled = ""
         actual = paged.chunk_bytes(1)
-        if expected_block_bytes is not None and actual != expected_block_bytes:
+        if paged.device.type != "cpu":
+            # The host pool is CPU memory; copies from a GPU cache need the GPU data path
+            # (CUDA kernels into pinned or GPU-tier slots, issue #6), which is not wired in.
+            self.disabled = (f"the KV cache is on {paged.device}; lmkv's GPU data path is not built yet, "
+                             "lmkv disabled on this rank (the engine runs as without it)")
+            log.warning("lmkv: %s", self.disabled)
+        elif expected_block_bytes is not None and actual != expected_block_bytes:
             self.disabled = (f"registered KV cache holds {actual} bytes per block, the KV spec says "
                              f"{expected_block_bytes}: unknown layout, lmkv disabled on this rank")
             log.warning("lmkv: %s", self.disabled)
