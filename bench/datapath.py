@@ -196,6 +196,8 @@ def main() -> None:
                     help="run the sidecar with --verify on: checksums at COMMIT, checked after each load")
     ap.add_argument("--quick", action="store_true", help="CI-sized run (under a minute)")
     args = ap.parse_args()
+    if not 1 <= args.copy_threads <= 64:
+        ap.error("--copy-threads must be from 1 to 64")
     if args.chunk_tokens <= 0 or args.chunk_tokens % BLOCK_SIZE:
         ap.error(f"--chunk-tokens must be a positive multiple of the block size {BLOCK_SIZE}")
     chunk_tokens, bpc = args.chunk_tokens, args.chunk_tokens // BLOCK_SIZE

@@ -10,7 +10,14 @@ build of vLLM it refuses to start, and the JSON line says so.
 
 One JSON line per context length:
   {"bench":"ttft","context_tokens":…,"cached_tokens":…,"ttft_no_lmkv_s":…,"ttft_lmkv_s":…,
-   "speedup":…,"identical":…}
+   "speedup":…,"identical":…,"tokens_identical":…,"max_logprob_diff":…,
+   "identical_to_own_prefix_cache":…,"own_prefix_cache_tokens":…,…}
+
+``identical*`` compare B with the full recompute (Y); ``identical_to_own_prefix_cache``
+compares B bit for bit with A answering the same turn 2 from vLLM's own prefix cache of the
+same number of tokens, B got from lmkv (the same computation): the check of lmkv's bytes,
+and the exit status. It is false when the two did not cache the same number of tokens, or
+B got nothing from lmkv.
 """
 
 from __future__ import annotations
@@ -88,7 +95,8 @@ def main() -> int:
             # The check of lmkv's bytes: A asks turn 2 too, hitting vLLM's own prefix cache of
             # its turn 1, the same prefix B got from lmkv, so A computes exactly what B does.
             own = engines["A"].ask(turn2, args.answer_tokens)
-            exact = with_lmkv["token_ids"] == own["token_ids"] and with_lmkv["logprobs"] == own["logprobs"]
+            alike = own["num_cached_tokens"] == with_lmkv["num_cached_tokens"] > 0
+            exact = alike and with_lmkv["token_ids"] == own["token_ids"] and with_lmkv["logprobs"] == own["logprobs"]
             same = with_lmkv["token_ids"] == without["token_ids"] and with_lmkv["logprobs"] == without["logprobs"]
             # Against a full recompute (Y) vLLM's CPU kernels are not batch-invariant at every
             # size: a cached prefix, its own or ours, shifts logprobs for long prompts, so this

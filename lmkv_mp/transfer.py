@@ -43,8 +43,9 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -85,30 +86,57 @@ class _View:
     rows: bool
 
 
+def one_torch_thread_pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A pool whose threads each run torch on one thread, started now, leaving the process's
+    default as it was.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size and also the
+    process-wide default that every thread adopts at its first parallel op. So each pool
+    thread sets 1 and runs one parallel op (adopting 1 for good), all at once (a barrier
+    makes them distinct threads), and then the default goes back to what the engine set:
+    threads the engine starts later keep its setting, not ours."""
+    before = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix=name)
+    started = threading.Barrier(workers, timeout=60)
+
+    def one_thread() -> None:
+        started.wait()
+        torch.set_num_threads(1)
+        torch.zeros(1 << 16).add_(1)  # a parallel op: this thread's setting is fixed from here on
+
+    for f in [pool.submit(one_thread) for _ in range(workers)]:
+        f.result()
+    torch.set_num_threads(before)
+    return pool
+
+
 class CopyThreads:
     """``total`` threads for one copy: the caller's and ``total - 1`` helpers, each running
-    torch on one thread (OpenMP's setting is per calling thread; a copy split by us, not by
-    OpenMP, keeps each thread on one contiguous stretch of parts)."""
+    torch on one thread (a copy split by us, not by OpenMP, keeps each thread on one
+    contiguous stretch of parts). CPU copies only: a CUDA copy stays on its caller, whose
+    stream the caller synchronises."""
 
     def __init__(self, total: int) -> None:
         if isinstance(total, bool) or not isinstance(total, int) or not 1 <= total <= 64:
             raise ValueError(f"copy threads must be an int in 1..64, got {total!r}")
         self.total = total
-        self._pool = (ThreadPoolExecutor(total - 1, thread_name_prefix="lmkv-copy-helper",
-                                         initializer=torch.set_num_threads, initargs=(1,)) if total > 1 else None)
+        self._pool = one_torch_thread_pool(total - 1, "lmkv-copy-helper") if total > 1 else None
 
     def run(self, fn: Callable[[list], None], ops: list) -> None:
         """``fn(ops)``, split into up to ``total`` contiguous groups run at once. Returns when
-        every group has finished, even after one failed (so no copy outlives the call, and
-        the caller can release its slots); then raises the first failure."""
+        every group has finished, even after one failed or could not be handed out (so no
+        copy outlives the call, and the caller can release its slots); then raises the
+        first failure."""
         k = min(self.total, len(ops))
         if self._pool is None or k < 2:
             fn(ops)
             return
         bounds = [len(ops) * i // k for i in range(k + 1)]
-        futures = [self._pool.submit(fn, ops[bounds[i]:bounds[i + 1]]) for i in range(1, k)]
+        futures: list[Future[None]] = []
         first: BaseException | None = None
         try:
+            for i in range(1, k):
+                futures.append(self._pool.submit(fn, ops[bounds[i]:bounds[i + 1]]))
             fn(ops[:bounds[1]])
         except BaseException as e:  # noqa: BLE001 - re-raised below, after the helpers finish
             first = e
@@ -225,7 +253,7 @@ class PagedKV:
             idx, ids = self._ids(block_ids, distinct=False)
             start, n = _run_start(ids), len(ids)
             ops.extend((idx, start, n, *part) for part in self._plan(slot, n, for_gather=True))
-        (threads.run if threads else _run_here)(_gather_ops, ops)
+        self._runner(threads)(_gather_ops, ops)
 
     def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]], threads: CopyThreads | None = None
                      ) -> None:
@@ -257,7 +285,12 @@ class PagedKV:
             start = _run_start(ids)
             for block_dim, part, src, _ in self._plan(slot, total, for_gather=False):
                 ops.append((idx, start, n, block_dim, part, src if n == total else src.narrow(block_dim, first, n)))
-        (threads.run if threads else _run_here)(_scatter_ops, ops)
+        self._runner(threads)(_scatter_ops, ops)
+
+    def _runner(self, threads: CopyThreads | None) -> Callable[[Callable[[list], None], list], None]:
+        """Who runs a copy's ops: ``threads`` for a CPU cache; the caller for a CUDA one (its
+        ops queue on the caller's stream, which the caller synchronises)."""
+        return threads.run if threads is not None and self.device.type == "cpu" else _run_here
 
     def _ids(self, block_ids: BlockIds, *, distinct: bool) -> tuple[torch.Tensor, list[int]]:
         """Block ids as an int64 tensor on the parts' device and as a list, range-checked:

@@ -570,6 +570,7 @@ def test_client_overrides_win_over_env() -> None:
         ({"LMKV_RUN_DIR": "/" + "x" * 110}, None, "endpoint", "107"),
         ({"LMKV_COPY_THREADS": "two"}, None, "copy_threads", "'two' is not a thread count"),
         ({"LMKV_COPY_THREADS": "0"}, None, "copy_threads", "1 to 64"),
+        ({"LMKV_COPY_THREADS": "²"}, None, "copy_threads", "not a thread count"),
         ({}, {"copy_threads": 65}, "copy_threads", "65"),
         ({}, {"copy_threads": True}, "copy_threads", "True"),
         ({}, {"copy_threads": 1.5}, "copy_threads", "1.5"),

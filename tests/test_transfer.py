@@ -313,6 +313,9 @@ def test_copies_split_over_threads_equal_one_thread(layout: str, chunk: str, cop
     assert all(same(block(one, i), block(split, i)) for i in range(NB))
     many = [new_slot(src, len(src_ids)), new_slot(src, len(src_ids))]
     src.gather_many([(src_ids, many[0]), (src_ids[::-1], many[1])], copy_threads)
+    reversed_one = new_slot(src, len(src_ids))
+    src.gather(src_ids[::-1], reversed_one)
+    assert torch.equal(many[0], a) and torch.equal(many[1], reversed_one)
     one.scatter_many([(many[0], dst_ids)])
     split.scatter_many([(many[0], dst_ids)], copy_threads)
     assert all(same(block(one, i), block(split, i)) for i in range(NB))
@@ -348,6 +351,61 @@ def test_copy_threads_raise_the_first_failure_only_after_every_group_ended() -> 
         threads.run(work, [0, 1])
     assert finished.is_set()
     threads.close()
+
+
+def test_copy_threads_wait_for_handed_out_groups_when_handing_out_fails() -> None:
+    threads = CopyThreads(3)
+    real_submit, handed = threads._pool.submit, []
+    release, finished = threading.Event(), threading.Event()
+
+    def submit(fn: Callable, ops: list) -> object:
+        if handed:
+            release.set()
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        handed.append(ops)
+        return real_submit(fn, ops)
+
+    def work(ops: list[int]) -> None:
+        assert release.wait(10)  # still copying when the next hand-out fails
+        finished.set()
+
+    threads._pool.submit = submit  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="shutdown"):
+        threads.run(work, [0, 1, 2])
+    assert finished.is_set()
+    threads._pool.submit = real_submit  # type: ignore[method-assign]
+    threads.close()
+
+
+def test_copy_threads_set_one_torch_thread_for_themselves_only() -> None:
+    """torch.set_num_threads also sets the process default that threads adopt: the engine's
+    threads started after ours must keep the engine's setting."""
+    def in_new_thread() -> int:
+        out: list[int] = []
+        t = threading.Thread(target=lambda: (torch.zeros(1 << 16).add_(1), out.append(torch.get_num_threads())))
+        t.start()
+        t.join()
+        return out[0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads = CopyThreads(3)
+        inside = {threads._pool.submit(torch.get_num_threads).result() for _ in range(6)}
+        assert inside == {1}
+        assert torch.get_num_threads() == 2 and in_new_thread() == 2
+        threads.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_cuda_copy_stays_on_its_callers_thread(copy_threads: CopyThreads) -> None:
+    """Helper threads would queue a CUDA copy on their own streams, which the caller's
+    synchronisation does not cover."""
+    paged = make("cpu-views", torch.bfloat16, seed=23)
+    assert paged._runner(copy_threads) == copy_threads.run
+    paged.device = torch.device("cuda", 0)
+    assert paged._runner(copy_threads) != copy_threads.run
 
 
 @pytest.mark.parametrize("bad", [0, 65, -1, True, 1.5, "2"])

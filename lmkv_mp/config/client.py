@@ -116,8 +116,8 @@ def load_client_config(
     copy_threads = raw("copy_threads")
     if copy_threads is None:
         copy_threads = 1
-    elif isinstance(copy_threads, str) and copy_threads.strip().isdigit():
-        copy_threads = int(copy_threads)
+    elif isinstance(copy_threads, str) and copy_threads.strip().isascii() and copy_threads.strip().isdigit():
+        copy_threads = int(copy_threads)  # ASCII digits only: "²".isdigit() holds, int("²") fails
     if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or not 1 <= copy_threads <= 64:
         raise ConfigError("copy_threads", CLIENT_SETTINGS["copy_threads"],
                           f"{_show(copy_threads)} is not a thread count; use a whole number from 1 to 64")

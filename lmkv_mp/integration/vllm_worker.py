@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import torch
@@ -34,7 +34,7 @@ from lmkv_mp.client import SidecarClient
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.transfer import CopyThreads, PagedKV, slot_checksum
+from lmkv_mp.transfer import CopyThreads, PagedKV, one_torch_thread_pool, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
 
@@ -62,9 +62,9 @@ class WorkerSide:
             log.warning("lmkv: %s", self.disabled)
         # One torch thread for the copies: the engine's own threads own the cores, and a
         # multi-threaded copy then stalls waiting for a second core (measured: 5 ms copies
-        # taking 0.1-1.6 s on a busy 2-core host). OpenMP's setting is per calling thread.
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmkv-copy",
-                                        initializer=torch.set_num_threads, initargs=(1,))
+        # taking 0.1-1.6 s on a busy 2-core host). Set in that thread alone, not for the
+        # engine's threads (one_torch_thread_pool).
+        self._pool = one_torch_thread_pool(1, "lmkv-copy")
         # Helpers that share each chunk's copy with that thread, where configured
         # (copy_threads > 1): for hosts with cores the engine leaves idle.
         self._copy_threads = CopyThreads(client.config.copy_threads) if client.config.copy_threads > 1 else None
