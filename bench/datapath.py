@@ -28,7 +28,7 @@ own the cores); the memcpy limit then runs on one thread too. ``--threads 0`` us
 default: the index copies are many small parallel regions, and with a core taken by
 another process they wait on each other (here: up to 100x slower with 2 threads).
 ``--copy-threads N`` splits each chunk's copy over N threads as the connector's
-``lmkv.copy_threads`` does (transfer.CopyThreads, one torch thread each); the memcpy limits
+``lmkv.copy_threads`` does (copy_threads.CopyThreads, one torch thread each); the memcpy limits
 are then split the same way over the same threads (the line says ``copy_threads``).
 
 ``--chunk-tokens`` sets the sidecar's chunk size (default 256, a multiple of the block
@@ -62,7 +62,8 @@ from common import emit, machine, sidecar  # noqa: E402
 from lmkv_mp import protocol as P  # noqa: E402
 from lmkv_mp.client import SidecarClient  # noqa: E402
 from lmkv_mp.keys import Namespace, chain_hashes  # noqa: E402
-from lmkv_mp.transfer import CopyThreads, PagedKV, slot_checksum  # noqa: E402
+from lmkv_mp.copy_threads import CopyThreads  # noqa: E402
+from lmkv_mp.transfer import PagedKV, slot_checksum  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, CHUNK_TOKENS = 32, 8, 128, 16, 256
 BPC = CHUNK_TOKENS // BLOCK_SIZE

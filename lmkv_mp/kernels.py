@@ -35,7 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmkv_mp.transfer import BlockIds, CopyThreads, LayerSpec, PagedKV
+from lmkv_mp.copy_threads import CopyThreads
+from lmkv_mp.transfer import BlockIds, LayerSpec, PagedKV
 
 log = logging.getLogger(__name__)
 

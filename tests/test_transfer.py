@@ -11,7 +11,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from lmkv_mp.transfer import CopyThreads, PagedKV
+from lmkv_mp.copy_threads import CopyThreads
+from lmkv_mp.transfer import PagedKV
 
 NB = 40  # blocks per cache: room for two disjoint 16-block chunks
 BS, H, D = 4, 2, 16  # block size, kv heads, head size (all != NB, so the block dim is unique)

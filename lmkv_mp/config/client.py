@@ -18,6 +18,7 @@ from lmkv_mp.config.common import (
     default_run_dir,
     default_stats_endpoint,
     endpoint_problem,
+    parse_int,
     parse_path,
     read_token,
 )
@@ -31,7 +32,7 @@ class ClientConfig:
     ``timeout`` bounds every call; while the sidecar is unreachable, calls return a miss at
     once and the client probes it every ``retry_interval``. All durations are > 0. The
     auth token is left out of repr(). ``copy_threads`` (1..64) is how many threads a worker
-    splits each chunk's copy over (transfer.CopyThreads): 1 unless cores are to spare.
+    splits each chunk's copy over (copy_threads.CopyThreads): 1 unless cores are to spare.
     """
 
     endpoint: str
@@ -116,11 +117,14 @@ def load_client_config(
     copy_threads = raw("copy_threads")
     if copy_threads is None:
         copy_threads = 1
-    elif isinstance(copy_threads, str) and copy_threads.strip().isascii() and copy_threads.strip().isdigit():
-        copy_threads = int(copy_threads)  # ASCII digits only: "²".isdigit() holds, int("²") fails
-    if isinstance(copy_threads, bool) or not isinstance(copy_threads, int) or not 1 <= copy_threads <= 64:
-        raise ConfigError("copy_threads", CLIENT_SETTINGS["copy_threads"],
-                          f"{_show(copy_threads)} is not a thread count; use a whole number from 1 to 64")
+    else:
+        try:  # overrides may be ints; strings go through the flags' integer parser
+            if isinstance(copy_threads, bool) or not isinstance(copy_threads, (int, str)):
+                raise ValueError
+            copy_threads = parse_int(str(copy_threads), 1, 64)
+        except ValueError:
+            raise ConfigError("copy_threads", CLIENT_SETTINGS["copy_threads"],
+                              f"{_show(copy_threads)} is not a thread count; use a whole number from 1 to 64") from None
 
     token_file = env.get("LMKV_TOKEN_FILE") or None
     try:

@@ -34,7 +34,8 @@ from lmkv_mp.client import SidecarClient
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.transfer import CopyThreads, PagedKV, one_torch_thread_pool, slot_checksum
+from lmkv_mp.copy_threads import CopyThreads, one_torch_thread_pool
+from lmkv_mp.transfer import PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
 
@@ -66,8 +67,8 @@ class WorkerSide:
         # engine's threads (one_torch_thread_pool).
         self._pool = one_torch_thread_pool(1, "lmkv-copy")
         # Helpers that share each chunk's copy with that thread, where configured
-        # (copy_threads > 1): for hosts with cores the engine leaves idle.
-        self._copy_threads = CopyThreads(client.config.copy_threads) if client.config.copy_threads > 1 else None
+        # (copy_threads > 1): for hosts with cores the engine leaves idle. 1: no helpers.
+        self._copy_threads = CopyThreads(client.config.copy_threads)
         self._lock = threading.Lock()
         self._inflight: list[Future[None]] = []
         self._saving: dict[str, int] = {}        # req id -> store jobs not yet done
@@ -250,6 +251,5 @@ class WorkerSide:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self._copy_threads is not None:
-            self._copy_threads.close()
+        self._copy_threads.close()
         self.client.close()
