@@ -28,10 +28,13 @@ their order so that caches of different layouts never share entries.
 Bytes are moved, never values: each part and its slot region are reinterpreted as one
 integer type of the same width (or wider, up to 16-byte elements, where the innermost
 dimension and the alignment allow, since the CPU index kernels cost per element), so any
-fixed-size dtype works and NaN payloads survive. One torch op per part per chunk, no
-per-block Python loop: a strided ``copy_`` when the ids are one ascending run, else
-``index_select`` (contiguous block-first parts) or advanced indexing (other layouts) to
-gather, and ``index_copy_`` to scatter. Everything is checked before the first byte moves.
+fixed-size dtype works and NaN payloads survive. One call per part per chunk, no per-block
+Python loop: on a CPU, a part whose blocks are each one run of bytes (block dim first) moves
+through ``_rows.copy_rows`` (C: memcpy per block with streaming stores, which skip reading
+each destination line before writing it; lmkv_mp/_rows.c says why), else through torch: a
+strided ``copy_`` when the ids are one ascending run, else ``index_select`` (contiguous
+block-first parts) or advanced indexing (other layouts) to gather, and ``index_copy_`` to
+scatter. Everything is checked before the first byte moves.
 
 A :class:`~lmkv_mp.copy_threads.CopyThreads` splits one gather or scatter's per-part copies over several threads
 (``copy_threads`` of the connector, default 1): on a host with cores to spare a second
@@ -49,6 +52,11 @@ from dataclasses import dataclass
 import torch
 
 from lmkv_mp.copy_threads import CopyThreads
+
+try:  # built by pip install (setup.py); optional: without it every part takes the torch ops
+    from lmkv_mp import _rows
+except ImportError:
+    _rows = None
 
 # Same-width stand-ins that the index kernels copy bit for bit (complex128 is the only
 # 16-byte dtype; its copies are plain loads and stores, no arithmetic).
@@ -78,12 +86,15 @@ class LayerSpec:
 class _View:
     """A part reinterpreted as ``width``-byte elements; ``region_shape`` is its shape with
     the block dim as -1, for viewing a slot region of any number of blocks; ``rows``: it is
-    contiguous with the block dim first, so each block is one run of bytes."""
+    contiguous with the block dim first, so each block is one run of bytes; ``row_stride``:
+    bytes from one block to the next where the block dim is first and each block is one run
+    of bytes (blocks need not be adjacent), else None."""
 
     width: int
     tensor: torch.Tensor
     region_shape: tuple[int, ...]
     rows: bool
+    row_stride: int | None
 
 
 class PagedKV:
@@ -217,8 +228,9 @@ class PagedKV:
         ops = []
         for slot, idx, ids, first, n, total in self._scatter_parts(chunks):
             start = _run_start(ids)
-            for block_dim, part, src, _ in self._plan(slot, total, for_gather=False):
-                ops.append((idx, start, n, block_dim, part, src if n == total else src.narrow(block_dim, first, n)))
+            for block_dim, part, src, _, row_copy in self._plan(slot, total, for_gather=False):
+                ops.append((idx, start, n, block_dim, part, src if n == total else src.narrow(block_dim, first, n),
+                            row_copy))
         self._runner(threads)(_scatter_ops, ops)
 
     def _runner(self, threads: CopyThreads | None) -> Callable[[Callable[[list], None], list], None]:
@@ -234,7 +246,7 @@ class PagedKV:
                 raise TypeError(f"block ids must be integers, got a {block_ids.dtype} tensor")
             if block_ids.ndim != 1:
                 raise ValueError(f"block ids must be one-dimensional, got shape {tuple(block_ids.shape)}")
-            idx = block_ids.detach().to("cpu", torch.int64)
+            idx = block_ids.detach().to("cpu", torch.int64).contiguous()  # _rows reads it as an array
             ids: list[int] = idx.tolist()
         else:
             ids = []
@@ -254,10 +266,11 @@ class PagedKV:
         return (idx if self.device.type == "cpu" else idx.to(self.device, non_blocking=True)), ids
 
     def _plan(self, slot: torch.Tensor, blocks: int, *, for_gather: bool
-              ) -> list[tuple[int, torch.Tensor, torch.Tensor, bool]]:
+              ) -> list[tuple[int, torch.Tensor, torch.Tensor, bool, tuple[int, int] | None]]:
         """Check ``slot`` for a chunk of ``blocks`` blocks and pair each part with its slot
-        region: ``(block_dim, part_view, region_view, rows)``, both views of one element
-        type; ``rows`` says the part is contiguous with blocks first.
+        region: ``(block_dim, part_view, region_view, rows, row_copy)``, both views of one
+        element type; ``rows`` says the part is contiguous with blocks first; ``row_copy`` is
+        ``(row_stride, block_bytes)`` where the C row copy (``_rows``) moves this part.
 
         Measured on CPU (torch 2.13): index_select copies whole rows (memcpy, parallel over
         ids) only from a contiguous source with dim 0; from a strided source it is ~300x
@@ -295,7 +308,10 @@ class PagedKV:
             else:
                 regions.append(group.view(v.region_shape))
             i = j
-        return [(spec.block_dim, v.tensor, r, v.rows) for spec, v, r in zip(self.specs, chosen, regions)]
+        fast = _rows is not None and self.device.type == "cpu"
+        return [(spec.block_dim, v.tensor, r, v.rows,
+                 (v.row_stride, spec.block_bytes) if fast and v.row_stride is not None else None)
+                for spec, v, r in zip(self.specs, chosen, regions)]
 
     def _check_slot(self, slot: torch.Tensor, blocks: int) -> None:
         if not isinstance(slot, torch.Tensor):
@@ -317,9 +333,13 @@ def _run_here(fn: Callable[[list], None], ops: list) -> None:
 
 
 def _gather_ops(ops: list) -> None:
-    """One torch op per (chunk, part): a strided copy of a run of ids, else an index copy."""
-    for idx, start, n, block_dim, part, dst, rows in ops:
-        if start is not None:
+    """One call per (chunk, part): the C row copy where it applies, else a torch op: a strided
+    copy of a run of ids, or an index copy."""
+    for idx, start, n, block_dim, part, dst, rows, row_copy in ops:
+        if row_copy is not None:
+            stride, row = row_copy
+            _rows.copy_rows(dst.data_ptr(), row, 0, part.data_ptr(), stride, idx.data_ptr(), n, row)
+        elif start is not None:
             dst.copy_(part.narrow(block_dim, start, n))
         elif rows:
             torch.index_select(part, 0, idx, out=dst)
@@ -328,8 +348,11 @@ def _gather_ops(ops: list) -> None:
 
 
 def _scatter_ops(ops: list) -> None:
-    for idx, start, n, block_dim, part, src in ops:
-        if start is not None:
+    for idx, start, n, block_dim, part, src, row_copy in ops:
+        if row_copy is not None:
+            stride, row = row_copy
+            _rows.copy_rows(part.data_ptr(), stride, idx.data_ptr(), src.data_ptr(), row, 0, n, row)
+        elif start is not None:
             part.narrow(block_dim, start, n).copy_(src)
         else:
             part.index_copy_(block_dim, idx, src)
@@ -433,5 +456,8 @@ def _byte_views(t: torch.Tensor, spec: LayerSpec) -> tuple[_View, ...]:
     for w in sorted(tensors, reverse=True):
         v = tensors[w]
         shape = tuple(-1 if d == spec.block_dim else n for d, n in enumerate(v.shape))
-        views.append(_View(w, v, shape, spec.block_dim == 0 and v.is_contiguous()))
+        row_stride = v.stride(0) * w if spec.block_dim == 0 and v[0].is_contiguous() else None
+        if row_stride is not None and row_stride < spec.block_bytes:
+            row_stride = None  # blocks that overlap: leave their order to torch's ops
+        views.append(_View(w, v, shape, spec.block_dim == 0 and v.is_contiguous(), row_stride))
     return tuple(views)

@@ -37,11 +37,11 @@ def make_ns(**overrides: object) -> Namespace:
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Every test runs on both paths of chain_hashes: the C extension and the pure-Python
     fallback. Without the extension the C run is skipped, except in CI (``CI=true`` or
-    ``LMKV_REQUIRE_CHAIN=1``, which .ci/run sets), which builds it."""
+    ``LMKV_REQUIRE_C_EXT=1``, which .ci/run sets), which builds it."""
     if request.param == "python":
         monkeypatch.setattr(keys, "_chain", None)
     elif keys._chain is None:
-        if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_CHAIN") == "1":
+        if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
             pytest.fail("lmkv_mp._chain is not built: pip install -e . must compile lmkv_mp/_chain.c in CI")
         pytest.skip("lmkv_mp._chain is not built here (no C compiler at install)")
     return request.param

@@ -5,12 +5,14 @@ byte layout; bad input is refused before anything is copied."""
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 from collections.abc import Callable
 
 import pytest
 import torch
 
+from lmkv_mp import transfer
 from lmkv_mp.copy_threads import CopyThreads
 from lmkv_mp.transfer import PagedKV
 
@@ -22,6 +24,20 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.uint8]
 
 Caches = list | dict
 Layout = Callable[[torch.dtype, int], Caches]
+
+
+@pytest.fixture(autouse=True, params=["c-rows", "torch"])
+def copy_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both CPU copy paths: with the C row copy (lmkv_mp._rows) for the
+    parts it can move, and with torch's ops alone. Without the extension the first is
+    skipped, except in CI (``CI=true`` or ``LMKV_REQUIRE_C_EXT=1``, which .ci/run sets)."""
+    if request.param == "torch":
+        monkeypatch.setattr(transfer, "_rows", None)
+    elif transfer._rows is None:
+        if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
+            pytest.fail("lmkv_mp._rows is not built: pip install -e . must compile lmkv_mp/_rows.c in CI")
+        pytest.skip("lmkv_mp._rows is not built here (no C compiler at install)")
+    return request.param
 
 
 def cpu_views(dtype: torch.dtype, nb: int) -> Caches:
@@ -493,3 +509,29 @@ def test_cuda_round_trip_matches_the_cpu_slot_bytes(layout: str) -> None:
     torch.cuda.synchronize()
     for s, d in zip(ids, [11, 0, 5, 6]):
         assert same([t.cpu() for t in block(gpu_dst, d)], block(cpu_src, s))
+
+
+@pytest.mark.parametrize("layout,moved_in_c", [("cpu-views", 3), ("cpu-views-strided", 3), ("flash", 0), ("mla", 3)])
+def test_block_first_parts_take_the_c_row_copy(copy_impl: str, monkeypatch: pytest.MonkeyPatch, layout: str,
+                                               moved_in_c: int) -> None:
+    """Parts whose blocks are each one run of bytes (block dim first, blocks possibly apart)
+    move through ``_rows.copy_rows``, one call per part and chunk, and the bytes equal the
+    torch path's; other parts never do."""
+    calls: list[int] = []
+    if transfer._rows is not None:
+        real = transfer._rows
+
+        class Counting:
+            @staticmethod
+            def copy_rows(*args: int) -> None:
+                calls.append(args[6])
+                real.copy_rows(*args)
+
+        monkeypatch.setattr(transfer, "_rows", Counting)
+    src, dst = make(layout, torch.bfloat16, seed=30), make(layout, torch.bfloat16, seed=31)
+    slot = new_slot(src, 4)
+    src.gather([9, 2, 3, 30], slot)
+    dst.scatter(slot, [1, 5, 6, 7])
+    want = moved_in_c if copy_impl == "c-rows" else 0
+    assert calls == [4] * want + [4] * want
+    assert all(same(block(dst, d), block(src, s)) for s, d in zip([9, 2, 3, 30], [1, 5, 6, 7]))
