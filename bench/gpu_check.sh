@@ -8,7 +8,8 @@
 # torch and cannot run this. cuda-python and NVRTC are used where installed; else they are
 # installed from wheels in .whl/ (for machines without internet: see
 # /work/.library/device/README.md), else from PyPI. The kernels' other Python needs
-# (numpy, pytest, hypothesis) are expected there; pyzmq and posix_ipc are not needed.
+# (numpy, pytest) are expected there; lmkv_mp's own dependencies (pyzmq, posix_ipc, ...)
+# are installed the same way where missing (the worker tests start a real sidecar).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -34,6 +35,18 @@ if ! "$py" -c "$need" 2>/dev/null; then
     fi
     export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
     "$py" -c "$need" || { echo "gpu_check: cuda-python with NVRTC could not be imported" >&2; exit 2; }
+fi
+# tests/gpu/test_cuda_path_gpu.py starts a real sidecar and clients: lmkv_mp's own
+# dependencies, where the image lacks them (same sources as above).
+deps='import zmq, msgpack, posix_ipc, xxhash, prometheus_client, redis, hypothesis'
+if ! "$py" -c "$deps" 2>/dev/null; then
+    site=${TMPDIR:-/tmp}/lmkv-gpu-site
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
+    else
+        "$py" -m pip install -q --target "$site" pyzmq msgpack posix_ipc xxhash prometheus-client redis hypothesis
+    fi
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # nvcc's cubins for this GPU (kernels.py prefers them; tests/gpu also checks NVRTC's).
 if command -v nvcc >/dev/null; then

@@ -161,12 +161,14 @@ class _OnCuda:
 def test_unexpected_layout_or_a_gpu_cache_disables_the_rank(handle: SidecarHandle, why: str,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     """One warning at registration, then every load is a miss and no store runs, rather than
-    a traceback per request (a GPU cache: the GPU data path of #6 is not wired in)."""
+    a traceback per request (a cache that says it is on a GPU torch cannot see: the GPU copy
+    path cannot start)."""
     a = cache(4)
     caplog.set_level(logging.WARNING, logger="lmkv.vllm")
     wa = (worker(handle, a, expected=a.chunk_bytes(1) + 2) if why == "layout"
           else worker(handle, _OnCuda(a)))  # type: ignore[arg-type]
     assert wa.disabled and ("cuda:0" in wa.disabled) == (why == "cuda")
+    assert why != "cuda" or "torch sees no CUDA device" in wa.disabled
     assert [r.message for r in caplog.records] == [f"lmkv: {wa.disabled}"]
     wa.submit_stores(plan(stores=[StoreJob("r4", bytes(16), [0, 1])]))
     wa.submit_loads(plan(loads=[LoadJob("r5", b"x" * 16, [[0]], [], [2, 3], 0)]))

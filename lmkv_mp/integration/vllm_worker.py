@@ -15,6 +15,11 @@ the LOOKUP gave. After, not before: bytes that change between the check and the 
 would pass unseen, while bytes that change after the copy only cost a needless recompute.
 A mismatch fails the load (recompute) and is reported to the sidecar, which drops the chunk.
 
+On a GPU the copies go through :class:`~lmkv_mp.cuda_path.CudaHostPath` (a staging slot in
+device memory and DMA to the pinned host pool, on a side stream that starts after the work
+the engine had queued when the job was submitted); on a CPU straight between the cache and
+the slot.
+
 Blocks a job reads stay valid until the job ends: vLLM keeps a running request's blocks,
 ``request_finished`` delays the free of requests with stores, and ``handle_preemptions``
 waits for in-flight jobs before the engine reuses a preempted request's blocks.
@@ -35,6 +40,7 @@ from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.protocol import NamespaceInfo
 from lmkv_mp.copy_threads import CopyThreads, one_torch_thread_pool
+from lmkv_mp.cuda_path import CudaHostPath
 from lmkv_mp.transfer import PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
@@ -50,16 +56,20 @@ class WorkerSide:
         self.tp_rank = tp_rank
         self.checksum = checksum
         self.disabled = ""
+        self._cuda: CudaHostPath | None = None
         actual = paged.chunk_bytes(1)
-        if paged.device.type != "cpu":
-            # The host pool is CPU memory; copies from a GPU cache need the GPU data path
-            # (CUDA kernels into pinned or GPU-tier slots, issue #6), which is not wired in.
-            self.disabled = (f"the KV cache is on {paged.device}; lmkv's GPU data path is not built yet, "
-                             "lmkv disabled on this rank (the engine runs as without it)")
-            log.warning("lmkv: %s", self.disabled)
-        elif expected_block_bytes is not None and actual != expected_block_bytes:
+        if expected_block_bytes is not None and actual != expected_block_bytes:
             self.disabled = (f"registered KV cache holds {actual} bytes per block, the KV spec says "
                              f"{expected_block_bytes}: unknown layout, lmkv disabled on this rank")
+        elif paged.device.type == "cuda":
+            try:
+                self._cuda = CudaHostPath(paged)
+            except (RuntimeError, ValueError) as e:
+                self.disabled = f"the GPU copy path could not start on {paged.device} ({e}): lmkv disabled on this rank"
+        elif paged.device.type != "cpu":
+            self.disabled = (f"the KV cache is on {paged.device}, a device lmkv cannot copy from (CPU and CUDA "
+                             "only): lmkv disabled on this rank (the engine runs as without it)")
+        if self.disabled:
             log.warning("lmkv: %s", self.disabled)
         # One torch thread for the copies: the engine's own threads own the cores, and a
         # multi-threaded copy then stalls waiting for a second core (measured: 5 ms copies
@@ -102,7 +112,9 @@ class WorkerSide:
             self._submit(self._store, plan, job)
 
     def _submit(self, fn: Callable, plan: StepPlan, job: LoadJob | StoreJob) -> None:
-        fut = self._pool.submit(fn, plan, job)
+        # On a GPU the job starts after the work the engine has queued so far (cuda_path.py).
+        after = self._cuda.engine_event() if self._cuda is not None and not self.disabled else None
+        fut = self._pool.submit(fn, plan, job, after)
         with self._lock:
             self._inflight = [f for f in self._inflight if not f.done()]
             self._inflight.append(fut)
@@ -142,11 +154,11 @@ class WorkerSide:
 
     # -- jobs (background thread) ---------------------------------------------------------
 
-    def _load(self, plan: StepPlan, job: LoadJob) -> None:
+    def _load(self, plan: StepPlan, job: LoadJob, after: Any = None) -> None:
         start = time.perf_counter()
         ok = False
         try:
-            ok = self._try_load(plan, job)
+            ok = self._try_load(plan, job, after)
         except Exception:  # a failed copy is a miss, never an engine error
             log.exception("lmkv: load for %s failed", job.req_id)
         seconds = time.perf_counter() - start
@@ -157,7 +169,7 @@ class WorkerSide:
             self._count_job("load", seconds)
             self._recved.add(job.req_id)
 
-    def _try_load(self, plan: StepPlan, job: LoadJob) -> bool:
+    def _try_load(self, plan: StepPlan, job: LoadJob, after: Any) -> bool:
         if self.disabled:
             return False
         host = self.client.host_tensor()  # connects first if this rank has not yet
@@ -172,15 +184,19 @@ class WorkerSide:
         rank = 0 if len(job.offsets) == 1 else self.tp_rank
         offsets = job.offsets[rank]
         sums = job.checksums[rank] if job.checksums else []
-        pos = 0
+        chunks, pos = [], 0
         for i, off in enumerate(offsets):
-            slot = host[off:off + nbytes]
             first = job.skip_blocks if i == 0 else 0
-            n = bpc - first
-            self.paged.scatter(slot, job.block_ids[pos:pos + n], first=first, threads=self._copy_threads)
-            pos += n
-            if sums and self.checksum(slot) != sums[i]:
-                self._report_corrupt(plan, job, i, sums[i])
+            chunks.append((off, job.block_ids[pos:pos + bpc - first], first, bpc))
+            pos += bpc - first
+        if self._cuda is not None:
+            self._cuda.load(host, chunks, nbytes, after)
+        else:
+            for off, ids, first, total in chunks:
+                self.paged.scatter(host[off:off + nbytes], ids, first=first, total=total, threads=self._copy_threads)
+        for i, s in enumerate(sums):
+            if self.checksum(host[offsets[i]:offsets[i] + nbytes]) != s:
+                self._report_corrupt(plan, job, i, s)
                 return False
         # The pins protected the slots only while their lease lived: a sidecar restart, or the
         # lease reaped while the scheduler was frozen, may have let eviction hand the slots to
@@ -202,11 +218,11 @@ class WorkerSide:
         log.warning("lmkv: chunk %d of %s failed its checksum after the copy: recomputing (sidecar dropped %d)",
                     i, job.req_id, dropped)
 
-    def _store(self, plan: StepPlan, job: StoreJob) -> None:
+    def _store(self, plan: StepPlan, job: StoreJob, after: Any = None) -> None:
         start = time.perf_counter()
         failed = False
         try:
-            self._try_store(plan, job)
+            self._try_store(plan, job, after)
         except Exception:  # a failed store is a future miss, never an engine error
             failed = True
             log.exception("lmkv: store for %s failed", job.req_id)
@@ -216,7 +232,7 @@ class WorkerSide:
                 self._count_job("store", time.perf_counter() - start)
                 self._saving[job.req_id] = self._saving.get(job.req_id, 1) - 1
 
-    def _try_store(self, plan: StepPlan, job: StoreJob) -> None:
+    def _try_store(self, plan: StepPlan, job: StoreJob, after: Any) -> None:
         if self.disabled:
             return
         ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
@@ -234,16 +250,15 @@ class WorkerSide:
         if host is None or res.boot_id != self.client.boot_id:
             self.client.release(res.lease_id)
             return
-        written: list[bytes] = []
-        sums: list[int] = []
         verify = self.client.verify  # as of the HELLO the RESERVE ran under
-        for i in res.writable().tolist():
-            off = int(res.offsets[i])
-            slot = host[off:off + nbytes]
-            self.paged.gather(job.block_ids[i * bpc:(i + 1) * bpc], slot, self._copy_threads)
-            written.append(job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES])
-            if verify:
-                sums.append(self.checksum(slot))
+        chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i])) for i in res.writable().tolist()]
+        if self._cuda is not None:
+            self._cuda.store(host, chunks, nbytes, after)
+        else:
+            for ids, off in chunks:
+                self.paged.gather(ids, host[off:off + nbytes], self._copy_threads)
+        written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in res.writable().tolist()]
+        sums = [self.checksum(host[off:off + nbytes]) for _, off in chunks] if verify else []
         committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
         with self._lock:
             self.stats["store_skipped"] += len(res.status) - len(written)
@@ -252,4 +267,6 @@ class WorkerSide:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._copy_threads.close()
+        if self._cuda is not None:
+            self._cuda.close()  # unpins the host pool before the client unmaps it
         self.client.close()

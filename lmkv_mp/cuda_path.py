@@ -1,0 +1,160 @@
+"""A CUDA worker's copies between its paged KV cache and the sidecar's host tier (#6).
+
+The host tier is POSIX shared memory mapped into the worker. A copy between GPU memory and
+host memory runs as DMA only from pinned pages, so the worker registers its mapping with
+CUDA (``cudaHostRegister``, the runtime's ``cuMemHostRegister``) once per mapping, and
+unregisters it before the mapping can go (a new mapping after a sidecar restart, or close).
+
+Each chunk moves through one staging slot in device memory: the CUDA kernels
+(:class:`~lmkv_mp.kernels.KernelCopier`, which falls back to the torch path with one log
+line) gather the chunk's blocks from every layer into it, and one contiguous async copy
+moves it to the host slot; a load is the reverse. Stream order makes one staging slot
+enough: the next gather into it queues behind the copy out of it.
+
+Everything runs on a side stream of the rank's copy thread, after an event the engine
+thread recorded on the engine's stream when it submitted the job: a store's gather reads
+what the forward pass wrote, and a load never writes blocks that work queued before it
+still reads. The engine's stream never waits on lmkv. The copy thread waits for the side
+stream before it commits a store or reports a load done, so a committed slot holds its
+bytes and a loaded block is in place before vLLM schedules the request.
+
+If pinning fails, copies still run, through the driver's pageable path (slower, the same
+bytes), after one warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from lmkv_mp.kernels import KernelCopier
+from lmkv_mp.transfer import BlockIds, PagedKV
+
+log = logging.getLogger("lmkv.vllm")
+
+# cudaHostRegisterPortable: the pages count as pinned for every CUDA context of the process.
+_REGISTER_PORTABLE = 1
+
+
+class CudaHostPath:
+    """Store and load of whole chunks between a CUDA :class:`PagedKV` and host-tier slots.
+
+    Use from one thread (the rank's copy thread) except :meth:`engine_event`, which the
+    engine thread calls. ``cudart`` is torch's CUDA runtime module (``torch.cuda.cudart()``)
+    unless given; ``copier`` is built from ``paged`` unless given.
+    """
+
+    def __init__(self, paged: PagedKV, *, copier: KernelCopier | None = None, cudart: Any = None) -> None:
+        if paged.device.type != "cuda":
+            raise ValueError(f"CudaHostPath needs a KV cache on a CUDA device, not {paged.device}")
+        if not torch.cuda.is_available():
+            raise RuntimeError("torch sees no CUDA device")
+        self.paged = paged
+        self.device = torch.device("cuda", paged.device.index if paged.device.index is not None
+                                   else torch.cuda.current_device())
+        self.copier = copier or KernelCopier(paged)
+        self._cudart = cudart
+        self._stream: torch.cuda.Stream | None = None
+        self._staging: torch.Tensor | None = None
+        self._pinned: dict[int, int] = {}     # data_ptr -> bytes, of mappings registered now
+        self._unpinnable: set[int] = set()    # mappings whose registration failed (warned once)
+
+    # -- engine thread ----------------------------------------------------------------------
+
+    def engine_event(self) -> torch.cuda.Event:
+        """An event recorded now on the engine's current stream: a job waits for it."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    # -- copy thread ------------------------------------------------------------------------
+
+    def store(self, host: torch.Tensor, chunks: Sequence[tuple[BlockIds, int]], nbytes: int,
+              after: torch.cuda.Event | None) -> None:
+        """Gather each ``(block_ids, offset)`` into ``host[offset:offset + nbytes]``; returns
+        once every byte is in host memory. Raises (nothing committed) on any failure."""
+        self._prepare(host)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
+            if after is not None:
+                self._side().wait_event(after)
+            staging = self._staging_for(nbytes)
+            for block_ids, off in chunks:
+                self.copier.gather(block_ids, staging)
+                host[off:off + nbytes].copy_(staging, non_blocking=True)
+        self._side().synchronize()
+
+    def load(self, host: torch.Tensor, chunks: Sequence[tuple[int, BlockIds, int, int]], nbytes: int,
+             after: torch.cuda.Event | None) -> None:
+        """For each ``(offset, block_ids, first, total)``: copy the chunk at
+        ``host[offset:offset + nbytes]`` to the device and scatter its blocks
+        ``first .. first + len(block_ids)`` of ``total`` into ``block_ids``; returns once the
+        blocks hold their bytes. The ids are checked before anything is copied."""
+        # Every chunk's ids first (in range, distinct across the load, fitting the chunk): a
+        # bad one must not leave half a load behind. The slots are checked at each scatter.
+        for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total in chunks]):
+            pass
+        self._prepare(host)
+        with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
+            if after is not None:
+                self._side().wait_event(after)
+            staging = self._staging_for(nbytes)
+            for off, block_ids, first, total in chunks:
+                staging.copy_(host[off:off + nbytes], non_blocking=True)
+                self.copier.scatter(staging, block_ids, first=first, total=total)
+        self._side().synchronize()
+
+    def close(self) -> None:
+        """Unregister every mapping; call before the client unmaps them."""
+        for ptr in list(self._pinned):
+            self._unpin(ptr)
+        self._staging = None
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _side(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def _staging_for(self, nbytes: int) -> torch.Tensor:
+        """One chunk of device memory, allocated on the side stream (so torch's allocator
+        ties it to the stream that uses it) and kept: every chunk of a rank has one size."""
+        if self._staging is None or self._staging.numel() != nbytes:
+            self._staging = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._staging
+
+    def _runtime(self) -> Any:
+        if self._cudart is None:
+            self._cudart = torch.cuda.cudart()
+        return self._cudart
+
+    def _prepare(self, host: torch.Tensor) -> None:
+        """Pin ``host`` (the whole mapping) once; unpin mappings the client replaced, which
+        it keeps mapped until it closes (their tensors may still be in use elsewhere)."""
+        ptr, size = host.data_ptr(), host.numel()
+        if ptr in self._pinned or ptr in self._unpinnable:
+            return
+        for old in list(self._pinned):
+            self._unpin(old)
+        start = time.perf_counter()
+        with torch.cuda.device(self.device):
+            status = int(self._runtime().cudaHostRegister(ptr, size, _REGISTER_PORTABLE))
+        if status == 0:
+            self._pinned[ptr] = size
+            log.info("lmkv: host pool (%d MiB) pinned for DMA on %s in %.2f s", size >> 20, self.device,
+                     time.perf_counter() - start)
+        else:
+            self._unpinnable.add(ptr)
+            log.warning("lmkv: pinning the host pool for DMA failed (cudaHostRegister error %d); copies "
+                        "to and from it take the slower pageable path", status)
+
+    def _unpin(self, ptr: int) -> None:
+        self._pinned.pop(ptr, None)
+        with torch.cuda.device(self.device):
+            status = int(self._runtime().cudaHostUnregister(ptr))
+        if status != 0:  # nothing to undo: the pages stay pinned until the process exits
+            log.warning("lmkv: unpinning a host pool mapping failed (cudaHostUnregister error %d)", status)
