@@ -34,7 +34,9 @@ HASH_BYTES = 16
 ChunkHash = NewType("ChunkHash", bytes)
 NamespaceId = NewType("NamespaceId", bytes)
 
-_CHAIN_SEED = b"lmkv_mp/chain/v1"
+# v2: each chunk's tokens are first digested on their own (BLAKE2b-256), so the C
+# extension digests four chunks at once; v1 hashed the tokens inside the chain step.
+_CHAIN_SEED = b"lmkv_mp/chain/v2"
 
 
 def num_full_chunks(num_tokens: int, chunk_tokens: int) -> int:
@@ -53,7 +55,8 @@ def chain_hashes(
 ) -> bytes:
     """The chain hashes of the full chunks of ``tokens``, concatenated (16 bytes each).
 
-    ``h_0 = H(seed || salt)``, ``h_i = H(h_{i-1} || tokens_i as little-endian int32)``.
+    ``h_{-1} = H(seed || salt)``, ``h_i = H(h_{i-1} || D(tokens_i as little-endian int32))``
+    where ``H`` is keyed BLAKE2b-128 and ``D`` unkeyed BLAKE2b-256.
     ``salt`` is a per-request cache salt (vLLM's ``cache_salt``): prompts with different
     salts never share a key. ``max_chunks`` stops early (the caller only needs a prefix).
     """
@@ -85,9 +88,8 @@ def chain_hashes(
     out = bytearray(n * HASH_BYTES)
     view = memoryview(raw)
     for i in range(n):
-        h = hashlib.blake2b(prev, digest_size=HASH_BYTES, key=key)
-        h.update(view[i * step : (i + 1) * step])
-        prev = h.digest()
+        digest = hashlib.blake2b(view[i * step : (i + 1) * step], digest_size=32).digest()
+        prev = hashlib.blake2b(prev + digest, digest_size=HASH_BYTES, key=key).digest()
         out[i * HASH_BYTES : (i + 1) * HASH_BYTES] = prev
     return bytes(out)
 

@@ -33,13 +33,25 @@ def make_ns(**overrides: object) -> Namespace:
 # -- chain_hashes -----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, params=["c", "python"])
+@pytest.fixture(autouse=True, params=["c", "c-one-lane", "python"])
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on both paths of chain_hashes: the C extension and the pure-Python
-    fallback. Without the extension the C run is skipped, except in CI (``CI=true`` or
+    """Every test runs on all paths of chain_hashes: the C extension (four chunk digests at
+    once where the CPU has AVX2, and one at a time) and the pure-Python fallback. Without
+    the extension the C runs are skipped, except in CI (``CI=true`` or
     ``LMKV_REQUIRE_C_EXT=1``, which .ci/run sets), which builds it."""
     if request.param == "python":
         monkeypatch.setattr(keys, "_chain", None)
+    elif request.param == "c-one-lane" and keys._chain is not None:
+        real = keys._chain
+
+        class OneLane:
+            pack_tokens = staticmethod(real.pack_tokens)
+
+            @staticmethod
+            def chain(*args: object) -> bytes:
+                return real.chain(*args, False)
+
+        monkeypatch.setattr(keys, "_chain", OneLane)
     elif keys._chain is None:
         if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
             pytest.fail("lmkv_mp._chain is not built: pip install -e . must compile lmkv_mp/_chain.c in CI")
@@ -49,11 +61,12 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 def reference_chain(toks: list[int], chunk: int, key: bytes, salt: bytes = b"") -> bytes:
     """ARCHITECTURE §3 written out with hashlib, independent of keys.py."""
-    prev = hashlib.blake2b(b"lmkv_mp/chain/v1" + salt, digest_size=16, key=key).digest()
+    prev = hashlib.blake2b(b"lmkv_mp/chain/v2" + salt, digest_size=16, key=key).digest()
     out = b""
     for i in range(len(toks) // chunk):
         body = b"".join(t.to_bytes(4, "little", signed=True) for t in toks[i * chunk:(i + 1) * chunk])
-        prev = hashlib.blake2b(prev + body, digest_size=16, key=key).digest()
+        digest = hashlib.blake2b(body, digest_size=32).digest()
+        prev = hashlib.blake2b(prev + digest, digest_size=16, key=key).digest()
         out += prev
     return out
 
@@ -62,10 +75,19 @@ def reference_chain(toks: list[int], chunk: int, key: bytes, salt: bytes = b"") 
 @given(st.integers(1, 70), st.lists(st.integers(-(2**31), 2**31 - 1), max_size=300),
        st.binary(max_size=64), st.binary(max_size=40))
 def test_chain_equals_reference(chunk: int, toks: list[int], key: bytes, salt: bytes) -> None:
-    """Chunk sizes 1..70 put the hashed message (16 + 4*chunk bytes) on, below and above
-    BLAKE2b's 128-byte block edges; keys 0..64 bytes; ids over the whole int32 range."""
+    """Chunk sizes 1..70 put each chunk's digested message (4*chunk bytes) on, below and
+    above BLAKE2b's 128-byte block edges; up to 300 chunks fill whole groups of four lanes
+    and leave every remainder; keys 0..64 bytes; ids over the whole int32 range."""
     assert chain_hashes(toks, chunk, key, salt=salt) == reference_chain(toks, chunk, key, salt)
     assert chain_hashes(np.array(toks, dtype=np.int64), chunk, key, salt=salt) == reference_chain(toks, chunk, key, salt)
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 4, 5, 9])
+@pytest.mark.parametrize("chunk", [256, 100])
+def test_serving_chunk_sizes_equal_reference(chunk: int, chunks: int) -> None:
+    """Messages of many blocks (1 KiB, and 400 bytes with a short last block) in lanes."""
+    toks = [(i * 7919) % 128_000 for i in range(chunk * chunks + 3)]
+    assert chain_hashes(toks, chunk, KEY, salt=b"t") == reference_chain(toks, chunk, KEY, b"t")
 
 
 def test_numpy_integers_in_a_list_are_token_ids() -> None:
@@ -85,7 +107,7 @@ def test_a_list_changed_by_an_index_method_while_packing_is_refused_or_packed_as
 
     toks: list[object] = [*tokens(CHUNK - 1), Clearing(), *tokens(CHUNK, seed=1)]
     given = [*toks[:CHUNK - 1], 5, *toks[CHUNK:]]
-    if impl == "c":
+    if impl.startswith("c"):
         with pytest.raises(ValueError, match="changed"):
             chain_hashes(toks, CHUNK, KEY)  # type: ignore[arg-type]
     else:
@@ -218,12 +240,13 @@ def test_rejects_non_positive_chunk_tokens(chunk_tokens: int) -> None:
 
 
 def test_chain_matches_documented_construction() -> None:
-    """h_i = H(h_{i-1} || tokens_i as little-endian int32), keyed BLAKE2b-128 (ARCHITECTURE §3)."""
+    """h_i = H(h_{i-1} || D(tokens_i as little-endian int32)), H keyed BLAKE2b-128, D BLAKE2b-256
+    (ARCHITECTURE §3)."""
     toks = tokens(2 * CHUNK)
     hs = split_hashes(chain_hashes(toks, CHUNK, KEY, salt=b"s"))
     prev = hs[0]
-    expected = hashlib.blake2b(prev + np.asarray(toks[CHUNK:], dtype="<i4").tobytes(),
-                               digest_size=HASH_BYTES, key=KEY).digest()
+    digest = hashlib.blake2b(np.asarray(toks[CHUNK:], dtype="<i4").tobytes(), digest_size=32).digest()
+    expected = hashlib.blake2b(prev + digest, digest_size=HASH_BYTES, key=KEY).digest()
     assert hs[1] == expected
 
 
