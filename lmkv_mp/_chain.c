@@ -5,9 +5,9 @@
  *
  * In Python these cost ~0.5 ms (struct.pack of 32k ints) and ~0.3 ms (128 hashlib
  * objects) per LOOKUP of a 32k-token prompt, three to five times the sidecar's whole
- * reply. The d_i do not depend on each other, so with AVX2 four of them are computed at
- * once, one chunk per 64-bit lane; the chain step is then one compression (the keyed
- * state after the key block is computed once). Both functions return exactly what the
+ * reply. The d_i do not depend on each other, so eight of them are computed at once
+ * with AVX-512F, four with AVX2, one chunk per 64-bit lane; the chain step is then one
+ * compression (the keyed state after the key block is computed once). Both functions return exactly what the
  * pure-Python path in keys.py returns; tests/test_keys.py checks that on random inputs,
  * with the lanes and without. BLAKE2b is written out from RFC 7693 (no library
  * dependency: the extension must build wherever Python headers and a C compiler exist,
@@ -177,7 +177,7 @@ static void digest1(const uint8_t *msg, size_t len, uint8_t out[32]) {
         v[b] = ROTR63(_mm256_xor_si256(v[b], v[c]));                           \
     } while (0)
 
-__attribute__((target("avx2"))) static void digest4(const uint8_t *const msg[4], size_t len, uint8_t out[4][32]) {
+__attribute__((target("avx2"))) static void digest4(const uint8_t *const msg[], size_t len, uint8_t out[][32]) {
     const __m256i r24 = _mm256_setr_epi8(3, 4, 5, 6, 7, 0, 1, 2, 11, 12, 13, 14, 15, 8, 9, 10,
                                          3, 4, 5, 6, 7, 0, 1, 2, 11, 12, 13, 14, 15, 8, 9, 10);
     const __m256i r16 = _mm256_setr_epi8(2, 3, 4, 5, 6, 7, 0, 1, 10, 11, 12, 13, 14, 15, 8, 9,
@@ -231,9 +231,76 @@ __attribute__((target("avx2"))) static void digest4(const uint8_t *const msg[4],
             for (int j = 0; j < 8; j++) out[k][8 * i + j] = (uint8_t)(w[k] >> (8 * j));
     }
 }
+
+/* digest1 of eight messages at once (AVX-512F: eight 64-bit lanes, native rotates). */
+#define G8(a, b, c, d, x, y)                                                   \
+    do {                                                                       \
+        v[a] = _mm512_add_epi64(_mm512_add_epi64(v[a], v[b]), (x));            \
+        v[d] = _mm512_ror_epi64(_mm512_xor_si512(v[d], v[a]), 32);             \
+        v[c] = _mm512_add_epi64(v[c], v[d]);                                   \
+        v[b] = _mm512_ror_epi64(_mm512_xor_si512(v[b], v[c]), 24);             \
+        v[a] = _mm512_add_epi64(_mm512_add_epi64(v[a], v[b]), (y));            \
+        v[d] = _mm512_ror_epi64(_mm512_xor_si512(v[d], v[a]), 16);             \
+        v[c] = _mm512_add_epi64(v[c], v[d]);                                   \
+        v[b] = _mm512_ror_epi64(_mm512_xor_si512(v[b], v[c]), 63);             \
+    } while (0)
+
+__attribute__((target("avx512f"))) static void digest8(const uint8_t *const msg[], size_t len, uint8_t out[][32]) {
+    __m512i h[8], v[16], m[16];
+    for (int i = 0; i < 8; i++) h[i] = _mm512_set1_epi64((long long)IV[i]);
+    h[0] = _mm512_xor_si512(h[0], _mm512_set1_epi64(0x01010000LL ^ 32));
+    size_t blocks = len ? (len + 127) / 128 : 1;
+    uint8_t pad[8][128];
+    for (size_t b = 0; b < blocks; b++) {
+        size_t off = b * 128, take = len - off < 128 ? len - off : 128;
+        int last = b + 1 == blocks;
+        const uint8_t *p[8];
+        for (int k = 0; k < 8; k++) {
+            p[k] = msg[k] + off;
+            if (take < 128) {
+                memset(pad[k], 0, 128);
+                memcpy(pad[k], p[k], take);
+                p[k] = pad[k];
+            }
+        }
+        for (int j = 0; j < 16; j++)
+            m[j] = _mm512_set_epi64((long long)load64(p[7] + 8 * j), (long long)load64(p[6] + 8 * j),
+                                    (long long)load64(p[5] + 8 * j), (long long)load64(p[4] + 8 * j),
+                                    (long long)load64(p[3] + 8 * j), (long long)load64(p[2] + 8 * j),
+                                    (long long)load64(p[1] + 8 * j), (long long)load64(p[0] + 8 * j));
+        for (int i = 0; i < 8; i++) {
+            v[i] = h[i];
+            v[i + 8] = _mm512_set1_epi64((long long)IV[i]);
+        }
+        v[12] = _mm512_xor_si512(v[12], _mm512_set1_epi64((long long)(off + take)));
+        if (last) v[14] = _mm512_xor_si512(v[14], _mm512_set1_epi64(-1LL));
+#define ROUND8(r)                                              \
+    do {                                                       \
+        G8(0, 4, 8, 12, m[SIGMA[r][0]], m[SIGMA[r][1]]);       \
+        G8(1, 5, 9, 13, m[SIGMA[r][2]], m[SIGMA[r][3]]);       \
+        G8(2, 6, 10, 14, m[SIGMA[r][4]], m[SIGMA[r][5]]);      \
+        G8(3, 7, 11, 15, m[SIGMA[r][6]], m[SIGMA[r][7]]);      \
+        G8(0, 5, 10, 15, m[SIGMA[r][8]], m[SIGMA[r][9]]);      \
+        G8(1, 6, 11, 12, m[SIGMA[r][10]], m[SIGMA[r][11]]);    \
+        G8(2, 7, 8, 13, m[SIGMA[r][12]], m[SIGMA[r][13]]);     \
+        G8(3, 4, 9, 14, m[SIGMA[r][14]], m[SIGMA[r][15]]);     \
+    } while (0)
+        ROUND8(0); ROUND8(1); ROUND8(2); ROUND8(3); ROUND8(4); ROUND8(5);
+        ROUND8(6); ROUND8(7); ROUND8(8); ROUND8(9); ROUND8(10); ROUND8(11);
+#undef ROUND8
+        for (int i = 0; i < 8; i++) h[i] = _mm512_xor_si512(h[i], _mm512_xor_si512(v[i], v[i + 8]));
+    }
+    for (int i = 0; i < 4; i++) {
+        uint64_t w[8];
+        _mm512_storeu_si512((void *)w, h[i]);
+        for (int k = 0; k < 8; k++)
+            for (int j = 0; j < 8; j++) out[k][8 * i + j] = (uint8_t)(w[k] >> (8 * j));
+    }
+}
 #endif
 
-static int use_lanes = 0;  /* set at import: the CPU has AVX2 */
+/* Lanes this CPU digests at once: 8 (AVX-512F), 4 (AVX2) or 1; set at import. */
+static int lanes_available = 1;
 
 /* ---- pack_tokens(seq) -> bytes ------------------------------------------------------- */
 
@@ -288,7 +355,24 @@ static PyObject *pack_tokens(PyObject *self, PyObject *seq_arg) {
         return NULL;
     }
     uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+#if PY_VERSION_HEX < 0x030C0000
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* The common case in a tight loop: exact ints of at most one digit (every vocabulary's
+     * ids). No call, no error branch per item, so the loads of several items overlap; the
+     * first other item hands over to the general loop below. */
+    for (; i < n; i++) {
+        PyObject *item = items[i];
+        Py_ssize_t size = Py_SIZE(item);
+        if (Py_TYPE(item) != &PyLong_Type || size < -1 || size > 1) break;
+        uint32_t u = (uint32_t)(int32_t)(size * (long)((PyLongObject *)item)->ob_digit[0]);
+        p[4 * i] = (uint8_t)u;
+        p[4 * i + 1] = (uint8_t)(u >> 8);
+        p[4 * i + 2] = (uint8_t)(u >> 16);
+        p[4 * i + 3] = (uint8_t)(u >> 24);
+    }
+#endif
+    for (; i < n; i++) {
         int32_t v;
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
         int bad;
@@ -324,8 +408,8 @@ static PyObject *chain(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer raw, key, first;
     Py_ssize_t step, n, outlen;
-    int lanes = 1;
-    if (!PyArg_ParseTuple(args, "y*nny*y*n|p", &raw, &step, &n, &key, &first, &outlen, &lanes)) return NULL;
+    int lanes = 8;
+    if (!PyArg_ParseTuple(args, "y*nny*y*n|i", &raw, &step, &n, &key, &first, &outlen, &lanes)) return NULL;
     PyObject *out = NULL;
     if (step <= 0 || n < 0 || n > raw.len / step) {
         PyErr_SetString(PyExc_ValueError, "chain: n chunks of step bytes do not fit in raw");
@@ -339,18 +423,23 @@ static PyObject *chain(PyObject *self, PyObject *args) {
         Py_BEGIN_ALLOW_THREADS
         blake2b_state keyed;
         b2_keyed(&keyed, (const uint8_t *)key.buf, (size_t)key.len, (size_t)outlen);
-        uint8_t d[4][32];
-        for (Py_ssize_t i = 0; i < n; i += 4) {
-            Py_ssize_t group = n - i < 4 ? n - i : 4;
+        uint8_t d[8][32];
+        int width = lanes < lanes_available ? lanes : lanes_available;
+        for (Py_ssize_t i = 0; i < n;) {
+            Py_ssize_t group = 1;
+            const uint8_t *msgs[8];
+            for (int k = 0; k < 8; k++) msgs[k] = src + (i + (k < n - i ? k : 0)) * step;
 #ifdef HAVE_LANES
-            if (group == 4 && lanes && use_lanes) {
-                const uint8_t *const msgs[4] = {src + i * step, src + (i + 1) * step, src + (i + 2) * step,
-                                                src + (i + 3) * step};
+            if (width >= 8 && n - i >= 8) {
+                digest8(msgs, (size_t)step, d);
+                group = 8;
+            } else if (width >= 4 && n - i >= 4) {
                 digest4(msgs, (size_t)step, d);
+                group = 4;
             } else
 #endif
             {
-                for (Py_ssize_t k = 0; k < group; k++) digest1(src + (i + k) * step, (size_t)step, d[k]);
+                digest1(msgs[0], (size_t)step, d[0]);
             }
             for (Py_ssize_t k = 0; k < group; k++) {
                 blake2b_state s = keyed;
@@ -359,6 +448,7 @@ static PyObject *chain(PyObject *self, PyObject *args) {
                 b2_final(&s, dst + (i + k) * outlen);
                 prev = dst + (i + k) * outlen;
             }
+            i += group;
         }
         Py_END_ALLOW_THREADS
     }
@@ -368,10 +458,10 @@ static PyObject *chain(PyObject *self, PyObject *args) {
     return out;
 }
 
-static PyObject *has_lanes(PyObject *self, PyObject *unused) {
+static PyObject *lanes_fn(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    return PyBool_FromLong(use_lanes);
+    return PyLong_FromLong(lanes_available);
 }
 
 static PyMethodDef methods[] = {
@@ -379,10 +469,10 @@ static PyMethodDef methods[] = {
      "pack_tokens(seq) -> bytes: token ids as little-endian int32 (OverflowError past int32, "
      "TypeError for a non-integer)."},
     {"chain", chain, METH_VARARGS,
-     "chain(raw, step, n, key, first, digest_size, lanes=True) -> bytes: h_i = BLAKE2b(key, digest_size)"
+     "chain(raw, step, n, key, first, digest_size, lanes=8) -> bytes: h_i = BLAKE2b(key, digest_size)"
      "(h_{i-1} || BLAKE2b-256(raw[i*step:(i+1)*step])) for i < n, h_{-1} = first; the n digests "
-     "concatenated. lanes=False computes the per-chunk digests one at a time (the same bytes)."},
-    {"has_lanes", has_lanes, METH_NOARGS, "has_lanes() -> bool: this CPU computes four digests at once (AVX2)."},
+     "concatenated. lanes caps the chunk digests computed at once (1, 4 or 8; the same bytes)."},
+    {"lanes", lanes_fn, METH_NOARGS, "lanes() -> int: chunk digests this CPU computes at once (8 AVX-512F, 4 AVX2, else 1)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -395,7 +485,7 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__chain(void) {
 #ifdef HAVE_LANES
     __builtin_cpu_init();
-    use_lanes = __builtin_cpu_supports("avx2");
+    lanes_available = __builtin_cpu_supports("avx512f") ? 8 : __builtin_cpu_supports("avx2") ? 4 : 1;
 #endif
     return PyModule_Create(&module);
 }

@@ -33,25 +33,25 @@ def make_ns(**overrides: object) -> Namespace:
 # -- chain_hashes -----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, params=["c", "c-one-lane", "python"])
+@pytest.fixture(autouse=True, params=["c", "c-4-lanes", "c-1-lane", "python"])
 def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs on all paths of chain_hashes: the C extension (four chunk digests at
-    once where the CPU has AVX2, and one at a time) and the pure-Python fallback. Without
-    the extension the C runs are skipped, except in CI (``CI=true`` or
-    ``LMKV_REQUIRE_C_EXT=1``, which .ci/run sets), which builds it."""
+    """Every test runs on all paths of chain_hashes: the C extension (as many chunk digests
+    at once as the CPU allows: 8 with AVX-512F, 4 with AVX2; then at most 4; then one at a
+    time) and the pure-Python fallback. Without the extension the C runs are skipped,
+    except in CI (``CI=true`` or ``LMKV_REQUIRE_C_EXT=1``, which .ci/run sets)."""
     if request.param == "python":
         monkeypatch.setattr(keys, "_chain", None)
-    elif request.param == "c-one-lane" and keys._chain is not None:
-        real = keys._chain
+    elif request.param.startswith("c-") and keys._chain is not None:
+        real, lanes = keys._chain, int(request.param.split("-")[1])
 
-        class OneLane:
+        class Capped:
             pack_tokens = staticmethod(real.pack_tokens)
 
             @staticmethod
             def chain(*args: object) -> bytes:
-                return real.chain(*args, False)
+                return real.chain(*args, lanes)
 
-        monkeypatch.setattr(keys, "_chain", OneLane)
+        monkeypatch.setattr(keys, "_chain", Capped)
     elif keys._chain is None:
         if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
             pytest.fail("lmkv_mp._chain is not built: pip install -e . must compile lmkv_mp/_chain.c in CI")
