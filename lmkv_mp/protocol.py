@@ -13,14 +13,13 @@ does not decode to a well-formed message raises :class:`ProtocolError` with a st
 from __future__ import annotations
 
 import enum
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 import msgpack
 import numpy as np
 
+from lmkv_mp import schema
 from lmkv_mp.keys import HASH_BYTES
 
 PROTOCOL_VERSION = 1
@@ -327,96 +326,14 @@ REPLY_TYPES: dict[Op, type] = {t.OP: t for t in (HelloReply, LookupReply, Reserv
 
 # --- codec ----------------------------------------------------------------------------
 
-class _Bad(Exception):
-    """A field value of the wrong shape; the message is relative to the field."""
-
-
-_Checker = typing.Callable[[Any], Any]
-_SCHEMAS: dict[type, list[tuple[str, _Checker, bool]]] = {}
-
-
-def _schema(cls: type) -> list[tuple[str, _Checker, bool]]:
-    """(name, checker, required) per field, compiled once per message class."""
-    cached = _SCHEMAS.get(cls)
-    if cached is None:
-        hints = typing.get_type_hints(cls)
-        cached = [(f.name, _compile(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
-                  for f in fields(cls)]
-        _SCHEMAS[cls] = cached
-    return cached
-
-
-def _compile(tp: Any) -> _Checker:
-    """A checker for annotation ``tp``: returns the (converted) value or raises _Bad.
-    msgpack yields exact builtin types, so exact ``type(v) is`` tests are correct and fast."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        inner = _compile(next(a for a in args if a is not type(None)))
-        nullable = type(None) in args
-        return lambda v: None if v is None and nullable else inner(v)
-    if origin is list:
-        item = _compile(typing.get_args(tp)[0])
-
-        def check_list(v: Any) -> list[Any]:
-            if type(v) is not list:
-                raise _Bad("must be a list")
-            return [item(x) for x in v]
-        return check_list
-    if origin is dict or tp is Any:
-        return _exact(dict, "a map") if origin is dict else (lambda v: v)
-    if tp is int:
-        def check_int(v: Any) -> int:
-            if type(v) is not int or not -_I64 <= v <= _I64:
-                raise _Bad("must be a 64-bit integer")
-            return v
-        return check_int
-    if tp is float:
-        def check_float(v: Any) -> float:
-            if type(v) is float or type(v) is int:
-                return float(v)
-            raise _Bad("must be a number")
-        return check_float
-    if tp in (bool, str, bytes):
-        return _exact(tp, {bool: "a bool", str: "a string", bytes: "bytes"}[tp])
-    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
-        def check_obj(v: Any) -> Any:
-            if type(v) is not dict:
-                raise _Bad("must be a map")
-            return _from_map(tp, v, tp.__name__)
-        return check_obj
-    raise TypeError(f"unsupported annotation {tp!r}")
-
-
-def _exact(tp: type, what: str) -> _Checker:
-    def check(v: Any) -> Any:
-        if type(v) is not tp:
-            raise _Bad(f"must be {what}")
-        return v
-    return check
-
-
 def _from_map(cls: type, body: dict[str, Any], where: str) -> Any:
-    kwargs: dict[str, Any] = {}
-    for name, check, required in _schema(cls):
-        if name in body:
-            try:
-                kwargs[name] = check(body[name])
-            except _Bad as e:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}.{name} {e}") from None
-        elif required:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"{where}: missing field '{name}'")
-    return cls(**kwargs)
+    try:
+        return schema.from_map(cls, body, where)
+    except schema.SchemaError as e:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, str(e)) from None
 
 
-def _to_map(msg: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, _check, _req in _schema(type(msg)):
-        v = getattr(msg, name)
-        if isinstance(v, list) and v and hasattr(v[0], "__dataclass_fields__"):
-            v = [_to_map(x) for x in v]
-        out[name] = v
-    return out
+_to_map = schema.to_map
 
 
 def _unpack(payload: bytes) -> dict[str, Any]:

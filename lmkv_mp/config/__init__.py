@@ -1,7 +1,7 @@
 """Every setting of lmkv_mp, parsed and validated in one place.
 
 The sidecar reads its command-line flags and their ``LMKV_*`` twins with
-:func:`load_sidecar_config` (``sidecar.py``); schedulers, workers and the vLLM connector
+:func:`load_sidecar_config` (``sidecar.py``; its flag table is ``flags.py``); schedulers, workers and the vLLM connector
 read theirs with :func:`load_client_config` (``client.py``); what both share (ConfigError,
 defaults, endpoints, value parsers) is in ``common.py``. Nothing else in the package reads
 ``os.environ``.

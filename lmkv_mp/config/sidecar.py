@@ -3,7 +3,6 @@ validation (ARCHITECTURE.md §8)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -49,6 +48,7 @@ from lmkv_mp.config.common import (
     read_token,
     redact_url,
 )
+from lmkv_mp.config.flags import Sources, build_arg_parser, flag_error
 from lmkv_mp.units import (
     GiB,
     KiB,
@@ -141,177 +141,15 @@ class SidecarConfig:
     client_pool_share: float = DEFAULT_CLIENT_POOL_SHARE
     client_max_inflight: int = DEFAULT_CLIENT_MAX_INFLIGHT
 
-@dataclass(frozen=True, slots=True)
-class _Flag:
-    flag: str
-    metavar: str
-    default: str
-    help: str
-
-    @property
-    def env(self) -> str:
-        return _env_name(self.flag)
-
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
-
-
-def _env_name(flag: str) -> str:
-    """``--host-pool-size`` -> ``LMKV_HOST_POOL_SIZE``."""
-    return "LMKV_" + flag.lstrip("-").upper().replace("-", "_")
-
-
-_SIDECAR_FLAGS: tuple[_Flag, ...] = (
-    _Flag("--run-dir", "DIR", "$XDG_RUNTIME_DIR/lmkv, else /tmp/lmkv-<uid>",
-          "directory for sockets, lock file and pid file (created mode 0700)"),
-    _Flag("--endpoint", "URL", "ipc://<run-dir>/control.sock",
-          "control endpoint, ipc://PATH or tcp://HOST:PORT"),
-    _Flag("--stats-endpoint", "URL", "ipc://<run-dir>/stats.sock",
-          "stats endpoint: answers snapshot requests (lmkv-stats)"),
-    _Flag("--stats-publish-endpoint", "URL", "ipc://<run-dir>/stats-pub.sock",
-          "ZeroMQ (X)PUB endpoint where the snapshot is published every --stats-interval while anyone subscribes"),
-    _Flag("--stats-interval", "DURATION", _fmt_seconds(DEFAULT_STATS_INTERVAL),
-          "how often the snapshot is published; 0 turns publishing off"),
-    _Flag("--host-pool-size", "SIZE", "20% of MemAvailable, 256MiB..8GiB",
-          "host tier size, e.g. 512MiB or 64GiB"),
-    _Flag("--host-pool-path", "FILE", "POSIX shared memory",
-          "back the host tier with this file (DAX, tmpfs) instead of POSIX shared memory"),
-    _Flag("--slab-size", "SIZE", format_size(DEFAULT_SLAB_SIZE),
-          "allocator slab size; a multiple of 4KiB, at least 1MiB"),
-    _Flag("--chunk-tokens", "N", str(DEFAULT_CHUNK_TOKENS),
-          "tokens per cached chunk; a multiple of the engine's block size"),
-    _Flag("--gpu-pool-size", "SIZE", "0 (no GPU tier)", "GPU tier size per device (not implemented yet: refused at start)"),
-    _Flag("--gpu-devices", "LIST", "none", "GPU tier devices, e.g. 0,1 (not implemented yet: refused at start)"),
-    _Flag("--disk-dir", "DIR", "no disk tier", "disk tier directory, SSD or DAX (one sidecar per directory; survives restarts)"),
-    _Flag("--disk-size", "SIZE", f"{format_size(DEFAULT_DISK_SIZE)} when --disk-dir is set",
-          "disk tier size"),
-    _Flag("--remote-url", "URL", "no remote tier",
-          "remote tier shared between nodes: redis:// rediss:// unix:// redis+cluster:// (valkey:// valkeys:// valkey+cluster:// too)"),
-    _Flag("--remote-timeout", "DURATION", _fmt_seconds(DEFAULT_REMOTE_TIMEOUT),
-          "deadline of every remote tier call; a slower or dead remote store means misses"),
-    _Flag("--write-policy", "|".join(WRITE_POLICIES), DEFAULT_WRITE_POLICY,
-          "write-through: new entries are copied to the lower tiers at once; write-back: the coldest are copied when the host tier is 85% full (no effect without --disk-dir or --remote-url)"),
-    _Flag("--lease-timeout", "DURATION", _fmt_seconds(DEFAULT_LEASE_TIMEOUT),
-          "a client's leases expire after this long without a heartbeat"),
-    _Flag("--heartbeat-interval", "DURATION", _fmt_seconds(DEFAULT_HEARTBEAT_INTERVAL),
-          "expected client heartbeat period; below --lease-timeout"),
-    _Flag("--verify", "on|off", "off",
-          "on: workers send an xxh3-64 checksum of each chunk at COMMIT, loaders check it after copying and "
-          "report mismatches, which drops the chunk (a miss, counted as error CORRUPT)"),
-    _Flag("--hash-key-file", "FILE", "a fixed built-in key",
-          "file holding the 16..64-byte chain hash key"),
-    _Flag("--admin-token-file", "FILE", "none (admin ops are refused)",
-          "file holding the token that admin ops (CLEAR) must present"),
-    _Flag("--client-token-file", "FILE", "none (any local process of the owner may HELLO)",
-          "file holding the token every client's HELLO must present (clients: LMKV_TOKEN_FILE); "
-          "required with --allow-remote-clients"),
-    _Flag("--allow-remote-clients", "", "off (tcp:// endpoints must bind a loopback address)",
-          "allow tcp:// endpoints on non-loopback addresses (other hosts can connect; needs --client-token-file)"),
-    _Flag("--client-pool-share", "FRACTION", f"{DEFAULT_CLIENT_POOL_SHARE:.0%}",
-          "largest share of the host pool one client may hold in write leases (uncommitted slots), e.g. 50% "
-          "or 0.5, and again in read pins (distinct chunks); chunks past it get NO_SPACE, or are not reported "
-          "as hits"),
-    _Flag("--client-max-inflight", "N", str(DEFAULT_CLIENT_MAX_INFLIGHT),
-          "requests one client may have queued in the sidecar; a client sending faster waits (backpressure)"),
-    _Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST,
-          "Prometheus endpoint address (http://HOST:PORT/metrics)"),
-    _Flag("--metrics-port", "PORT", str(DEFAULT_METRICS_PORT), "Prometheus endpoint port; 0 disables it"),
-    _Flag("--metrics-namespaces", "N", str(DEFAULT_METRICS_NAMESPACES),
-          "per-namespace Prometheus series for the first N namespaces seen; the rest are summed "
-          "as namespace=\"other\" (labels stay bounded); 0: none"),
-    _Flag("--log-level", "|".join(LOG_LEVELS), "info", "log level"),
-    _Flag("--unlink-on-exit", "", "off (the host pool persists for a warm restart)",
-          "remove the host pool segment on exit"),
-    _Flag("--allow-group", "GROUP", "none (owner only)",
-          "share with this group: run dir 0750, sockets and host pool 0660, group-owned (the sidecar's user "
-          "must be a member unless root)"),
-)
-_FLAGS_BY_NAME: dict[str, _Flag] = {f.flag: f for f in _SIDECAR_FLAGS}
-_SWITCHES = ("--unlink-on-exit", "--allow-remote-clients")
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    """The ``lmkv-sidecar`` parser. Every option defaults to None so that
-    :func:`load_sidecar_config` can tell "not given" from a value and fall back to the
-    option's ``LMKV_*`` twin; the real defaults are shown in each help text."""
-    parser = argparse.ArgumentParser(
-        prog="lmkv-sidecar",
-        description=(
-            "Node-local KV-cache sidecar for vLLM: owns GPU, host, disk and remote cache tiers\n"
-            "and serves every local vLLM process chunk lookups and slots over ZeroMQ."
-        ),
-        epilog="Every flag has an LMKV_* environment twin; flags win over the environment.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,
-    )
-    for f in _SIDECAR_FLAGS:
-        text = f"{f.help} [env {f.env}; default: {f.default}]".replace("%", "%%")
-        if f.flag in _SWITCHES:
-            parser.add_argument(f.flag, dest=f.dest, action=argparse.BooleanOptionalAction,
-                                default=None, help=text)
-        else:
-            parser.add_argument(f.flag, dest=f.dest, metavar=f.metavar, default=None, help=text)
-    return parser
-
-def _error(flag: str, problem: str) -> ConfigError:
-    return ConfigError(flag, _env_name(flag), problem)
-
-
-class _Sources:
-    """A sidecar setting's raw text: its flag if given, else its env twin if non-empty.
-
-    An empty environment variable counts as unset (``Environment=LMKV_X=`` in a unit file).
-    An empty flag value is kept: ``--remote-url ''`` clears an optional setting that the
-    environment sets, and is an error for a setting that needs a value.
-    """
-
-    def __init__(self, parsed: argparse.Namespace, env: Mapping[str, str]) -> None:
-        self._parsed: dict[str, object] = vars(parsed)
-        self._env = env
-
-    def raw(self, flag: str) -> str | None:
-        value = self._parsed[_FLAGS_BY_NAME[flag].dest]
-        if value is not None:
-            return str(value)
-        return self._env.get(_env_name(flag)) or None
-
-    def shown(self, flag: str, value: str) -> str:
-        """The bad value as the user wrote it, or ``the default VALUE``."""
-        raw = self.raw(flag)
-        return _show(raw) if raw is not None else f"the default {value}"
-
-    def parse(self, flag: str, parse: Callable[[str], _T], default: _T) -> _T:
-        raw = self.raw(flag)
-        if raw is None:
-            return default
-        try:
-            return parse(raw)
-        except ValueError as e:
-            raise _error(flag, str(e)) from None
-
-    def optional(self, flag: str, parse: Callable[[str], _T]) -> _T | None:
-        """None when unset or set to the empty string, else ``parse(raw)``."""
-        raw = self.raw(flag)
-        return None if not raw else self.parse(flag, parse, None)
-
-    def switch(self, flag: str, default: bool) -> bool:
-        """A ``--flag/--no-flag`` switch; its env twin takes on|off, true|false, 1|0."""
-        value = self._parsed[_FLAGS_BY_NAME[flag].dest]
-        if isinstance(value, bool):
-            return value
-        return self.parse(flag, parse_bool, default)
-
-
-def _endpoint_setting(src: _Sources, flag: str, default: str) -> str:
+def _endpoint_setting(src: Sources, flag: str, default: str) -> str:
     value = src.parse(flag, str, default)
     problem = endpoint_problem(value, bind=True)
     if problem is None:
         return value
     if src.raw(flag) is None:
         # A default endpoint is only bad when the run dir is too long for a socket path.
-        raise _error("--run-dir", f"gives {flag} {_show(value)}, which {problem}")
-    raise _error(flag, f"{_show(value)} {problem}")
+        raise flag_error("--run-dir", f"gives {flag} {_show(value)}, which {problem}")
+    raise flag_error(flag, f"{_show(value)} {problem}")
 
 
 def _remote_url(text: str) -> str:
@@ -375,16 +213,16 @@ def load_sidecar_config(
     order; unknown flags exit through argparse (SystemExit(2)). ``meminfo_path`` is read
     only when no host pool size is given.
     """
-    src = _Sources(build_arg_parser().parse_args(list(argv)), env)
+    src = Sources(build_arg_parser().parse_args(list(argv)), env)
 
     run_dir = src.parse("--run-dir", parse_path, default_run_dir(env))
     endpoint = _endpoint_setting(src, "--endpoint", default_endpoint(run_dir))
     stats_endpoint = _endpoint_setting(src, "--stats-endpoint", default_stats_endpoint(run_dir))
     if stats_endpoint == endpoint:
-        raise _error("--stats-endpoint", f"{_show(stats_endpoint)} is also the --endpoint; use another")
+        raise flag_error("--stats-endpoint", f"{_show(stats_endpoint)} is also the --endpoint; use another")
     stats_publish_endpoint = _endpoint_setting(src, "--stats-publish-endpoint", default_stats_publish_endpoint(run_dir))
     if stats_publish_endpoint in (endpoint, stats_endpoint):
-        raise _error("--stats-publish-endpoint", f"{_show(stats_publish_endpoint)} is also the "
+        raise flag_error("--stats-publish-endpoint", f"{_show(stats_publish_endpoint)} is also the "
                      f"{'--endpoint' if stats_publish_endpoint == endpoint else '--stats-endpoint'}; use another")
     stats_interval = src.parse("--stats-interval", lambda t: parse_duration(t, allow_zero=True),
                                DEFAULT_STATS_INTERVAL)
@@ -397,10 +235,10 @@ def load_sidecar_config(
 
     slab_size = src.parse("--slab-size", parse_size, DEFAULT_SLAB_SIZE)
     if slab_size % 4096 or slab_size < MiB:
-        raise _error("--slab-size", f"{src.shown('--slab-size', format_size(slab_size))} must be a "
+        raise flag_error("--slab-size", f"{src.shown('--slab-size', format_size(slab_size))} must be a "
                      "multiple of 4KiB and at least 1MiB; use e.g. 64MiB")
     if host_pool_size < slab_size + POOL_TABLES_ALLOWANCE:
-        raise _error("--host-pool-size", f"{src.shown('--host-pool-size', format_size(host_pool_size))}"
+        raise flag_error("--host-pool-size", f"{src.shown('--host-pool-size', format_size(host_pool_size))}"
                      f" cannot hold one slab ({format_size(slab_size)}, --slab-size) and its tables "
                      f"({format_size(POOL_TABLES_ALLOWANCE)}); use a larger size or a smaller --slab-size")
 
@@ -408,32 +246,32 @@ def load_sidecar_config(
 
     gpu_pool_size = src.parse("--gpu-pool-size", parse_size, 0)
     if 0 < gpu_pool_size < slab_size:
-        raise _error("--gpu-pool-size", f"{_show(src.raw('--gpu-pool-size'))} is smaller than one slab "
+        raise flag_error("--gpu-pool-size", f"{_show(src.raw('--gpu-pool-size'))} is smaller than one slab "
                      f"({format_size(slab_size)}, --slab-size); use 0 (no GPU tier) or a larger size")
     gpu_devices = src.parse("--gpu-devices", _parse_devices, ())
 
     disk_dir = src.optional("--disk-dir", parse_path)
     if disk_dir is None:
         if src.raw("--disk-size") is not None:
-            raise _error("--disk-size", f"{_show(src.raw('--disk-size'))} is set but --disk-dir "
+            raise flag_error("--disk-size", f"{_show(src.raw('--disk-size'))} is set but --disk-dir "
                          "(LMKV_DISK_DIR) is not; set both or neither")
         disk_size = 0
     else:
         disk_size = src.parse("--disk-size", parse_size, DEFAULT_DISK_SIZE)
         if disk_size == 0:
-            raise _error("--disk-size", f"{_show(src.raw('--disk-size'))} must be above 0 when "
+            raise flag_error("--disk-size", f"{_show(src.raw('--disk-size'))} must be above 0 when "
                          "--disk-dir is set; use e.g. 64GiB")
 
     remote_url = src.optional("--remote-url", _remote_url)
     remote_timeout = src.parse("--remote-timeout", parse_duration, DEFAULT_REMOTE_TIMEOUT)
     if remote_timeout <= 0:
-        raise _error("--remote-timeout", f"{_fmt_seconds(remote_timeout)} must be above 0, e.g. 500ms")
+        raise flag_error("--remote-timeout", f"{_fmt_seconds(remote_timeout)} must be above 0, e.g. 500ms")
     write_policy = src.parse("--write-policy", _choice(WRITE_POLICIES), DEFAULT_WRITE_POLICY)
 
     lease_timeout = src.parse("--lease-timeout", parse_duration, DEFAULT_LEASE_TIMEOUT)
     heartbeat_interval = src.parse("--heartbeat-interval", parse_duration, DEFAULT_HEARTBEAT_INTERVAL)
     if heartbeat_interval >= lease_timeout:
-        raise _error("--heartbeat-interval", f"{_fmt_seconds(heartbeat_interval)} is not below "
+        raise flag_error("--heartbeat-interval", f"{_fmt_seconds(heartbeat_interval)} is not below "
                      f"--lease-timeout (LMKV_LEASE_TIMEOUT) {_fmt_seconds(lease_timeout)}; "
                      "clients would lose their leases between heartbeats")
 
@@ -452,10 +290,10 @@ def load_sidecar_config(
     for flag, ep in (("--endpoint", endpoint), ("--stats-endpoint", stats_endpoint),
                      ("--stats-publish-endpoint", stats_publish_endpoint)):
         if not allow_remote_clients and not is_loopback_endpoint(ep):
-            raise _error(flag, f"{_show(ep)} binds an address other hosts can reach; bind 127.0.0.1 or ipc://, "
+            raise flag_error(flag, f"{_show(ep)} binds an address other hosts can reach; bind 127.0.0.1 or ipc://, "
                          "or mean it: --allow-remote-clients (LMKV_ALLOW_REMOTE_CLIENTS) with --client-token-file")
     if allow_remote_clients and client_token is None and not is_loopback_endpoint(endpoint):
-        raise _error("--client-token-file", f"is required: --endpoint {_show(endpoint)} accepts other hosts "
+        raise flag_error("--client-token-file", f"is required: --endpoint {_show(endpoint)} accepts other hosts "
                      "(--allow-remote-clients), so every HELLO must present a token")
     client_pool_share = src.parse("--client-pool-share", _fraction, DEFAULT_CLIENT_POOL_SHARE)
     client_max_inflight = src.parse("--client-max-inflight", lambda t: parse_int(t, 1, 1_000_000),
