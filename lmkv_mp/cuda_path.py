@@ -76,16 +76,19 @@ class CudaHostPath:
     def store(self, host: torch.Tensor, chunks: Sequence[tuple[BlockIds, int]], nbytes: int,
               after: torch.cuda.Event | None) -> None:
         """Gather each ``(block_ids, offset)`` into ``host[offset:offset + nbytes]``; returns
-        once every byte is in host memory. Raises (nothing committed) on any failure."""
+        once every byte is in host memory. Raises on any failure, after every copy it queued
+        has ended."""
         self._prepare(host)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
-            if after is not None:
-                self._side().wait_event(after)
-            staging = self._staging_for(nbytes)
-            for block_ids, off in chunks:
-                self.copier.gather(block_ids, staging)
-                host[off:off + nbytes].copy_(staging, non_blocking=True)
-        self._side().synchronize()
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
+                if after is not None:
+                    self._side().wait_event(after)
+                staging = self._staging_for(nbytes)
+                for block_ids, off in chunks:
+                    self.copier.gather(block_ids, staging)
+                    host[off:off + nbytes].copy_(staging, non_blocking=True)
+        finally:
+            self._drain()
 
     def load(self, host: torch.Tensor, chunks: Sequence[tuple[int, BlockIds, int, int]], nbytes: int,
              after: torch.cuda.Event | None) -> None:
@@ -98,14 +101,16 @@ class CudaHostPath:
         for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total in chunks]):
             pass
         self._prepare(host)
-        with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
-            if after is not None:
-                self._side().wait_event(after)
-            staging = self._staging_for(nbytes)
-            for off, block_ids, first, total in chunks:
-                staging.copy_(host[off:off + nbytes], non_blocking=True)
-                self.copier.scatter(staging, block_ids, first=first, total=total)
-        self._side().synchronize()
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
+                if after is not None:
+                    self._side().wait_event(after)
+                staging = self._staging_for(nbytes)
+                for off, block_ids, first, total in chunks:
+                    staging.copy_(host[off:off + nbytes], non_blocking=True)
+                    self.copier.scatter(staging, block_ids, first=first, total=total)
+        finally:
+            self._drain()
 
     def close(self) -> None:
         """Unregister every mapping; call before the client unmaps them."""
@@ -114,6 +119,14 @@ class CudaHostPath:
         self._staging = None
 
     # -- internals --------------------------------------------------------------------------
+
+    def _drain(self) -> None:
+        """Wait for everything queued on the side stream, also when a copy failed half-way:
+        the caller then gives the slots back (store) or has vLLM recompute the blocks (load),
+        and no copy may still be writing into them. (A sticky CUDA error makes the wait
+        raise too: the process's CUDA context is lost, and the engine with it.)"""
+        if self._stream is not None:
+            self._stream.synchronize()
 
     def _side(self) -> torch.cuda.Stream:
         if self._stream is None:

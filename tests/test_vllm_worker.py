@@ -175,3 +175,24 @@ def test_unexpected_layout_or_a_gpu_cache_disables_the_rank(handle: SidecarHandl
     wa.wait_for_inflight()
     assert wa.load_errors() == {2, 3}
     assert wa.stats["store_chunks"] == 0
+
+
+def test_a_store_whose_copy_fails_gives_its_slots_back(handle: SidecarHandle) -> None:
+    """A write lease lives until released or its owner is reaped: a failed copy must release
+    it at once, or a live worker holds WRITING slots (and blocks those chunks) for ever."""
+    key = handle.client("scheduler")
+    assert key.connect()
+    hashes = chain_hashes(list(range(500, 500 + 2 * CHUNK)), CHUNK, key.hello.hash_key)
+    wa = worker(handle, cache(11))
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("copy failed")
+
+    wa.paged.gather = broken  # type: ignore[method-assign]
+    wa.submit_stores(plan(stores=[StoreJob("rf", hashes, list(range(2 * BPC)))]))
+    wa.wait_for_inflight()
+    assert wa.stats["store_failures"] == 1 and wa.stats["store_chunks"] == 0
+    wb = worker(handle, cache(12))  # another writer of the same chunks is not kept out
+    wb.submit_stores(plan(stores=[StoreJob("rg", hashes, list(range(2 * BPC)))]))
+    wb.wait_for_inflight()
+    assert wb.stats["store_chunks"] == 2 and wb.stats["store_skipped"] == 0

@@ -252,11 +252,18 @@ class WorkerSide:
             return
         verify = self.client.verify  # as of the HELLO the RESERVE ran under
         chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i])) for i in res.writable().tolist()]
-        if self._cuda is not None:
-            self._cuda.store(host, chunks, nbytes, after)
-        else:
-            for ids, off in chunks:
-                self.paged.gather(ids, host[off:off + nbytes], self._copy_threads)
+        try:
+            if self._cuda is not None:
+                self._cuda.store(host, chunks, nbytes, after)
+            else:
+                for ids, off in chunks:
+                    self.paged.gather(ids, host[off:off + nbytes], self._copy_threads)
+        except BaseException:
+            # Nothing is committed; give the slots back now rather than when this client goes
+            # (a write lease lives until released or its owner is reaped). No copy into them
+            # is still in flight: CudaHostPath.store drains its stream before it raises.
+            self.client.release(res.lease_id)
+            raise
         written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in res.writable().tolist()]
         sums = [self.checksum(host[off:off + nbytes]) for _, off in chunks] if verify else []
         committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
