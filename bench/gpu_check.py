@@ -14,6 +14,9 @@
    out of host memory (torch's pinned memory, and a shared mapping pinned with
    cudaHostRegister like the host pool would be) against ``cudaMemcpy`` D2H/H2D of the same
    bytes.
+5. The CUDA worker's path to the host pool (cuda_path.py: gather into a device staging
+   slot, DMA to a pinned shared mapping; a load the reverse) against ``cudaMemcpy`` D2H/H2D
+   of the same bytes to the same mapping, byte-checked first. Target: ratio >= 0.8.
 
 Caches (bf16 unless named): ``flash``: 32 layers ``[2, nb, 16, 8, 128]`` (vLLM's flash
 layout, Llama-3-8B shard); ``flash-hnd``: the same presented NHD but stored HND (256-byte
@@ -226,6 +229,68 @@ def pinned(name: str, nb: int, iters: int, memory: str) -> None:
                 mm.close()
 
 
+def host_path(name: str, nb: int, iters: int, chunks: int = 8) -> None:
+    """The CUDA worker's own path (cuda_path.CudaHostPath: the kernels gather into a device
+    staging slot, one DMA per chunk to a shared mapping pinned as the worker pins the host
+    pool; a load the reverse) for ``chunks`` 256-token chunks, against one cudaMemcpy
+    D2H / H2D of the same bytes between device memory and the same pinned mapping. Both are
+    timed on the host from the first call to completion, as the worker's job thread waits.
+    Target: ratio >= 0.8. The bytes are checked against the torch path first."""
+    from lmkv_mp.cuda_path import CudaHostPath
+
+    paged, bpc = caches(name, nb)
+    randomize(paged)
+    n = paged.chunk_bytes(bpc)
+    mm = mmap.mmap(-1, n * chunks, flags=mmap.MAP_SHARED)
+    host = torch.frombuffer(mm, dtype=torch.uint8)
+    host.fill_(0)  # fault the pages in, as the pool is pre-faulted
+    path = CudaHostPath(paged)
+    g = torch.Generator().manual_seed(3)
+    src, dst = (torch.randperm(nb, generator=g)[:bpc * chunks].tolist() for _ in range(2))
+    stores = [(src[i * bpc:(i + 1) * bpc], i * n) for i in range(chunks)]
+    loads = [(i * n, dst[i * bpc:(i + 1) * bpc], 0, bpc) for i in range(chunks)]
+    try:
+        want, back = (torch.empty(n * chunks, dtype=torch.uint8, device=DEVICE) for _ in range(2))
+        for i in range(chunks):
+            paged.gather(src[i * bpc:(i + 1) * bpc], want[i * n:(i + 1) * n])
+        path.store(host, stores, n, None)  # pins the mapping on first use
+        store_equal = bool(torch.equal(host.to(DEVICE), want))
+        path.load(host, loads, n, None)
+        for i in range(chunks):
+            paged.gather(dst[i * bpc:(i + 1) * bpc], back[i * n:(i + 1) * n])
+        load_equal = bool(torch.equal(back, want))
+        dev = torch.empty(n * chunks, dtype=torch.uint8, device=DEVICE)
+
+        def wall(fn: Callable[[], None]) -> float:
+            fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t) / iters
+
+        def d2h() -> None:
+            host.copy_(dev, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+
+        def h2d() -> None:
+            dev.copy_(host, non_blocking=True)
+            torch.cuda.current_stream().synchronize()
+
+        for op, fn, ref in (("store_d2h", lambda: path.store(host, stores, n, None), d2h),
+                            ("load_h2d", lambda: path.load(host, loads, n, None), h2d)):
+            k, m = wall(fn), wall(ref)
+            emit("host_path", {"layout": name, "op": op, "chunks": chunks, "bytes": n * chunks,
+                               "gbps": round(n * chunks / k / 1e9, 1), "memcpy_gbps": round(n * chunks / m / 1e9, 1),
+                               "ratio": round(m / k, 3), "target": TARGET, "pinned": bool(path._pinned),
+                               "uses_kernels": path.copier.uses_kernels, "store_equal": store_equal,
+                               "load_equal": load_equal})
+    finally:
+        torch.cuda.synchronize()
+        path.close()  # unpins before the mapping goes (with ``host``, when this returns)
+
+
 def machine() -> dict[str, Any]:
     props = torch.cuda.get_device_properties(0)
     info: dict[str, Any] = {"gpu": props.name, "cc": f"{props.major}.{props.minor}",
@@ -279,6 +344,8 @@ def main() -> int:
                     lambda name=name, tile=tile: throughput(name, 1024, iters, tile=tile, section="tiles"))
     for memory in ("torch-pinned", "registered-mmap"):
         section(f"pinned {memory}", lambda memory=memory: pinned("flash", 1024, max(5, iters // 5), memory))
+    for name in ("flash", "mla"):
+        section(f"host_path {name}", lambda name=name: host_path(name, 1024, max(5, iters // 5)))
     if not a.skip_tests:
         section("tests_gpu", lambda: run_tests(a.quick))
     d2d = RESULTS.get("throughput", [])
@@ -291,6 +358,9 @@ def main() -> int:
         "min_d2d_ratio": min((r["ratio"] for r in d2d), default=None),
         "d2d_target": TARGET,
         "d2d_target_met": bool(d2d) and all(r["ratio"] >= TARGET for r in d2d),
+        "min_host_path_ratio": min((r["ratio"] for r in RESULTS.get("host_path", [])), default=None),
+        "host_path_target_met": bool(RESULTS.get("host_path")) and all(
+            r["ratio"] >= TARGET and r["store_equal"] and r["load_equal"] for r in RESULTS["host_path"]),
         "seconds": round(time.monotonic() - t0, 1),
     }
     print(json.dumps({"bench": "gpu_check", "summary": RESULTS["summary"]}), flush=True)
