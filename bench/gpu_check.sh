@@ -25,29 +25,27 @@ if [ -z "$py" ]; then
     echo "gpu_check: no Python whose torch sees a CUDA GPU (set PYTHON to one with a torch CUDA build)" >&2
     exit 2
 fi
-need='import cuda.bindings.driver, cuda.bindings.nvrtc as n; assert n.nvrtcVersion()[0] == 0'
-if ! "$py" -c "$need" 2>/dev/null; then
-    site=${TMPDIR:-/tmp}/lmkv-gpu-site
+site=${TMPDIR:-/tmp}/lmkv-gpu-site
+# ensure CHECK WHAT PKG...: where `python -c CHECK` fails, install into $site from the wheels
+# in .whl/ if any, else PKG... from PyPI, and check again.
+ensure() {
+    local check=$1 what=$2
+    shift 2
+    "$py" -c "$check" 2>/dev/null && return 0
     if compgen -G ".whl/*.whl" >/dev/null; then
         "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
     else
-        "$py" -m pip install -q --target "$site" 'cuda-python>=12' nvidia-cuda-nvrtc
+        "$py" -m pip install -q --target "$site" "$@"
     fi
-    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-    "$py" -c "$need" || { echo "gpu_check: cuda-python with NVRTC could not be imported" >&2; exit 2; }
-fi
+    case ":${PYTHONPATH:-}:" in *":$site:"*) ;; *) export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH} ;; esac
+    "$py" -c "$check" || { echo "gpu_check: $what could not be imported" >&2; exit 2; }
+}
+ensure 'import cuda.bindings.driver, cuda.bindings.nvrtc as n; assert n.nvrtcVersion()[0] == 0' \
+    "cuda-python with NVRTC" 'cuda-python>=12' nvidia-cuda-nvrtc
 # tests/gpu/test_cuda_path_gpu.py starts a real sidecar and clients: lmkv_mp's own
-# dependencies, where the image lacks them (same sources as above).
-deps='import zmq, msgpack, posix_ipc, xxhash, prometheus_client, redis, hypothesis'
-if ! "$py" -c "$deps" 2>/dev/null; then
-    site=${TMPDIR:-/tmp}/lmkv-gpu-site
-    if compgen -G ".whl/*.whl" >/dev/null; then
-        "$py" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl
-    else
-        "$py" -m pip install -q --target "$site" pyzmq msgpack posix_ipc xxhash prometheus-client redis hypothesis
-    fi
-    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
-fi
+# dependencies, where the image lacks them.
+ensure 'import zmq, msgpack, posix_ipc, xxhash, prometheus_client, redis, hypothesis' \
+    "lmkv_mp's dependencies" pyzmq msgpack posix_ipc xxhash prometheus-client redis hypothesis
 # nvcc's cubins for this GPU (kernels.py prefers them; tests/gpu also checks NVRTC's).
 if command -v nvcc >/dev/null; then
     cc=$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)')

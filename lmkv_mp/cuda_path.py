@@ -24,9 +24,10 @@ bytes), after one warning.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -78,17 +79,10 @@ class CudaHostPath:
         """Gather each ``(block_ids, offset)`` into ``host[offset:offset + nbytes]``; returns
         once every byte is in host memory. Raises on any failure, after every copy it queued
         has ended."""
-        self._prepare(host)
-        try:
-            with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
-                if after is not None:
-                    self._side().wait_event(after)
-                staging = self._staging_for(nbytes)
-                for block_ids, off in chunks:
-                    self.copier.gather(block_ids, staging)
-                    host[off:off + nbytes].copy_(staging, non_blocking=True)
-        finally:
-            self._drain()
+        with self._queued(host, nbytes, after) as staging:
+            for block_ids, off in chunks:
+                self.copier.gather(block_ids, staging)
+                host[off:off + nbytes].copy_(staging, non_blocking=True)
 
     def load(self, host: torch.Tensor, chunks: Sequence[tuple[int, BlockIds, int, int]], nbytes: int,
              after: torch.cuda.Event | None) -> None:
@@ -100,17 +94,10 @@ class CudaHostPath:
         # bad one must not leave half a load behind. The slots are checked at each scatter.
         for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total in chunks]):
             pass
-        self._prepare(host)
-        try:
-            with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
-                if after is not None:
-                    self._side().wait_event(after)
-                staging = self._staging_for(nbytes)
-                for off, block_ids, first, total in chunks:
-                    staging.copy_(host[off:off + nbytes], non_blocking=True)
-                    self.copier.scatter(staging, block_ids, first=first, total=total)
-        finally:
-            self._drain()
+        with self._queued(host, nbytes, after) as staging:
+            for off, block_ids, first, total in chunks:
+                staging.copy_(host[off:off + nbytes], non_blocking=True)
+                self.copier.scatter(staging, block_ids, first=first, total=total)
 
     def close(self) -> None:
         """Unregister every mapping; call before the client unmaps them."""
@@ -119,6 +106,19 @@ class CudaHostPath:
         self._staging = None
 
     # -- internals --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _queued(self, host: torch.Tensor, nbytes: int, after: torch.cuda.Event | None) -> Iterator[torch.Tensor]:
+        """Pin ``host``; queue the body's copies on the side stream, after ``after``; give
+        them the staging slot; on leaving, wait for all of it (also after an error)."""
+        self._prepare(host)
+        try:
+            with torch.cuda.device(self.device), torch.cuda.stream(self._side()):
+                if after is not None:
+                    self._side().wait_event(after)
+                yield self._staging_for(nbytes)
+        finally:
+            self._drain()
 
     def _drain(self) -> None:
         """Wait for everything queued on the side stream, also when a copy failed half-way:

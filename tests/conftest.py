@@ -253,6 +253,17 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     setattr(item, f"rep_{rep.when}", rep)
 
 
+def need_c_extension(name: str, built: bool) -> None:
+    """For a test of a C extension's path (``lmkv_mp/<name>.c``): skip where it was not built
+    (no C compiler at install), except in CI (``CI=true`` or ``LMKV_REQUIRE_C_EXT=1``, which
+    .ci/run sets), where it must have been."""
+    if built:
+        return
+    if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
+        pytest.fail(f"lmkv_mp.{name} is not built: pip install -e . must compile lmkv_mp/{name}.c in CI")
+    pytest.skip(f"lmkv_mp.{name} is not built here (no C compiler at install)")
+
+
 @pytest.fixture
 def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Procs]:
     group = Procs(tmp_path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ from hypothesis import strategies as st
 
 from lmkv_mp import keys
 from lmkv_mp.keys import HASH_BYTES, Namespace, chain_hashes, num_full_chunks, split_hashes
+from tests.conftest import need_c_extension
 
 KEY = b"k" * 32
 CHUNK = 8
@@ -52,10 +52,8 @@ def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
                 return real.chain(*args, lanes)
 
         monkeypatch.setattr(keys, "_chain", Capped)
-    elif keys._chain is None:
-        if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
-            pytest.fail("lmkv_mp._chain is not built: pip install -e . must compile lmkv_mp/_chain.c in CI")
-        pytest.skip("lmkv_mp._chain is not built here (no C compiler at install)")
+    else:
+        need_c_extension("_chain", keys._chain is not None)
     return request.param
 
 

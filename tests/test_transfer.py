@@ -5,7 +5,6 @@ byte layout; bad input is refused before anything is copied."""
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 from collections.abc import Callable
 
@@ -15,6 +14,7 @@ import torch
 from lmkv_mp import transfer
 from lmkv_mp.copy_threads import CopyThreads
 from lmkv_mp.transfer import PagedKV
+from tests.conftest import need_c_extension
 
 NB = 40  # blocks per cache: room for two disjoint 16-block chunks
 BS, H, D = 4, 2, 16  # block size, kv heads, head size (all != NB, so the block dim is unique)
@@ -33,10 +33,8 @@ def copy_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     skipped, except in CI (``CI=true`` or ``LMKV_REQUIRE_C_EXT=1``, which .ci/run sets)."""
     if request.param == "torch":
         monkeypatch.setattr(transfer, "_rows", None)
-    elif transfer._rows is None:
-        if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
-            pytest.fail("lmkv_mp._rows is not built: pip install -e . must compile lmkv_mp/_rows.c in CI")
-        pytest.skip("lmkv_mp._rows is not built here (no C compiler at install)")
+    else:
+        need_c_extension("_rows", transfer._rows is not None)
     return request.param
 
 
