@@ -49,6 +49,11 @@ class CommittedEntries:
         if lru is not None:
             lru.pop(e, None)
 
+    def forget(self, namespace: bytes) -> None:
+        """Drop a namespace that holds no entry any more (its empty map)."""
+        if not self._visible.get(namespace, True):
+            del self._visible[namespace]
+
     def get(self, key: bytes) -> Entry | None:
         """The entry of ``key`` (namespace + hash), if visible."""
         visible = self._visible.get(key[:HASH_BYTES])

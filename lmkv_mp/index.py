@@ -128,6 +128,18 @@ class ChunkIndex:
     def namespace_count(self) -> int:
         return len(self._ns_bytes)
 
+    def forget_namespaces(self, keep: set[bytes]) -> list[bytes]:
+        """Forget every namespace not in ``keep`` that no entry (committed, being written or
+        parked) uses any more, and return them. Otherwise the table only grows: one per model,
+        layout, rank and tenant ever declared. A forgotten namespace is declared again by the
+        next HELLO that names it, with any chunk size; one walk over the entries."""
+        used = {key[:HASH_BYTES] for key in self._entries}
+        gone = [ns for ns in self._ns_bytes if ns not in keep and ns not in used]
+        for ns in gone:
+            del self._ns_bytes[ns]
+            self._committed.forget(ns)
+        return gone
+
     # -- reads ------------------------------------------------------------------------------
 
     def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:

@@ -223,6 +223,16 @@ class Sidecar:
                          c.client_id, c.role, c.pid, now - c.last_seen, n, parked)
         self._parked.expire(now)
 
+    def _forget_namespaces(self) -> None:
+        """Make room in the namespace table: forget those no connected client declares and no
+        host entry uses (models no longer served), with their names and hit counts."""
+        keep: set[bytes] = set().union(*(c.namespaces for c in self.clients.values()))
+        gone = self.index.forget_namespaces(keep)
+        for ns in gone:
+            self.ns_names.pop(ns, None)
+            self.counters.ns_hits.pop(ns, None)
+        log.info("namespace table full: forgot %d namespaces no client declares and no entry uses", len(gone))
+
     def _stale_lease(self, client: ClientState, lease_id: int, e: LeaseError) -> P.ProtocolError:
         """The error for a COMMIT or RELEASE of a lease this client does not hold; a parked
         lease of the same process is freed now (its writer is done with its slots)."""
@@ -283,8 +293,12 @@ class Sidecar:
         if len(new) + (len(client.namespaces) if client else 0) > MAX_NAMESPACES_PER_CLIENT:
             raise P.ProtocolError(P.ErrorCode.QUOTA, f"a client may declare at most {MAX_NAMESPACES_PER_CLIENT} "
                                   "namespaces: use another connection for more")
-        if sum(self.index.chunk_bytes(ns.id) is None for ns in new) + self.index.namespace_count() > MAX_NAMESPACES:
-            raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar knows {MAX_NAMESPACES} namespaces already")
+        unknown = sum(self.index.chunk_bytes(ns.id) is None for ns in new)
+        if unknown and unknown + self.index.namespace_count() > MAX_NAMESPACES:
+            self._forget_namespaces()
+            if unknown + self.index.namespace_count() > MAX_NAMESPACES:
+                raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar holds {MAX_NAMESPACES} namespaces that "
+                                      "connected clients declare or cached chunks use")
         try:  # all or nothing: a HELLO refused half-way leaves no namespace behind
             self.index.declare_all([(ns.id, ns.chunk_bytes) for ns in msg.namespaces])
         except ValueError as e:

@@ -523,6 +523,35 @@ def test_one_reader_cannot_pin_more_than_its_share_of_the_pool(tmp_path: Path) -
         h.close()
 
 
+def test_a_full_namespace_table_forgets_the_namespaces_nothing_uses(sc: Harness,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_NAMESPACES, a HELLO that brings a new namespace makes the sidecar forget
+    those that no connected client declares and no entry uses (models no longer served);
+    one whose chunks are cached stays, and its chunks still hit; one a live client declared
+    stays; with every namespace in use the HELLO is refused, as before."""
+    import lmkv_mp.server as server
+
+    monkeypatch.setattr(server, "MAX_NAMESPACES", 3)
+    ns = [bytes([i]) * 16 for i in range(1, 6)]
+    sc.hello(b"w1", ns[0])
+    sc.store(b"w1", ns[0], hashes(1, 2))
+    sc.hello(b"w2", ns[1])
+    sc.hello(b"w3", ns[2])
+    sc.server.clients[b"w2"].last_seen = time.monotonic() + 10  # w2 stays; w1 and w3 go silent
+    sc.server.reap(time.monotonic() + 5)
+    sc.hello(b"w4", ns[3])
+    index = sc.server.index
+    assert index.chunk_bytes(ns[2]) is None and ns[2] not in sc.server.ns_names
+    assert index.chunk_bytes(ns[0]) == CHUNK and index.chunk_bytes(ns[1]) == CHUNK and index.namespace_count() == 3
+    assert sc.lookup(b"w4", [ns[0]], hashes(1, 2)).hits == 2
+    sc.error(b"w5", P.Hello(5, P.PROTOCOL_VERSION, "worker", 1, "", [P.NamespaceInfo(ns[4], CHUNK)]),
+             P.ErrorCode.QUOTA)
+    sc.server.clients[b"w2"].last_seen = time.monotonic() + 10
+    sc.server.reap(time.monotonic() + 5)  # w4 goes: its namespace is free to forget
+    sc.hello(b"w2", ns[2], chunk=2 * CHUNK)  # a forgotten one is declared anew, any chunk size
+    assert index.chunk_bytes(ns[2]) == 2 * CHUNK and index.chunk_bytes(ns[3]) is None
+
+
 def test_namespaces_and_clients_are_bounded(sc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     import lmkv_mp.server as server
 
