@@ -130,8 +130,9 @@ def open_lower_tiers(cfg: SidecarConfig, locks: Locks) -> list[Tier]:
 
 
 def bind(ctx: zmq.Context, kind: int, endpoint: str, max_inflight: int, access: Access) -> zmq.Socket:
-    """A ROUTER (``max_inflight`` requests queued per client) or XPUB socket bound to
-    ``endpoint``, its socket file (ipc://) made with ``access``'s mode and group."""
+    """A ROUTER (``max_inflight`` requests queued per client, every reply delivered to a
+    client with at most that many outstanding) or XPUB socket bound to ``endpoint``, its
+    socket file (ipc://) made with ``access``'s mode and group."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * P.MAX_FRAME_BYTES)
@@ -140,7 +141,14 @@ def bind(ctx: zmq.Context, kind: int, endpoint: str, max_inflight: int, access: 
         # High-water marks are per client: a client with this many requests queued (or
         # replies it does not read) waits; others are served in turn (ROUTER fair-queues).
         sock.setsockopt(zmq.RCVHWM, max_inflight)
-        sock.setsockopt(zmq.SNDHWM, max_inflight)
+        # A ROUTER drops a reply whose client's pipe looks full. The loop learns what the
+        # I/O thread has sent on only in credits, one per half a mark of messages, so a
+        # pipe looks up to half a mark fuller than it is; while the I/O thread waits for a
+        # core it is as full as the loop wrote. Twice the requests a client may have queued
+        # is the smallest mark that never drops a reply to a client within that limit (at
+        # the mark itself, the fuzz test lost one on a busy 2-vCPU box). A client that never
+        # reads loses replies past it, and the sidecar's memory stays bounded.
+        sock.setsockopt(zmq.SNDHWM, 2 * max_inflight)
     else:  # PUB: a subscriber that falls behind misses snapshots instead of queueing them
         sock.setsockopt(zmq.SNDHWM, 4)
     if endpoint.startswith("ipc://"):

@@ -570,3 +570,21 @@ def test_namespaces_and_clients_are_bounded(sc: Harness, monkeypatch: pytest.Mon
     sc.error(b"c4", P.Hello(4, P.PROTOCOL_VERSION, "worker"), P.ErrorCode.QUOTA)
     sc.server.reap(time.monotonic() + 5)
     sc.hello(b"c4")  # idle clients reaped: room again
+
+
+def test_reply_mark_is_twice_the_request_mark(tmp_path: Path) -> None:
+    """A ROUTER drops replies at its SNDHWM, judged on credits that lag by half a mark:
+    twice ``--client-max-inflight`` keeps every reply of a client within that limit
+    (tests/faults/test_frames.py's live fuzz pipelines up to it)."""
+    import zmq
+
+    from lmkv_mp.access import OWNER_ONLY
+    from lmkv_mp.startup import bind
+
+    ctx = zmq.Context()
+    sock = bind(ctx, zmq.ROUTER, f"ipc://{tmp_path}/c.sock", 48, OWNER_ONLY)
+    try:
+        assert sock.getsockopt(zmq.RCVHWM) == 48 and sock.getsockopt(zmq.SNDHWM) == 96
+    finally:
+        sock.close(linger=0)
+        ctx.term()

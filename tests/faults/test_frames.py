@@ -150,10 +150,10 @@ def test_hostile_frames_get_error_replies(sidecar: Callable[..., SidecarHandle])
 
 FUZZ_FRAMES = 24_000        # tens of thousands, in well under 30 s on a busy 2-core box
 FUZZ_SOCKETS = 4
-# Pipelined per socket, then every reply is read and checked. At most --client-max-inflight
-# (128): past it the ROUTER drops replies a client has not read yet when its pipe is full
-# (memory stays bounded), which a busy box made happen at 200.
-FUZZ_BATCH = 100
+# Pipelined per socket, then every reply is read and checked: close to --client-max-inflight
+# (128), the most a client may have outstanding and still get every reply (startup.bind);
+# past it the ROUTER may drop replies a client has not read, so memory stays bounded.
+FUZZ_BATCH = 125
 RSS_GROWTH_MAX = 48 << 20   # private memory the sidecar may gain over the whole fuzz
 
 
