@@ -356,22 +356,26 @@ static PyObject *pack_tokens(PyObject *self, PyObject *seq_arg) {
     }
     uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
     Py_ssize_t i = 0;
-#if PY_VERSION_HEX < 0x030C0000
     PyObject **items = PySequence_Fast_ITEMS(seq);
     /* The common case in a tight loop: exact ints of at most one digit (every vocabulary's
-     * ids). No call, no error branch per item, so the loads of several items overlap; the
-     * first other item hands over to the general loop below. */
+     * ids; one digit is below 2^30, so always an int32). No call, no error branch per item,
+     * so the loads of several items overlap; the first other item hands over to the
+     * general loop below. */
     for (; i < n; i++) {
         PyObject *item = items[i];
+#if PY_VERSION_HEX >= 0x030C0000
+        if (Py_TYPE(item) != &PyLong_Type || !PyUnstable_Long_IsCompact((PyLongObject *)item)) break;
+        uint32_t u = (uint32_t)(int32_t)PyUnstable_Long_CompactValue((PyLongObject *)item);
+#else
         Py_ssize_t size = Py_SIZE(item);
         if (Py_TYPE(item) != &PyLong_Type || size < -1 || size > 1) break;
         uint32_t u = (uint32_t)(int32_t)(size * (long)((PyLongObject *)item)->ob_digit[0]);
+#endif
         p[4 * i] = (uint8_t)u;
         p[4 * i + 1] = (uint8_t)(u >> 8);
         p[4 * i + 2] = (uint8_t)(u >> 16);
         p[4 * i + 3] = (uint8_t)(u >> 24);
     }
-#endif
     for (; i < n; i++) {
         int32_t v;
         PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
