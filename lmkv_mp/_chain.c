@@ -7,9 +7,9 @@
  * objects) per LOOKUP of a 32k-token prompt, three to five times the sidecar's whole
  * reply. The d_i do not depend on each other, so eight of them are computed at once
  * with AVX-512F, four with AVX2, one chunk per 64-bit lane; the chain step is then one
- * compression (the keyed state after the key block is computed once). Both functions return exactly what the
- * pure-Python path in keys.py returns; tests/test_keys.py checks that on random inputs,
- * with the lanes and without. BLAKE2b is written out from RFC 7693 (no library
+ * compression (the keyed state after the key block is computed once). Both functions
+ * return exactly what the pure-Python path in keys.py returns; tests/test_keys.py checks
+ * that on random inputs, with the lanes and without. BLAKE2b is written out from RFC 7693 (no library
  * dependency: the extension must build wherever Python headers and a C compiler exist,
  * and keys.py falls back to Python where it does not).
  */
@@ -160,6 +160,27 @@ static void digest1(const uint8_t *msg, size_t len, uint8_t out[32]) {
 }
 
 #ifdef HAVE_LANES
+/* Block ``off`` of each of ``lanes`` messages of ``len`` bytes: 128 readable bytes per lane
+ * (a short last block copied into ``pad``, zero-filled, as b2_final does). */
+static inline void lane_blocks(const uint8_t *const msg[], int lanes, size_t len, size_t off,
+                               uint8_t pad[][128], const uint8_t *p[]) {
+    size_t take = len - off < 128 ? len - off : 128;
+    for (int k = 0; k < lanes; k++) {
+        p[k] = msg[k] + off;
+        if (take < 128) {
+            memset(pad[k], 0, 128);
+            memcpy(pad[k], p[k], take);
+            p[k] = pad[k];
+        }
+    }
+}
+
+/* Word ``i`` of every lane's state (``w[k]`` is lane k's) into the 32-byte digests. */
+static inline void lane_words_out(const uint64_t *w, int lanes, int i, uint8_t out[][32]) {
+    for (int k = 0; k < lanes; k++)
+        for (int j = 0; j < 8; j++) out[k][8 * i + j] = (uint8_t)(w[k] >> (8 * j));
+}
+
 /* digest1 of four messages of one length at once: lane k of each vector is message k. */
 #define ROTR32(x) _mm256_shuffle_epi32((x), _MM_SHUFFLE(2, 3, 0, 1))
 #define ROTR24(x) _mm256_shuffle_epi8((x), r24)
@@ -191,14 +212,7 @@ __attribute__((target("avx2"))) static void digest4(const uint8_t *const msg[], 
         size_t off = b * 128, take = len - off < 128 ? len - off : 128;
         int last = b + 1 == blocks;
         const uint8_t *p[4];
-        for (int k = 0; k < 4; k++) {
-            p[k] = msg[k] + off;
-            if (take < 128) {  /* only the last block is short: zero-padded, as b2_final does */
-                memset(pad[k], 0, 128);
-                memcpy(pad[k], p[k], take);
-                p[k] = pad[k];
-            }
-        }
+        lane_blocks(msg, 4, len, off, pad, p);
         for (int j = 0; j < 16; j++)
             m[j] = _mm256_set_epi64x((long long)load64(p[3] + 8 * j), (long long)load64(p[2] + 8 * j),
                                      (long long)load64(p[1] + 8 * j), (long long)load64(p[0] + 8 * j));
@@ -227,8 +241,7 @@ __attribute__((target("avx2"))) static void digest4(const uint8_t *const msg[], 
     for (int i = 0; i < 4; i++) {  /* words 0..3 are the 32-byte digest, little-endian */
         uint64_t w[4];
         _mm256_storeu_si256((__m256i *)w, h[i]);
-        for (int k = 0; k < 4; k++)
-            for (int j = 0; j < 8; j++) out[k][8 * i + j] = (uint8_t)(w[k] >> (8 * j));
+        lane_words_out(w, 4, i, out);
     }
 }
 
@@ -255,14 +268,7 @@ __attribute__((target("avx512f"))) static void digest8(const uint8_t *const msg[
         size_t off = b * 128, take = len - off < 128 ? len - off : 128;
         int last = b + 1 == blocks;
         const uint8_t *p[8];
-        for (int k = 0; k < 8; k++) {
-            p[k] = msg[k] + off;
-            if (take < 128) {
-                memset(pad[k], 0, 128);
-                memcpy(pad[k], p[k], take);
-                p[k] = pad[k];
-            }
-        }
+        lane_blocks(msg, 8, len, off, pad, p);
         for (int j = 0; j < 16; j++)
             m[j] = _mm512_set_epi64((long long)load64(p[7] + 8 * j), (long long)load64(p[6] + 8 * j),
                                     (long long)load64(p[5] + 8 * j), (long long)load64(p[4] + 8 * j),
@@ -293,8 +299,7 @@ __attribute__((target("avx512f"))) static void digest8(const uint8_t *const msg[
     for (int i = 0; i < 4; i++) {
         uint64_t w[8];
         _mm512_storeu_si512((void *)w, h[i]);
-        for (int k = 0; k < 8; k++)
-            for (int j = 0; j < 8; j++) out[k][8 * i + j] = (uint8_t)(w[k] >> (8 * j));
+        lane_words_out(w, 8, i, out);
     }
 }
 #endif
@@ -362,15 +367,9 @@ static PyObject *pack_tokens(PyObject *self, PyObject *seq_arg) {
      * so the loads of several items overlap; the first other item hands over to the
      * general loop below. */
     for (; i < n; i++) {
-        PyObject *item = items[i];
-#if PY_VERSION_HEX >= 0x030C0000
-        if (Py_TYPE(item) != &PyLong_Type || !PyUnstable_Long_IsCompact((PyLongObject *)item)) break;
-        uint32_t u = (uint32_t)(int32_t)PyUnstable_Long_CompactValue((PyLongObject *)item);
-#else
-        Py_ssize_t size = Py_SIZE(item);
-        if (Py_TYPE(item) != &PyLong_Type || size < -1 || size > 1) break;
-        uint32_t u = (uint32_t)(int32_t)(size * (long)((PyLongObject *)item)->ob_digit[0]);
-#endif
+        long v;
+        if (!small_int(items[i], &v)) break;
+        uint32_t u = (uint32_t)(int32_t)v;
         p[4 * i] = (uint8_t)u;
         p[4 * i + 1] = (uint8_t)(u >> 8);
         p[4 * i + 2] = (uint8_t)(u >> 16);

@@ -35,7 +35,7 @@ ChunkHash = NewType("ChunkHash", bytes)
 NamespaceId = NewType("NamespaceId", bytes)
 
 # v2: each chunk's tokens are first digested on their own (BLAKE2b-256), so the C
-# extension digests four chunks at once; v1 hashed the tokens inside the chain step.
+# extension digests several chunks at once; v1 hashed the tokens inside the chain step.
 _CHAIN_SEED = b"lmkv_mp/chain/v2"
 
 

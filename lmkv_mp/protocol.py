@@ -32,8 +32,6 @@ MAX_KEYS_PER_LOOKUP = 1 << 18
 """Namespaces × chunks one LOOKUP may ask about: the index walk is ~1 µs per key on the
 loop, so this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
 
-_I64 = 2**63 - 1
-
 
 class Op(enum.IntEnum):
     HELLO = 1
@@ -384,7 +382,7 @@ def peek_req_id(frames: list[bytes]) -> int:
         rid = unpacker.unpack()
     except (ValueError, msgpack.UnpackException, TypeError, msgpack.OutOfData):
         return 0
-    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= _I64 else 0
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= schema.I64_MAX else 0
 
 
 def decode_request(frames: list[bytes]) -> Request:

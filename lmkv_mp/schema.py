@@ -14,7 +14,7 @@ import typing
 from dataclasses import MISSING, fields
 from typing import Any, Union
 
-_I64 = 2**63 - 1
+I64_MAX = 2**63 - 1
 
 
 class SchemaError(ValueError):
@@ -61,7 +61,7 @@ def _compile(tp: Any) -> _Checker:
         return _exact(dict, "a map") if origin is dict else (lambda v: v)
     if tp is int:
         def check_int(v: Any) -> int:
-            if type(v) is not int or not -_I64 <= v <= _I64:
+            if type(v) is not int or not -I64_MAX <= v <= I64_MAX:
                 raise _Bad("must be a 64-bit integer")
             return v
         return check_int

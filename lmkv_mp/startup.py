@@ -138,8 +138,8 @@ def bind(ctx: zmq.Context, kind: int, endpoint: str, max_inflight: int, access: 
     sock.setsockopt(zmq.MAXMSGSIZE, 2 * P.MAX_FRAME_BYTES)
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        # High-water marks are per client: a client with this many requests queued (or
-        # replies it does not read) waits; others are served in turn (ROUTER fair-queues).
+        # High-water marks are per client: a client with this many requests queued waits;
+        # others are served in turn (ROUTER fair-queues).
         sock.setsockopt(zmq.RCVHWM, max_inflight)
         # A ROUTER drops a reply whose client's pipe looks full. The loop learns what the
         # I/O thread has sent on only in credits, one per half a mark of messages, so a

@@ -251,7 +251,8 @@ class WorkerSide:
             self.client.release(res.lease_id)
             return
         verify = self.client.verify  # as of the HELLO the RESERVE ran under
-        chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i])) for i in res.writable().tolist()]
+        writable = res.writable().tolist()
+        chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i])) for i in writable]
         try:
             if self._cuda is not None:
                 self._cuda.store(host, chunks, nbytes, after)
@@ -264,7 +265,7 @@ class WorkerSide:
             # is still in flight: CudaHostPath.store drains its stream before it raises.
             self.client.release(res.lease_id)
             raise
-        written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in res.writable().tolist()]
+        written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in writable]
         sums = [self.checksum(host[off:off + nbytes]) for _, off in chunks] if verify else []
         committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
         with self._lock:
