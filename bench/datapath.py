@@ -11,10 +11,10 @@ iteration is one fresh prompt of ``--chunks`` chunks whose blocks lie at random 
 
 Both are timed end to end (RPCs included). The limit, measured in the same process and
 interleaved with the iterations (so a loaded machine slows both alike): ``dst.copy_(src)``
-of the same bytes, chunk by chunk, between two private buffers as large as the prompt (so,
-as in the copies through the sidecar, no side is served from a cache) (``memcpy_gbps``), and the same
-copy into / out of slots of the shared pool that this process has already touched
-(``shm_memcpy_gbps``). The host pool is sized so nothing is evicted (a smaller
+of the same bytes, chunk by chunk, between two private buffers as large as the prompt, so
+that, as in the copies through the sidecar, neither side is served from a cache
+(``memcpy_gbps``); and the same copy into / out of slots of the shared pool that this
+process has already touched (``shm_memcpy_gbps``). The host pool is sized so nothing is evicted (a smaller
 ``--pool-size`` lets RESERVE evict); the line counts evictions. One JSON line per op:
 
     {"bench":"datapath","op":"store"|"load","gbps":…,"memcpy_gbps":…,"ratio":…,…}

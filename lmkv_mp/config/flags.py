@@ -105,7 +105,8 @@ SIDECAR_FLAGS: tuple[Flag, ...] = (
           "or 0.5, and again in read pins (distinct chunks); chunks past it get NO_SPACE, or are not reported "
           "as hits"),
     Flag("--client-max-inflight", "N", str(DEFAULT_CLIENT_MAX_INFLIGHT),
-          "requests one client may have queued in the sidecar; a client sending faster waits (backpressure)"),
+          "requests one client may have queued in the sidecar; a client sending faster waits (backpressure), "
+          "and one with more outstanding that does not read its replies may lose some"),
     Flag("--metrics-host", "HOST", DEFAULT_METRICS_HOST,
           "Prometheus endpoint address (http://HOST:PORT/metrics)"),
     Flag("--metrics-port", "PORT", str(DEFAULT_METRICS_PORT), "Prometheus endpoint port; 0 disables it"),
