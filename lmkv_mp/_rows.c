@@ -3,9 +3,9 @@
  * A part whose blocks are each one contiguous run of bytes (the block dimension first)
  * moves block by block. torch's index_select does that with memcpy per block, whose
  * ordinary stores first read every destination line into the cache; for rows of tens of
- * KiB that is below glibc's non-temporal threshold, so a gather into the host pool ran at
- * two thirds of a plain memcpy of the same bytes (bench/datapath.py, 2 vCPU EPYC:
- * 7.6 GB/s against 10.5). Streaming stores skip that read: 13 GB/s on the same box. The
+ * KiB that is below glibc's non-temporal threshold, so a store into the host pool ran at
+ * two thirds of a plain memcpy of the same bytes (bench/datapath.py, 2 vCPU EPYC: 0.65x).
+ * Streaming stores skip that read: 0.92x store and 1.02x load in the same bench. The
  * destination is not read again soon (a slot waits for another process; a loaded block
  * for the next forward pass), so bypassing the cache costs nothing.
  *
