@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -61,7 +61,9 @@ class SidecarUnavailable(SidecarError):
 @dataclass(frozen=True, slots=True)
 class LookupResult:
     """``offsets[i]`` / ``checksums[i]``: the pinned hits' byte offsets in the host region for
-    the i-th namespace asked about (empty unless pinned)."""
+    the i-th namespace asked about (empty unless pinned). ``gpu_regions[i]`` /
+    ``gpu_offsets[i]``: where each hit has a GPU tier copy (region 0: none); empty when the
+    sidecar has no GPU tier."""
 
     hits: int
     lease_id: int = 0
@@ -69,6 +71,8 @@ class LookupResult:
     checksums: tuple[np.ndarray, ...] = ()
     boot_id: bytes = b""
     pending: int = 0
+    gpu_regions: tuple[np.ndarray, ...] = ()
+    gpu_offsets: tuple[np.ndarray, ...] = ()
 
 
 MISS = LookupResult(0)
@@ -76,12 +80,16 @@ MISS = LookupResult(0)
 
 @dataclass(frozen=True, slots=True)
 class Reservation:
-    """Per requested chunk: a :class:`~lmkv_mp.protocol.SlotStatus` and, for WRITE, its offset."""
+    """Per requested chunk: a :class:`~lmkv_mp.protocol.SlotStatus` and, for WRITE, its host
+    offset; ``gpu_regions``/``gpu_offsets`` (empty, or one per chunk): the GPU tier slot the
+    writer fills too (region 0: none)."""
 
     lease_id: int
     status: np.ndarray
     offsets: np.ndarray
     boot_id: bytes
+    gpu_regions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+    gpu_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<u8"))
 
     def writable(self) -> np.ndarray:
         """Indices of the chunks this writer must copy and commit."""
@@ -92,9 +100,10 @@ class SidecarClient:
     """A connection to the sidecar. Thread-safe; close it with :meth:`close`."""
 
     def __init__(self, config: ClientConfig | None = None, *, role: str = "client", name: str = "",
-                 namespaces: Sequence[P.NamespaceInfo] = (), heartbeat: bool = True) -> None:
+                 namespaces: Sequence[P.NamespaceInfo] = (), heartbeat: bool = True, device: bytes = b"") -> None:
         self.config = config or load_client_config()
         self.role = role
+        self.device = device   # a CUDA worker's device uuid: the sidecar gives it GPU tier slots there
         self.name = name or f"{role}-{os.getpid()}"
         self.namespaces: list[P.NamespaceInfo] = list(namespaces)
         self.hello: P.HelloReply | None = None
@@ -170,8 +179,13 @@ class SidecarClient:
             log.debug("lookup: miss (%s)", e)
             return MISS
         assert isinstance(r, P.LookupReply)
+        gpu_regions = tuple(np.frombuffer(g, dtype=np.uint8) for g in r.gpu_regions)
+        gpu_offsets = tuple(P.unpack_u64(o) for o in r.gpu_offsets)
+        if len(gpu_regions) != len(gpu_offsets) or any(len(g) != len(o) for g, o in zip(gpu_regions, gpu_offsets)):
+            gpu_regions = gpu_offsets = ()  # malformed: the host copies serve
         return LookupResult(r.hits, r.lease_id, tuple(P.unpack_u64(o) for o in r.offsets),
-                            tuple(P.unpack_u64(c) for c in r.checksums), r.boot_id, r.pending)
+                            tuple(P.unpack_u64(c) for c in r.checksums), r.boot_id, r.pending, gpu_regions,
+                            gpu_offsets)
 
     def reserve(self, namespace: bytes, hashes: bytes) -> Reservation | None:
         """Write slots for chunks not yet stored, or None (not stored) on any failure."""
@@ -183,10 +197,14 @@ class SidecarClient:
         assert isinstance(r, P.ReserveReply)
         status = np.frombuffer(r.status, dtype=np.uint8)
         offsets = P.unpack_u64(r.offsets)
-        if len(status) * 16 != len(hashes) or len(offsets) != len(status):
+        gpu_regions = np.frombuffer(r.gpu_regions, dtype=np.uint8)
+        gpu_offsets = P.unpack_u64(r.gpu_offsets)
+        if (len(status) * 16 != len(hashes) or len(offsets) != len(status)
+                or len(gpu_regions) not in (0, len(status)) or len(gpu_offsets) != len(gpu_regions)):
             log.warning("reserve: malformed reply ignored")
+            self.release(r.lease_id)
             return None
-        return Reservation(r.lease_id, status, offsets, r.boot_id)
+        return Reservation(r.lease_id, status, offsets, r.boot_id, gpu_regions, gpu_offsets)
 
     def commit(self, lease_id: int, hashes: bytes = b"", checksums: Sequence[int] | None = None) -> int:
         """Publish written chunks (all of the lease when ``hashes`` is empty). 0 on failure."""
@@ -289,6 +307,15 @@ class SidecarClient:
                 self._region = region
             return self._region.tensor()
 
+    def gpu_region(self, region_id: int) -> P.RegionInfo | None:
+        """The GPU tier region ``region_id`` if it is on this client's device (as of the last
+        HELLO), else None: copies elsewhere are read through the host tier."""
+        hello = self.hello
+        if hello is None or not region_id or not self.device:
+            return None
+        return next((r for r in hello.regions if r.region_id == region_id and r.kind == "cuda"
+                     and r.device_uuid == self.device), None)
+
     def _region_problem(self, message: str) -> None:
         """Warn once per problem (every load and store asks again; the log must not flood)."""
         if message != self._region_warned:
@@ -329,7 +356,7 @@ class SidecarClient:
 
     def _hello(self, deadline: float) -> None:
         msg = P.Hello(0, P.PROTOCOL_VERSION, self.role, os.getpid(), self.name, list(self.namespaces),
-                      self.config.auth_token)
+                      self.config.auth_token, self.device)
         reply = self._roundtrip(msg, deadline)
         if isinstance(reply, P.ErrorReply):
             raise SidecarError(reply.code, reply.message)

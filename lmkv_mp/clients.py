@@ -27,6 +27,7 @@ class ClientState:
     name: str
     last_seen: float
     namespaces: set[bytes] = field(default_factory=set)
+    gpu_region: int = 0      # the GPU tier region on this client's device (0: none)
 
 
 class ParkedWrites:

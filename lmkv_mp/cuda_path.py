@@ -20,6 +20,15 @@ bytes and a loaded block is in place before vLLM schedules the request.
 
 If pinning fails, copies still run, through the driver's pageable path (slower, the same
 bytes), after one warning.
+
+GPU tier: where the sidecar has a region on this device (announced in HELLO with its CUDA
+IPC handle), a store's RESERVE may give a chunk a GPU slot too. The kernels then gather
+into that slot instead of the staging slot, and the DMA to the host slot copies from it: the
+copy costs no extra device pass. A load whose chunk has a copy in this device's region
+scatters straight from it, device to device, with no DMA at all. The region is mapped once
+per region uuid (``cuIpcOpenMemHandle``, :class:`~lmkv_mp.memory.gpu.GpuMapping`); a
+mapping of a region the sidecar no longer announces (it restarted) is closed at the next
+job, when no copy can still use it (every job drains its stream before it ends).
 """
 
 from __future__ import annotations
@@ -27,18 +36,33 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from lmkv_mp.kernels import KernelCopier
+from lmkv_mp.memory.gpu import GpuMapping
+from lmkv_mp.memory.region import RegionError
+from lmkv_mp.protocol import RegionInfo
 from lmkv_mp.transfer import BlockIds, PagedKV
 
 log = logging.getLogger("lmkv.vllm")
 
 # cudaHostRegisterPortable: the pages count as pinned for every CUDA context of the process.
 _REGISTER_PORTABLE = 1
+
+GpuSlot = torch.Tensor
+"""A chunk's slot in a mapped GPU tier region (a 1-D uint8 view of ``chunk bytes``)."""
+
+
+def device_uuid(device: torch.device) -> bytes:
+    """The 16-byte uuid of a CUDA device (what the sidecar's GPU regions are matched by)."""
+    text = str(torch.cuda.get_device_properties(device).uuid)
+    for prefix in ("GPU-", "MIG-"):
+        text = text.removeprefix(prefix)
+    return uuid.UUID(text).bytes
 
 
 class CudaHostPath:
@@ -63,6 +87,8 @@ class CudaHostPath:
         self._staging: torch.Tensor | None = None
         self._pinned: dict[int, int] = {}     # data_ptr -> bytes, of mappings registered now
         self._unpinnable: set[int] = set()    # mappings whose registration failed (warned once)
+        self._gpu_maps: dict[bytes, GpuMapping] = {}   # GPU tier region uuid -> this process's mapping
+        self._unmappable: set[bytes] = set()           # region uuids whose mapping failed (warned once)
 
     # -- engine thread ----------------------------------------------------------------------
 
@@ -74,35 +100,64 @@ class CudaHostPath:
 
     # -- copy thread ------------------------------------------------------------------------
 
-    def store(self, host: torch.Tensor, chunks: Sequence[tuple[BlockIds, int]], nbytes: int,
+    def store(self, host: torch.Tensor, chunks: Sequence[tuple[BlockIds, int, GpuSlot | None]], nbytes: int,
               after: torch.cuda.Event | None) -> None:
-        """Gather each ``(block_ids, offset)`` into ``host[offset:offset + nbytes]``; returns
-        once every byte is in host memory. Raises on any failure, after every copy it queued
-        has ended."""
+        """Gather each ``(block_ids, offset, gpu_slot)`` into ``host[offset:offset + nbytes]``
+        and, where ``gpu_slot`` is given, into that GPU tier slot too; returns once every byte
+        is in place. Raises on any failure, after every copy it queued has ended."""
         with self._queued(host, nbytes, after) as staging:
-            for block_ids, off in chunks:
-                self.copier.gather(block_ids, staging)
-                host[off:off + nbytes].copy_(staging, non_blocking=True)
+            for block_ids, off, gpu_slot in chunks:
+                slot = staging if gpu_slot is None else gpu_slot
+                self.copier.gather(block_ids, slot)
+                host[off:off + nbytes].copy_(slot, non_blocking=True)
 
-    def load(self, host: torch.Tensor, chunks: Sequence[tuple[int, BlockIds, int, int]], nbytes: int,
-             after: torch.cuda.Event | None) -> None:
-        """For each ``(offset, block_ids, first, total)``: copy the chunk at
-        ``host[offset:offset + nbytes]`` to the device and scatter its blocks
-        ``first .. first + len(block_ids)`` of ``total`` into ``block_ids``; returns once the
-        blocks hold their bytes. The ids are checked before anything is copied."""
+    def load(self, host: torch.Tensor, chunks: Sequence[tuple[int, BlockIds, int, int, GpuSlot | None]],
+             nbytes: int, after: torch.cuda.Event | None) -> None:
+        """For each ``(offset, block_ids, first, total, gpu_slot)``: scatter the chunk's blocks
+        ``first .. first + len(block_ids)`` of ``total`` into ``block_ids``, from ``gpu_slot``
+        (a GPU tier copy on this device) where given, else from ``host[offset:offset + nbytes]``
+        through the staging slot; returns once the blocks hold their bytes. The ids are
+        checked before anything is copied."""
         # Every chunk's ids first (in range, distinct across the load, fitting the chunk): a
         # bad one must not leave half a load behind. The slots are checked at each scatter.
-        for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total in chunks]):
+        for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total, _ in chunks]):
             pass
         with self._queued(host, nbytes, after) as staging:
-            for off, block_ids, first, total in chunks:
-                staging.copy_(host[off:off + nbytes], non_blocking=True)
-                self.copier.scatter(staging, block_ids, first=first, total=total)
+            for off, block_ids, first, total, gpu_slot in chunks:
+                if gpu_slot is None:
+                    staging.copy_(host[off:off + nbytes], non_blocking=True)
+                self.copier.scatter(staging if gpu_slot is None else gpu_slot, block_ids, first=first, total=total)
+
+    def gpu_region(self, info: RegionInfo, announced: Sequence[bytes]) -> torch.Tensor | None:
+        """The GPU tier region ``info`` as a uint8 tensor on this device, mapped once per
+        region uuid; None (with one warning per region) when it cannot be mapped. Mappings
+        of regions not in ``announced`` (the uuids of the sidecar's current HELLO) are closed
+        first: call between jobs, when no queued copy can still read or write them."""
+        for stale in [u for u in self._gpu_maps if u not in announced]:
+            self._gpu_maps.pop(stale).close()
+        mapping = self._gpu_maps.get(info.uuid)
+        if mapping is None:
+            if info.uuid in self._unmappable:
+                return None
+            try:
+                mapping = GpuMapping(info.handle, info.size, self.device)
+            except (RegionError, RuntimeError) as e:
+                self._unmappable.add(info.uuid)
+                log.warning("lmkv: cannot map the sidecar's GPU tier region on %s (%s): this rank stores and "
+                            "loads through the host tier", self.device, e)
+                return None
+            self._gpu_maps[info.uuid] = mapping
+            log.info("lmkv: mapped the sidecar's GPU tier region (%d MiB) on %s", info.size >> 20, self.device)
+        return mapping.tensor
 
     def close(self) -> None:
-        """Unregister every mapping; call before the client unmaps them."""
+        """Unregister every host mapping (call before the client unmaps them) and close the
+        GPU tier mappings; call when no copy is queued."""
         for ptr in list(self._pinned):
             self._unpin(ptr)
+        for mapping in self._gpu_maps.values():
+            mapping.close()
+        self._gpu_maps.clear()
         self._staging = None
 
     # -- internals --------------------------------------------------------------------------

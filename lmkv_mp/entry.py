@@ -1,4 +1,5 @@
-"""Entry: one chunk in the host tier, its slot and its state (the index's unit of record).
+"""Entry: one chunk in the host tier, its slot and its state (the index's unit of record),
+and where the GPU tier holds a copy of it (``gpu_region`` 0: nowhere).
 
 States go ``WRITING -> COMMITTED``, and a COMMITTED entry cleared or dropped while pinned
 becomes DOOMED: invisible at once, its slot freed when the last pin goes. Entries compare
@@ -30,3 +31,6 @@ class Entry:
     pins: int = 0
     checksum: int = 0
     in_lower: bool = False  # a copy is in the lower tiers (written there, or promoted from there)
+    gpu_region: int = 0     # GPU tier region holding a copy (0: none; see gpu_copies.py)
+    gpu_slot: SlotId = SlotId(0)
+    gpu_offset: int = 0

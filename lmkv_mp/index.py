@@ -13,6 +13,9 @@ Invariants the rest of the system relies on:
 * An owner's write leases never hold more slot bytes than the ``max_write_bytes`` its
   RESERVE passes (one writer cannot take the whole pool); chunks past it get NO_SPACE.
 * A chunk reported corrupt (:meth:`drop_corrupt`) is invisible from that moment on.
+* A GPU copy (``lmkv_mp.gpu_copies``) lives and dies with its entry's host slot, and is
+  written and published with it: a RESERVE that names a GPU region gets both slots, one
+  COMMIT makes both visible.
 
 Owners are opaque hashable ids (the server uses client ids). Lease expiry is driven from
 outside: the server calls :meth:`drop_owner` for clients that stopped heartbeating. The
@@ -21,11 +24,12 @@ leases themselves, and the per-owner quota accounts, are kept by ``lmkv_mp.lease
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from lmkv_mp.committed import CLEAN_SCAN, CommittedEntries
 from lmkv_mp.entry import Entry, EntryState
+from lmkv_mp.gpu_copies import GpuCopies
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.leases import Lease, LeaseKind, LeaseTable, Owner
 from lmkv_mp.memory.allocator import SlotId, Span
@@ -35,12 +39,15 @@ from lmkv_mp.protocol import SlotStatus
 
 @dataclass(frozen=True, slots=True)
 class Pinned:
-    """Result of :meth:`ChunkIndex.pin`: per namespace, the locations of the leading hits."""
+    """Result of :meth:`ChunkIndex.pin`: per namespace, the locations of the leading hits
+    (host offsets, and the region and offset of each hit's GPU copy, region 0 for none)."""
 
     hits: int
     lease_id: int
     offsets: list[list[int]]
     checksums: list[list[int]]
+    gpu_regions: list[list[int]] = field(default_factory=list)
+    gpu_offsets: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +55,8 @@ class Reserved:
     lease_id: int           # 0 when nothing was reserved
     status: list[SlotStatus]
     offsets: list[int]
+    gpu_regions: list[int] = field(default_factory=list)   # per chunk: its GPU copy's region (0: none)
+    gpu_offsets: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -66,8 +75,9 @@ class IndexCounters:
 class ChunkIndex:
     """The host tier's index. ``chunk_bytes`` of a namespace is fixed once declared."""
 
-    def __init__(self, pool: HostPool) -> None:
+    def __init__(self, pool: HostPool, gpu: GpuCopies | None = None) -> None:
         self.pool = pool
+        self.gpu = gpu
         self._entries: dict[bytes, Entry] = {}
         self._by_slot: dict[SlotId, Entry] = {}
         self._committed = CommittedEntries(pool, self._by_slot)   # the visible ones, by key and by last use
@@ -174,16 +184,27 @@ class ChunkIndex:
             for e in col:
                 e.pins += 1
             self.leases.pin(lease, col)
+        gpu_regions: list[list[int]] = []
+        gpu_offsets: list[list[int]] = []
+        if self.gpu is not None:
+            for col in cols:
+                for e in col:
+                    self.gpu.touch(e)
+            gpu_regions = [[e.gpu_region for e in col] for col in cols]
+            gpu_offsets = [[e.gpu_offset for e in col] for col in cols]
         return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
-                      [[e.checksum for e in col] for col in cols])
+                      [[e.checksum for e in col] for col in cols], gpu_regions, gpu_offsets)
 
     # -- writes -----------------------------------------------------------------------------
 
-    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes, max_write_bytes: int | None = None) -> Reserved:
+    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes, max_write_bytes: int | None = None,
+                gpu_region: int = 0) -> Reserved:
         """Write slots for chunks not already present. After the first chunk that finds no
         space, later chunks get NO_SPACE too: a chain hash is useless without its prefix.
         A chunk whose slot would take the owner's write leases past ``max_write_bytes``
-        finds no space either (and is counted in ``quota_refused``)."""
+        finds no space either (and is counted in ``quota_refused``). With ``gpu_region``
+        (the writer's device has one) each written chunk also gets a slot for its GPU copy
+        there, where one can be freed; the copy does not count against the quota."""
         chunk_bytes = self._ns_bytes.get(namespace)
         if chunk_bytes is None:
             raise ValueError(f"namespace {namespace.hex()} was never declared")
@@ -191,6 +212,8 @@ class ChunkIndex:
         held_bytes = self.leases.write_bytes(owner)
         statuses: list[SlotStatus] = []
         offsets: list[int] = []
+        gpu_regions: list[int] = []
+        gpu_offsets: list[int] = []
         lease: Lease | None = None
         full = over_quota = False
         held: list[Entry] = []
@@ -231,10 +254,15 @@ class ChunkIndex:
                 self.leases.add_write(lease, e.slot_bytes)
                 statuses.append(SlotStatus.WRITE)
                 offsets.append(e.offset)
+                if gpu_region and self.gpu is not None and self.gpu.alloc(gpu_region, e):
+                    if not gpu_regions:
+                        gpu_regions, gpu_offsets = [0] * (len(hashes) // HASH_BYTES), [0] * (len(hashes) // HASH_BYTES)
+                    gpu_regions[len(statuses) - 1] = e.gpu_region
+                    gpu_offsets[len(statuses) - 1] = e.gpu_offset
         finally:
             for e in held:
                 e.pins -= 1
-        return Reserved(lease.id if lease else 0, statuses, offsets)
+        return Reserved(lease.id if lease else 0, statuses, offsets, gpu_regions, gpu_offsets)
 
     def commit(self, owner: Owner, lease_id: int, hashes: bytes = b"", checksums: list[int] | None = None) -> int:
         """Publish the listed chunks of a write lease (all when ``hashes`` is empty); the lease
@@ -265,6 +293,8 @@ class ChunkIndex:
         self.pool.write_record(e.slot, SlotState.COMMITTED, e.key[:HASH_BYTES], e.key[HASH_BYTES:], e.length, checksum)
         e.state = EntryState.COMMITTED
         self._committed.add(e)
+        if self.gpu is not None:
+            self.gpu.committed(e)
         self.counters.committed += 1
         self.counters.committed_bytes += e.length
 
@@ -420,6 +450,8 @@ class ChunkIndex:
         del self._entries[e.key]
         self._committed.remove(e)
         e.state = EntryState.DOOMED
+        if self.gpu is not None:
+            self.gpu.hide(e)
         self.pool.write_state(e.slot, SlotState.FREE)  # never restored after a crash
 
     def _drop(self, e: Entry) -> None:
@@ -431,6 +463,8 @@ class ChunkIndex:
     def _free_slot(self, e: Entry) -> None:
         del self._by_slot[e.slot]
         self.pool.free(e.slot)
+        if self.gpu is not None:
+            self.gpu.free(e)
 
     def _alloc(self, chunk_bytes: int, victims: dict[int, list[Span]] | None = None) -> SlotId | None:
         """A slot for ``chunk_bytes``, evicting as needed; ``victims`` carries the ranked spans

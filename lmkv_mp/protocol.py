@@ -22,7 +22,8 @@ import numpy as np
 from lmkv_mp import schema
 from lmkv_mp.keys import HASH_BYTES
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: GPU tier (HELLO ``device``, ``RegionInfo.device_uuid``, ``gpu_regions``/``gpu_offsets``)."""
 MAX_FRAME_BYTES = 4 << 20
 """Largest payload the sidecar decodes (a 1M-token prompt's hashes are ~64 KiB)."""
 MAX_CHUNKS_PER_REQUEST = 65536
@@ -101,7 +102,10 @@ class NamespaceInfo:
 
 @dataclass(frozen=True, slots=True)
 class RegionInfo:
-    """Memory a client maps once: the host pool (``kind='shm'`` or ``'file'``) or a GPU pool."""
+    """Memory a client maps once: the host pool (``region_id`` 0, ``kind='shm'`` or
+    ``'file'``) or a GPU tier region (``kind='cuda'``, ids from 1): ``handle`` is its CUDA IPC
+    handle, ``device_uuid`` the 16-byte uuid of its device (``device``: the sidecar's ordinal,
+    for logs only). ``uuid`` names this allocation: a client maps a region once per uuid."""
 
     region_id: int
     kind: str
@@ -110,6 +114,7 @@ class RegionInfo:
     uuid: bytes
     device: int = -1
     handle: bytes = b""
+    device_uuid: bytes = b""
 
 
 # --- requests -------------------------------------------------------------------------
@@ -125,6 +130,7 @@ class Hello:
     name: str = ""
     namespaces: list[NamespaceInfo] = field(default_factory=list)
     token: bytes | None = None
+    device: bytes = b""      # a CUDA worker: the 16-byte uuid of its KV cache's device
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,8 +236,11 @@ class HelloReply:
 
 @dataclass(frozen=True, slots=True)
 class LookupReply:
-    """``offsets[i]``/``regions[i]``/``checksums[i]`` belong to ``namespaces[i]`` of the request
-    and hold ``hits`` entries each when pinned (empty otherwise)."""
+    """``offsets[i]``/``checksums[i]`` belong to ``namespaces[i]`` of the request and hold
+    ``hits`` entries each when pinned (empty otherwise): host-region offsets (uint64) and
+    checksums (uint64, ``--verify on`` only). ``gpu_regions[i]`` (one byte per hit, 0 for
+    none) and ``gpu_offsets[i]`` (uint64) name each hit's GPU tier copy; both are empty when
+    the sidecar has no GPU tier."""
 
     OP: ClassVar[Op] = Op.LOOKUP
     req_id: int
@@ -239,14 +248,17 @@ class LookupReply:
     hits: int
     lease_id: int = 0
     offsets: list[bytes] = field(default_factory=list)
-    regions: list[bytes] = field(default_factory=list)
     checksums: list[bytes] = field(default_factory=list)
     pending: int = 0
+    gpu_regions: list[bytes] = field(default_factory=list)
+    gpu_offsets: list[bytes] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class ReserveReply:
-    """One :class:`SlotStatus` byte, one uint64 offset and one region byte per requested chunk."""
+    """One :class:`SlotStatus` byte and one uint64 host offset per requested chunk; when some
+    WRITE chunk also got a GPU tier slot, ``gpu_regions`` (one byte per chunk, 0 for none)
+    and ``gpu_offsets`` (uint64 per chunk) say where: the writer fills both before COMMIT."""
 
     OP: ClassVar[Op] = Op.RESERVE
     req_id: int
@@ -254,7 +266,8 @@ class ReserveReply:
     lease_id: int
     status: bytes
     offsets: bytes
-    regions: bytes
+    gpu_regions: bytes = b""
+    gpu_offsets: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,6 +449,8 @@ def _validate(msg: Request) -> None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown role {msg.role!r}")
         if len(msg.namespaces) > MAX_NAMESPACES_PER_REQUEST:
             raise ProtocolError(ErrorCode.TOO_LARGE, "too many namespaces")
+        if msg.device and len(msg.device) != 16:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f"device must be a 16-byte CUDA device uuid, got {len(msg.device)} bytes")
         for ns in msg.namespaces:
             _ns_id(ns.id, "namespace id")
             if not 0 < ns.chunk_bytes <= 1 << 40:

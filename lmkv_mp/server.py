@@ -25,13 +25,15 @@ from lmkv_mp import protocol as P
 from lmkv_mp.access import token_ok
 from lmkv_mp.clients import ClientState, ParkedWrites
 from lmkv_mp.config import SidecarConfig
+from lmkv_mp.gpu_copies import GpuCopies
 from lmkv_mp.index import ChunkIndex
 from lmkv_mp.keys import split_hashes
 from lmkv_mp.leases import LeaseError
 from lmkv_mp.memory import RegionError
+from lmkv_mp.memory.gpu import format_uuid
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
-from lmkv_mp.startup import (Locks, StartupError, bind, open_host_pool, open_lower_tiers, open_run_dir, start_metrics,
-                             unimplemented)
+from lmkv_mp.startup import (Locks, StartupError, bind, open_gpu_regions, open_host_pool, open_lower_tiers,
+                             open_run_dir, start_metrics)
 from lmkv_mp.tiers.base import checksum
 from lmkv_mp.tiers.hierarchy import TierHierarchy
 
@@ -62,7 +64,16 @@ class Sidecar:
         self.access = open_run_dir(cfg, self._locks)
         self.region, self.pool, records = open_host_pool(cfg, self.access, self._locks)
         self._region_gone = False
-        self.index = ChunkIndex(self.pool)
+        try:
+            self.gpu_regions = open_gpu_regions(cfg)
+        except BaseException:
+            self.pool.close()
+            self.region.close()
+            self._locks.release()
+            raise
+        gpu = (GpuCopies({i + 1: r.size for i, r in enumerate(self.gpu_regions)}, cfg.slab_size,
+                         self.pool.geo.min_slot_bytes) if self.gpu_regions else None)
+        self.index = ChunkIndex(self.pool, gpu)
         self._parked = ParkedWrites(self.index)
         restored = self.index.restore(records, require_checksum=cfg.verify)
         if self.index.counters.unverified:
@@ -267,6 +278,9 @@ class Sidecar:
         self._wake_w.close()
         self.pool.close()
         self.region.close()
+        for gpu_region in self.gpu_regions:
+            gpu_region.close()  # after the sockets: no worker is told about it any more
+        self.gpu_regions = []
         if self.cfg.unlink_on_exit:
             self.region.unlink()
         self._locks.release()
@@ -312,9 +326,12 @@ class Sidecar:
             self.clients[ident] = client
             log.info("client joined: id=%d role=%s pid=%d name=%s", client.client_id, msg.role, msg.pid, client.name)
         client.namespaces.update(ns.id for ns in msg.namespaces)
-        region = P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)
+        client.gpu_region = next((i + 1 for i, r in enumerate(self.gpu_regions) if msg.device == r.device_uuid), 0)
+        regions = [P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)]
+        regions += [P.RegionInfo(i + 1, "cuda", format_uuid(r.device_uuid), r.size, r.uuid, r.ordinal, r.handle,
+                                 r.device_uuid) for i, r in enumerate(self.gpu_regions)]
         return P.HelloReply(msg.req_id, self.boot_id, client.client_id, self.cfg.chunk_tokens, self.cfg.hash_key,
-                            self.cfg.lease_timeout, self.cfg.heartbeat_interval, [region], self.cfg.verify)
+                            self.cfg.lease_timeout, self.cfg.heartbeat_interval, regions, self.cfg.verify)
 
     def _lookup(self, ident: bytes, msg: P.Lookup) -> P.LookupReply:
         n = len(msg.hashes) // 16
@@ -332,11 +349,11 @@ class Sidecar:
             nbytes = self.index.chunk_bytes(ns) or 0
             self.counters.loads += pinned.hits
             self.counters.loaded_bytes += pinned.hits * nbytes
-        region_ids = bytes(pinned.hits)  # all in the host region (id 0) for now
         return P.LookupReply(msg.req_id, self.boot_id, pinned.hits, pinned.lease_id,
-                             [P.pack_u64(o) for o in pinned.offsets], [region_ids for _ in msg.namespaces],
+                             [P.pack_u64(o) for o in pinned.offsets],
                              [P.pack_u64(c) for c in pinned.checksums] if self.cfg.verify else [],
-                             self._prefetch(msg, pinned.hits, n))
+                             self._prefetch(msg, pinned.hits, n), [bytes(r) for r in pinned.gpu_regions],
+                             [P.pack_u64(o) for o in pinned.gpu_offsets])
 
     def _prefetch(self, msg: P.Lookup, hits: int, n: int) -> int:
         """Start promoting the chunks after the host hits from lower tiers; how many may come."""
@@ -358,9 +375,9 @@ class Sidecar:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_NAMESPACE,
                                   f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
         self._check_quota(client)
-        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes, self._share_bytes())
+        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes, self._share_bytes(), client.gpu_region)
         return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.pack_u64(r.offsets),
-                              bytes(len(r.status)))
+                              bytes(r.gpu_regions), P.pack_u64(r.gpu_offsets) if r.gpu_offsets else b"")
 
     def _share_bytes(self) -> int:
         """Slot bytes one client may hold in write leases, and apart in read pins."""
@@ -458,6 +475,9 @@ class Sidecar:
         if self.tiers is not None:
             snap["tiers"].update(self.tiers.stats())
             snap["tier_movers"] = self.tiers.activity()
+        if self.index.gpu is not None:
+            for rid, gstats in self.index.gpu.stats().items():
+                snap["tiers"][f"gpu{self.gpu_regions[rid - 1].ordinal}"] = gstats
         return snap
 
     def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:
@@ -481,10 +501,6 @@ class Sidecar:
 
 def serve(cfg: SidecarConfig) -> int:
     """Run a sidecar in this process until SIGTERM/SIGINT. Returns the exit status."""
-    missing = unimplemented(cfg)
-    if missing:
-        log.error("start failed: not implemented in this version: %s", ", ".join(missing))
-        return 2
     try:
         sidecar = Sidecar(cfg)
     except (StartupError, RegionError, OSError, ValueError) as e:

@@ -1,4 +1,5 @@
-"""What the sidecar acquires before it serves: run dir, locks, host pool, tiers, sockets.
+"""What the sidecar acquires before it serves: run dir, locks, host pool, GPU tier regions,
+lower tiers, sockets.
 
 Each step either hands back what it opened or raises :class:`StartupError` (or the
 ``RegionError``/``OSError``/``ValueError`` of what it opened) with a message that says which
@@ -12,6 +13,7 @@ import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -22,20 +24,15 @@ from lmkv_mp.memory import HostPool, HostRegion, Record, shm_name_for
 from lmkv_mp.metrics import MetricsServer, SnapshotBroker
 from lmkv_mp.tiers.base import Tier
 
+if TYPE_CHECKING:
+    from lmkv_mp.memory.gpu import GpuRegion
+
 # The sidecar's log: these lines are the first part of its story, read with the rest.
 log = logging.getLogger("lmkv.server")
 
 
 class StartupError(RuntimeError):
     """The sidecar cannot start; the message says what to change."""
-
-
-def unimplemented(cfg: SidecarConfig) -> list[str]:
-    """Settings this build accepts but cannot honour yet: refusing them beats pretending."""
-    out = []
-    if cfg.gpu_pool_size or cfg.gpu_devices:
-        out.append("--gpu-pool-size/--gpu-devices (the GPU tier)")
-    return out
 
 
 class Locks:
@@ -107,6 +104,29 @@ def open_host_pool(cfg: SidecarConfig, access: Access, locks: Locks) -> tuple[Ho
             region.unlink()
         raise
     return region, pool, records
+
+
+def open_gpu_regions(cfg: SidecarConfig) -> list[GpuRegion]:
+    """One exported device allocation of ``--gpu-pool-size`` per ``--gpu-devices`` entry (every
+    visible device when that is empty; none without a pool size). All or nothing: a device
+    that fails frees the ones made before."""
+    if not cfg.gpu_pool_size:
+        return []
+    from lmkv_mp.memory.gpu import GpuRegion, visible_devices  # cuda-python only when a GPU tier is asked for
+
+    regions: list[GpuRegion] = []
+    try:
+        for ordinal in cfg.gpu_devices or range(visible_devices()):
+            regions.append(GpuRegion(ordinal, cfg.gpu_pool_size))
+    except BaseException:
+        for r in regions:
+            r.close()
+        raise
+    if len({r.device_uuid for r in regions}) != len(regions):
+        for r in regions:
+            r.close()
+        raise StartupError("--gpu-devices names one GPU twice (two ordinals with the same device uuid)")
+    return regions
 
 
 def open_lower_tiers(cfg: SidecarConfig, locks: Locks) -> list[Tier]:

@@ -243,7 +243,6 @@ def test_relative_paths_become_absolute(env: dict[str, str], meminfo: str) -> No
         ("--slab-size", "2MiB", "slab_size", 2 * MiB),
         ("--chunk-tokens", "512", "chunk_tokens", 512),
         ("--gpu-pool-size", "4GiB", "gpu_pool_size", 4 * GiB),
-        ("--gpu-devices", "0, 2", "gpu_devices", (0, 2)),
         ("--remote-url", "redis+cluster://a:7000", "remote_url", "redis+cluster://a:7000"),
         ("--remote-url", "valkey://v:6379/1", "remote_url", "redis://v:6379/1"),
         ("--remote-url", "valkey+cluster://v:7000", "remote_url", "redis+cluster://v:7000"),
@@ -273,6 +272,13 @@ def test_env_twin_and_flag_beats_env(
     default = getattr(load([], env, meminfo), field)
     assert getattr(load([flag, value], {**env, name: "garbage@@"}, meminfo), field) == expected
     assert default != expected
+
+
+def test_gpu_devices_from_flag_or_env_with_a_pool_size(env: dict[str, str], meminfo: str) -> None:
+    sized = {**env, "LMKV_GPU_POOL_SIZE": "4GiB"}
+    assert load([], {**sized, "LMKV_GPU_DEVICES": "0, 2"}, meminfo).gpu_devices == (0, 2)
+    assert load(["--gpu-devices", "1"], {**sized, "LMKV_GPU_DEVICES": "0, 2"}, meminfo).gpu_devices == (1,)
+    assert load([], sized, meminfo).gpu_devices == (), "no list: every visible device (resolved at start)"
 
 
 def test_run_dir_env_twin(tmp_path: Path, env: dict[str, str], meminfo: str) -> None:
@@ -389,6 +395,10 @@ def test_config_is_frozen(env: dict[str, str], meminfo: str) -> None:
         (["--gpu-pool-size", "1MiB"], {}, "--gpu-pool-size", ["slab"]),
         (["--gpu-devices", "0,x"], {}, "--gpu-devices", ["e.g. 0,1"]),
         (["--gpu-devices", "1,1"], {}, "--gpu-devices", ["twice"]),
+        (["--gpu-devices", "0"], {}, "--gpu-pool-size", ["is 0", "e.g. 8GiB"]),
+        (["--gpu-pool-size", "1GiB", "--verify", "on"], {}, "--gpu-pool-size", ["--verify on", "choose one"]),
+        (["--gpu-pool-size", "1GiB", "--gpu-devices", ",".join(map(str, range(65)))], {}, "--gpu-devices",
+         ["at most 64"]),
         (["--disk-size", "1GiB"], {}, "--disk-size", ["--disk-dir (LMKV_DISK_DIR)"]),
         (["--disk-dir", "/d", "--disk-size", "0"], {}, "--disk-size", ["above 0"]),
         (["--remote-url", "http://h:6379"], {}, "--remote-url", ["redis://", "rediss://", "unix://", "redis+cluster://"]),

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from lmkv_mp.gpu_copies import GpuCopies
 from lmkv_mp.index import ChunkIndex
 from lmkv_mp.leases import LeaseError
 from lmkv_mp.memory import HostPool, SlotState
@@ -41,11 +42,12 @@ class MemRegion:
         self.view = memoryview(bytearray(size))
 
 
-def make_index(num_slabs: int = 2, region: MemRegion | None = None) -> ChunkIndex:
+def make_index(num_slabs: int = 2, region: MemRegion | None = None, gpu_slabs: int = 0) -> ChunkIndex:
+    """``gpu_slabs``: also a GPU tier region (id 1) of that many slabs (gpu_copies.py)."""
     region = region or MemRegion(2 * MiB + num_slabs * SLAB)  # metadata fits below the 2 MiB data offset
     pool, records = HostPool.open(region, SLAB, MIN_SLOT)  # type: ignore[arg-type]
     assert pool.geo.num_slabs == num_slabs
-    idx = ChunkIndex(pool)
+    idx = ChunkIndex(pool, GpuCopies({1: gpu_slabs * SLAB}, SLAB, MIN_SLOT) if gpu_slabs else None)
     idx.restore(records)
     for ns, size in ((NS0, SMALL), (NS1, SMALL), (NSB, BIG), (NSH, HUGE)):
         idx.declare(ns, size)
@@ -677,22 +679,26 @@ OWNERS = ["a", "b", "c"]
 
 
 class IndexMachine(RuleBasedStateMachine):
-    """Random RESERVE/COMMIT/RELEASE/LOOKUP/PIN/CLEAR/expiry on a 3-slab pool, checked
-    against a model of what each owner holds."""
+    """Random RESERVE/COMMIT/RELEASE/LOOKUP/PIN/CLEAR/expiry on a 3-slab pool with a 2-slab
+    GPU tier region (writers on its device or not), checked against a model of what each
+    owner holds."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.idx = make_index(num_slabs=3)
+        self.idx = make_index(num_slabs=3, gpu_slabs=1)
         self.writes: dict[int, tuple[str, bytes, list[int]]] = {}   # lease -> owner, ns, ids
         self.reads: dict[int, tuple[str, list[bytes], list[int]]] = {}  # lease -> owner, nss, ids
+        self.copies: dict[int, list[tuple[object, int, int]]] = {}     # read lease -> (entry, region, offset)
         self.doomed_pins = 0
 
     @rule(owner=st.sampled_from(OWNERS), ns=st.sampled_from(NAMESPACES),
           ids=st.lists(st.integers(0, 11), min_size=1, max_size=6),
-          cap=st.none() | st.integers(0, 3 * SLAB))
-    def reserve(self, owner: str, ns: bytes, ids: list[int], cap: int | None) -> None:
+          cap=st.none() | st.integers(0, 3 * SLAB), on_gpu=st.booleans())
+    def reserve(self, owner: str, ns: bytes, ids: list[int], cap: int | None, on_gpu: bool) -> None:
         before = self.idx.owner_write_bytes(owner)
-        r = self.idx.reserve(owner, ns, hs(*ids), cap)
+        r = self.idx.reserve(owner, ns, hs(*ids), cap, gpu_region=1 if on_gpu else 0)
+        if r.gpu_regions:
+            assert on_gpu and all(g == 0 for g, s in zip(r.gpu_regions, r.status) if s != W)
         if cap is not None:
             assert self.idx.owner_write_bytes(owner) <= max(cap, before), "the write quota holds"
         assert len(r.status) == len(ids)
@@ -723,6 +729,7 @@ class IndexMachine(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         lease_id = data.draw(st.sampled_from(sorted([*self.writes, *self.reads])))
         owner = (self.writes.pop(lease_id, None) or self.reads.pop(lease_id))[0]
+        self.copies.pop(lease_id, None)
         self.idx.release(owner, lease_id)
 
     @rule(owner=st.sampled_from(OWNERS), nss=st.lists(st.sampled_from(NAMESPACES), min_size=1, max_size=2,
@@ -742,6 +749,9 @@ class IndexMachine(RuleBasedStateMachine):
             assert p.hits == n
             if n:
                 self.reads[p.lease_id] = (owner, nss, ids[:n])
+                entries = [self.idx._committed.get(ns + hs(i)) for ns in nss for i in ids[:n]]
+                self.copies[p.lease_id] = [(e, e.gpu_region, e.gpu_offset) for e in entries]
+                assert [c[1] for c in self.copies[p.lease_id]] == [g for col in p.gpu_regions for g in col]
 
     @rule(ns=st.none() | st.sampled_from(NAMESPACES))
     def clear(self, ns: bytes | None) -> None:
@@ -759,6 +769,7 @@ class IndexMachine(RuleBasedStateMachine):
         for leases in (self.writes, self.reads):
             for lease_id in [k for k, v in leases.items() if v[0] == owner]:
                 del leases[lease_id]
+                self.copies.pop(lease_id, None)
         assert self.idx.owner_lease_count(owner) == 0
 
     @invariant()
@@ -794,6 +805,18 @@ class IndexMachine(RuleBasedStateMachine):
         for (_, hi), (lo, _) in zip(extents, extents[1:]):
             assert hi <= lo
 
+    @invariant()
+    def gpu_copies_stay_put_while_pinned_and_never_overlap(self) -> None:
+        for held in self.copies.values():
+            for e, region, offset in held:
+                assert (e.gpu_region, e.gpu_offset) == (region, offset), "a pinned chunk's copy moved or went"  # type: ignore[attr-defined]
+        with_copy = [e for e in self.idx._by_slot.values() if e.gpu_region]
+        stats = self.idx.gpu.stats()[1]  # type: ignore[union-attr]
+        assert stats["used_bytes"] == sum(self.idx.pool.slot_bytes_for(e.length) for e in with_copy)
+        extents = sorted((e.gpu_offset, e.gpu_offset + self.idx.pool.slot_bytes_for(e.length)) for e in with_copy)
+        for (_, hi), (lo, _) in zip(extents, extents[1:]):
+            assert hi <= lo
+
     def teardown(self) -> None:
         for owner in OWNERS:
             self.idx.drop_owner(owner)
@@ -801,6 +824,7 @@ class IndexMachine(RuleBasedStateMachine):
         self.idx.clear()
         assert self.idx.pool.alloc_state.used_bytes == 0, "every slot comes back once all leases end"
         assert self.idx.pool.alloc_state.free_slabs() == 3
+        assert self.idx.gpu.stats()[1]["used_bytes"] == 0, "and every GPU copy slot"  # type: ignore[union-attr]
 
 
 def hit_quiet(idx: ChunkIndex, ns: bytes, i: int) -> bool:

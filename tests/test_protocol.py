@@ -31,7 +31,7 @@ REQUESTS: dict[str, P.Request] = {
     "hello-full": P.Hello(req_id=2, version=P.PROTOCOL_VERSION, role="worker", pid=1234, name="rank0",
                           namespaces=[P.NamespaceInfo(NS, 1 << 20, "llama[tp0/2]"),
                                       P.NamespaceInfo(NS2, 4096)],
-                          token=b"secret"),
+                          token=b"secret", device=b"\x07" * 16),
     "hello-admin": P.Hello(req_id=3, version=P.PROTOCOL_VERSION, role="admin", token=b""),
     "hello-client": P.Hello(req_id=3, version=P.PROTOCOL_VERSION, role="client"),
     "lookup": P.Lookup(req_id=4, namespaces=[NS], hashes=hashes(3)),
@@ -52,7 +52,7 @@ REQUESTS: dict[str, P.Request] = {
 
 REGION = P.RegionInfo(region_id=0, kind="shm", name="/lmkv-1-abc", size=1 << 30, uuid=b"\x02" * 16)
 GPU_REGION = P.RegionInfo(region_id=1, kind="cuda", name="gpu0", size=1 << 30, uuid=b"\x03" * 16,
-                          device=0, handle=b"\x04" * 64)
+                          device=0, handle=b"\x04" * 64, device_uuid=b"\x05" * 16)
 
 REPLIES: dict[str, tuple[Op, P.Reply]] = {
     "hello": (Op.HELLO, P.HelloReply(req_id=1, boot_id=BOOT, client_id=5, chunk_tokens=256, hash_key=b"k" * 32,
@@ -64,11 +64,18 @@ REPLIES: dict[str, tuple[Op, P.Reply]] = {
     "lookup-miss": (Op.LOOKUP, P.LookupReply(req_id=2, boot_id=BOOT, hits=0)),
     "lookup-pinned": (Op.LOOKUP, P.LookupReply(req_id=2, boot_id=BOOT, hits=2, lease_id=7,
                                                offsets=[P.pack_u64([4096, 8192]), P.pack_u64([0, 1 << 40])],
-                                               regions=[b"\0\0", b"\0\1"], checksums=[b"", b""], pending=1)),
+                                               checksums=[b"", b""], pending=1)),
+    "lookup-pinned-gpu": (Op.LOOKUP, P.LookupReply(req_id=2, boot_id=BOOT, hits=2, lease_id=7,
+                                                   offsets=[P.pack_u64([4096, 8192])], checksums=[],
+                                                   gpu_regions=[b"\1\0"], gpu_offsets=[P.pack_u64([0, 0])])),
     "reserve": (Op.RESERVE, P.ReserveReply(req_id=3, boot_id=BOOT, lease_id=8,
                                            status=bytes([P.SlotStatus.WRITE, P.SlotStatus.PRESENT,
                                                          P.SlotStatus.BUSY, P.SlotStatus.NO_SPACE]),
-                                           offsets=P.pack_u64([4096, 0, 0, 0]), regions=b"\0\0\0\0")),
+                                           offsets=P.pack_u64([4096, 0, 0, 0]))),
+    "reserve-gpu": (Op.RESERVE, P.ReserveReply(req_id=3, boot_id=BOOT, lease_id=8,
+                                               status=bytes([P.SlotStatus.WRITE, P.SlotStatus.WRITE]),
+                                               offsets=P.pack_u64([4096, 8192]), gpu_regions=b"\1\0",
+                                               gpu_offsets=P.pack_u64([1 << 20, 0]))),
     "commit": (Op.COMMIT, P.CommitReply(req_id=4, boot_id=BOOT, committed=3)),
     "release": (Op.RELEASE, P.ReleaseReply(req_id=5, boot_id=BOOT, released=2)),
     "ping": (Op.PING, P.PingReply(req_id=6, boot_id=BOOT, leases=0)),
@@ -361,6 +368,13 @@ def test_namespace_id_of_wrong_size(where: str, size: int) -> None:
         body, op = body_of(REQUESTS["hello-full"]), Op.HELLO
         body["namespaces"][0]["id"] = bad
     assert_rejected(frames(op, body), ErrorCode.BAD_REQUEST, "16 bytes")
+
+
+@pytest.mark.parametrize("size", [1, 15, 17, 64])
+def test_hello_device_uuid_of_wrong_size(size: int) -> None:
+    body = body_of(REQUESTS["hello-full"])
+    body["device"] = b"d" * size
+    assert_rejected(frames(Op.HELLO, body), ErrorCode.BAD_REQUEST, "16-byte CUDA device uuid")
 
 
 @pytest.mark.parametrize("count", [0, P.MAX_NAMESPACES_PER_REQUEST + 1])
@@ -688,14 +702,17 @@ REPLY_STRATEGIES: dict[Op, st.SearchStrategy[Any]] = {
                         hash_key=st.binary(max_size=64), lease_timeout=_floats, heartbeat_interval=_floats,
                         regions=st.lists(st.builds(P.RegionInfo, region_id=_i64, kind=st.text(max_size=5),
                                                    name=st.text(max_size=20), size=_i64, uuid=st.binary(max_size=16),
-                                                   device=_i64, handle=st.binary(max_size=64)), max_size=3),
+                                                   device=_i64, handle=st.binary(max_size=64),
+                                                   device_uuid=st.binary(max_size=16)), max_size=3),
                         verify=st.booleans(), version=_i64),
     Op.LOOKUP: st.builds(P.LookupReply, req_id=_u63, boot_id=_boot, hits=_i64, lease_id=_i64,
                          offsets=st.lists(st.binary(max_size=64), max_size=3),
-                         regions=st.lists(st.binary(max_size=8), max_size=3),
-                         checksums=st.lists(st.binary(max_size=64), max_size=3), pending=_i64),
+                         checksums=st.lists(st.binary(max_size=64), max_size=3), pending=_i64,
+                         gpu_regions=st.lists(st.binary(max_size=8), max_size=3),
+                         gpu_offsets=st.lists(st.binary(max_size=64), max_size=3)),
     Op.RESERVE: st.builds(P.ReserveReply, req_id=_u63, boot_id=_boot, lease_id=_i64, status=st.binary(max_size=8),
-                          offsets=st.binary(max_size=64), regions=st.binary(max_size=8)),
+                          offsets=st.binary(max_size=64), gpu_regions=st.binary(max_size=8),
+                          gpu_offsets=st.binary(max_size=64)),
     Op.COMMIT: st.builds(P.CommitReply, req_id=_u63, boot_id=_boot, committed=_i64),
     Op.RELEASE: st.builds(P.ReleaseReply, req_id=_u63, boot_id=_boot, released=_i64),
     Op.PING: st.builds(P.PingReply, req_id=_u63, boot_id=_boot, leases=_i64, alive=st.binary(max_size=8)),

@@ -158,7 +158,7 @@ def test_store_lookup_pin_release(sc: Harness) -> None:
     pinned = sc.lookup(b"sched", [NS_A], hashes(1, 2, 3), pin=True)
     assert pinned.hits == 3 and pinned.lease_id
     assert P.unpack_u64(pinned.offsets[0]).tolist() == offsets
-    assert pinned.regions == [bytes(3)]
+    assert pinned.gpu_regions == [] and pinned.gpu_offsets == [], "no GPU tier: no GPU copies"
     assert sc.stats()["leases"] == {"read": 1, "write": 0}
 
     again = sc.ok(b"w1", P.Reserve(6, NS_A, hashes(1, 2, 3, 4)))

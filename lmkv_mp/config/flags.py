@@ -73,8 +73,10 @@ SIDECAR_FLAGS: tuple[Flag, ...] = (
           "allocator slab size; a multiple of 4KiB, at least 1MiB"),
     Flag("--chunk-tokens", "N", str(DEFAULT_CHUNK_TOKENS),
           "tokens per cached chunk; a multiple of the engine's block size"),
-    Flag("--gpu-pool-size", "SIZE", "0 (no GPU tier)", "GPU tier size per device (not implemented yet: refused at start)"),
-    Flag("--gpu-devices", "LIST", "none", "GPU tier devices, e.g. 0,1 (not implemented yet: refused at start)"),
+    Flag("--gpu-pool-size", "SIZE", "0 (no GPU tier)", "GPU tier size per device: copies of recently stored "
+         "chunks in device memory, which CUDA workers on that device copy device to device; not with --verify on"),
+    Flag("--gpu-devices", "LIST", "every visible device", "CUDA devices of the GPU tier, e.g. 0,1 (as "
+         "CUDA_VISIBLE_DEVICES numbers them for the sidecar)"),
     Flag("--disk-dir", "DIR", "no disk tier", "disk tier directory, SSD or DAX (one sidecar per directory; survives restarts)"),
     Flag("--disk-size", "SIZE", f"{format_size(DEFAULT_DISK_SIZE)} when --disk-dir is set",
           "disk tier size"),

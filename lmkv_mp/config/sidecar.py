@@ -87,6 +87,10 @@ def default_host_pool_size(meminfo_path: str = "/proc/meminfo") -> int:
     return max(size // HOST_POOL_ROUND * HOST_POOL_ROUND, HOST_POOL_FLOOR)
 
 
+MAX_GPU_DEVICES = 64
+"""GPU tier regions one sidecar may own (region ids are one byte on the wire)."""
+
+
 def _parse_devices(text: str) -> tuple[int, ...]:
     if not text.strip():
         return ()
@@ -276,6 +280,14 @@ def load_sidecar_config(
                      "clients would lose their leases between heartbeats")
 
     verify = src.parse("--verify", parse_bool, False)
+    if gpu_devices and not gpu_pool_size:
+        raise flag_error("--gpu-pool-size", f"is 0 but --gpu-devices names {len(gpu_devices)} device(s); "
+                         "give the GPU tier's size per device, e.g. 8GiB")
+    if gpu_pool_size and verify:
+        raise flag_error("--gpu-pool-size", "cannot be used with --verify on: a load is checked by hashing the "
+                         "host slot it read, and GPU tier copies are read on the device; choose one")
+    if len(gpu_devices) > MAX_GPU_DEVICES:
+        raise flag_error("--gpu-devices", f"names {len(gpu_devices)} devices; at most {MAX_GPU_DEVICES}")
     hash_key = src.optional("--hash-key-file", _hash_key) or DEFAULT_HASH_KEY
     admin_token = src.optional("--admin-token-file", read_token)
     metrics_host = src.parse("--metrics-host", _host, DEFAULT_METRICS_HOST)

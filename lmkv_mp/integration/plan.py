@@ -34,6 +34,8 @@ class LoadJob:
     skip_blocks: int
     hashes: bytes = b""
     lease_id: int = 0
+    gpu_regions: list[list[int]] = field(default_factory=list)
+    gpu_offsets: list[list[int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

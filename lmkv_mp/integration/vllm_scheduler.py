@@ -128,7 +128,9 @@ class SchedulerSide:
                       [o[c0:c1].tolist() for o in st.lookup.offsets],
                       [c[c0:c1].tolist() for c in st.lookup.checksums],
                       list(block_ids[first_block:last_block]), (local % self.chunk_tokens) // self.block_size,
-                      st.hashes[c0 * HASH_BYTES:c1 * HASH_BYTES], st.lookup.lease_id)
+                      st.hashes[c0 * HASH_BYTES:c1 * HASH_BYTES], st.lookup.lease_id,
+                      [g[c0:c1].tolist() for g in st.lookup.gpu_regions],
+                      [o[c0:c1].tolist() for o in st.lookup.gpu_offsets])
         self._loads.append(job)
         self._awaiting_load[request.request_id] = st.lookup.lease_id
         st.lookup = LookupResult(st.lookup.hits, 0, (), (), st.lookup.boot_id)  # lease now owned by the load

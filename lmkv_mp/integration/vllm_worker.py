@@ -18,7 +18,10 @@ A mismatch fails the load (recompute) and is reported to the sidecar, which drop
 On a GPU the copies go through :class:`~lmkv_mp.cuda_path.CudaHostPath` (a staging slot in
 device memory and DMA to the pinned host pool, on a side stream that starts after the work
 the engine had queued when the job was submitted); on a CPU straight between the cache and
-the slot.
+the slot. A CUDA rank tells the sidecar its device in HELLO; where the sidecar has a GPU
+tier region there, stores also fill the GPU slots RESERVE hands out and loads read the
+chunks that have a copy there device to device. A GPU slot the rank cannot fill is never
+committed: the store is dropped and the rank stops asking for GPU slots.
 
 Blocks a job reads stay valid until the job ends: vLLM keeps a running request's blocks,
 ``request_finished`` delays the free of requests with stores, and ``handle_preemptions``
@@ -40,7 +43,7 @@ from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.keys import HASH_BYTES
 from lmkv_mp.protocol import NamespaceInfo
 from lmkv_mp.copy_threads import CopyThreads, one_torch_thread_pool
-from lmkv_mp.cuda_path import CudaHostPath
+from lmkv_mp.cuda_path import CudaHostPath, device_uuid
 from lmkv_mp.transfer import PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
@@ -64,6 +67,9 @@ class WorkerSide:
         elif paged.device.type == "cuda":
             try:
                 self._cuda = CudaHostPath(paged)
+                client.device = device_uuid(self._cuda.device)
+                if client.hello is not None:
+                    client.declare([])  # re-HELLO: the sidecar learns the device
             except (RuntimeError, ValueError) as e:
                 self.disabled = f"the GPU copy path could not start on {paged.device} ({e}): lmkv disabled on this rank"
         elif paged.device.type != "cpu":
@@ -184,15 +190,17 @@ class WorkerSide:
         rank = 0 if len(job.offsets) == 1 else self.tp_rank
         offsets = job.offsets[rank]
         sums = job.checksums[rank] if job.checksums else []
+        gpu = self._gpu_slots(job.gpu_regions[rank] if job.gpu_regions else [],
+                              job.gpu_offsets[rank] if job.gpu_offsets else [], range(len(offsets)), nbytes)
         chunks, pos = [], 0
         for i, off in enumerate(offsets):
             first = job.skip_blocks if i == 0 else 0
-            chunks.append((off, job.block_ids[pos:pos + bpc - first], first, bpc))
+            chunks.append((off, job.block_ids[pos:pos + bpc - first], first, bpc, gpu[i]))
             pos += bpc - first
         if self._cuda is not None:
             self._cuda.load(host, chunks, nbytes, after)
         else:
-            for off, ids, first, total in chunks:
+            for off, ids, first, total, _ in chunks:
                 self.paged.scatter(host[off:off + nbytes], ids, first=first, total=total, threads=self._copy_threads)
         for i, s in enumerate(sums):
             if self.checksum(host[offsets[i]:offsets[i] + nbytes]) != s:
@@ -210,6 +218,21 @@ class WorkerSide:
         with self._lock:
             self.stats["load_chunks"] += len(offsets)
         return pos == len(job.block_ids)
+
+    def _gpu_slots(self, regions: list[int], offsets: list[int], chunks: Any, nbytes: int) -> list[Any]:
+        """For each chunk index in ``chunks``: its GPU tier slot as a device tensor, where
+        ``regions`` names a region on this rank's device that it can map, else None."""
+        if not regions or self._cuda is None:
+            return [None for _ in chunks]
+        hello = self.client.hello
+        announced = [r.uuid for r in hello.regions] if hello is not None else []
+        out = []
+        for i in chunks:
+            info = self.client.gpu_region(regions[i])
+            region = self._cuda.gpu_region(info, announced) if info is not None else None
+            off = offsets[i]
+            out.append(region[off:off + nbytes] if region is not None and off + nbytes <= region.numel() else None)
+        return out
 
     def _report_corrupt(self, plan: StepPlan, job: LoadJob, i: int, expected: int) -> None:
         ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
@@ -252,12 +275,20 @@ class WorkerSide:
             return
         verify = self.client.verify  # as of the HELLO the RESERVE ran under
         writable = res.writable().tolist()
-        chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i])) for i in writable]
+        gpu = self._gpu_slots(res.gpu_regions.tolist(), res.gpu_offsets.tolist(), writable, nbytes)
+        if any(g is None for i, g in zip(writable, gpu) if len(res.gpu_regions) and res.gpu_regions[i]):
+            # A GPU slot this rank cannot fill would be published holding garbage: store
+            # nothing this time, and ask for host slots only from now on.
+            self.client.release(res.lease_id)
+            self.client.device = b""
+            self.client.declare([])
+            return
+        chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i]), g) for i, g in zip(writable, gpu)]
         try:
             if self._cuda is not None:
                 self._cuda.store(host, chunks, nbytes, after)
             else:
-                for ids, off in chunks:
+                for ids, off, _ in chunks:
                     self.paged.gather(ids, host[off:off + nbytes], self._copy_threads)
         except BaseException:
             # Nothing is committed; give the slots back now rather than when this client goes
@@ -266,7 +297,7 @@ class WorkerSide:
             self.client.release(res.lease_id)
             raise
         written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in writable]
-        sums = [self.checksum(host[off:off + nbytes]) for _, off in chunks] if verify else []
+        sums = [self.checksum(host[off:off + nbytes]) for _, off, _ in chunks] if verify else []
         committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
         with self._lock:
             self.stats["store_skipped"] += len(res.status) - len(written)
