@@ -313,7 +313,7 @@ class SidecarClient:
         hello = self.hello
         if hello is None or not region_id or not self.device:
             return None
-        return next((r for r in hello.regions if r.region_id == region_id and r.kind == "cuda"
+        return next((r for r in hello.regions if r.region_id == region_id and r.kind in ("cuda", "cuda-vmm")
                      and r.device_uuid == self.device), None)
 
     def _region_problem(self, message: str) -> None:

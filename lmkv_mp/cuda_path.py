@@ -26,7 +26,8 @@ IPC handle), a store's RESERVE may give a chunk a GPU slot too. The kernels then
 into that slot instead of the staging slot, and the DMA to the host slot copies from it: the
 copy costs no extra device pass. A load whose chunk has a copy in this device's region
 scatters straight from it, device to device, with no DMA at all. The region is mapped once
-per region uuid (``cuIpcOpenMemHandle``, :class:`~lmkv_mp.memory.gpu.GpuMapping`); a
+per region uuid (:class:`~lmkv_mp.memory.gpu.GpuMapping`: a VMM region's fd comes from the
+sidecar's handle socket and is mapped with ``cuMemMap``, else ``cuIpcOpenMemHandle``); a
 mapping of a region the sidecar no longer announces (it restarted) is closed at the next
 job, when no copy can still use it (every job drains its stream before it ends).
 """
@@ -140,7 +141,7 @@ class CudaHostPath:
             if info.uuid in self._unmappable:
                 return None
             try:
-                mapping = GpuMapping(info.handle, info.size, self.device)
+                mapping = GpuMapping(info, self.device)
             except (RegionError, RuntimeError) as e:
                 self._unmappable.add(info.uuid)
                 log.warning("lmkv: cannot map the sidecar's GPU tier region on %s (%s): this rank stores and "

@@ -129,5 +129,6 @@ class GpuCopies:
         for rid, r in self._regions.items():
             out[rid] = {"capacity_bytes": r.alloc.capacity_bytes, "used_bytes": r.alloc.used_bytes,
                         "entries": sum(len(lru) for lru in r.lru.values()), "evictions": r.evictions,
-                        "evicted_bytes": r.evicted_bytes, "stored_chunks": r.copies, "hit_chunks": r.hits, "refused": r.refused}
+                        "evicted_bytes": r.evicted_bytes, "stored_chunks": r.copies, "hit_chunks": r.hits,
+                        "refused": r.refused}
         return out

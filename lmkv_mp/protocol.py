@@ -103,9 +103,11 @@ class NamespaceInfo:
 @dataclass(frozen=True, slots=True)
 class RegionInfo:
     """Memory a client maps once: the host pool (``region_id`` 0, ``kind='shm'`` or
-    ``'file'``) or a GPU tier region (``kind='cuda'``, ids from 1): ``handle`` is its CUDA IPC
-    handle, ``device_uuid`` the 16-byte uuid of its device (``device``: the sidecar's ordinal,
-    for logs only). ``uuid`` names this allocation: a client maps a region once per uuid."""
+    ``'file'``) or a GPU tier region (ids from 1): ``kind='cuda-vmm'`` is a VMM allocation
+    whose fd the unix socket at ``name`` hands out (memory/handles.py), ``kind='cuda'`` one
+    whose CUDA IPC handle is ``handle``. ``device_uuid`` is the 16-byte uuid of its device
+    (``device``: the sidecar's ordinal, for logs only). ``uuid`` names this allocation: a
+    client maps a region once per uuid."""
 
     region_id: int
     kind: str
@@ -450,7 +452,8 @@ def _validate(msg: Request) -> None:
         if len(msg.namespaces) > MAX_NAMESPACES_PER_REQUEST:
             raise ProtocolError(ErrorCode.TOO_LARGE, "too many namespaces")
         if msg.device and len(msg.device) != 16:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"device must be a 16-byte CUDA device uuid, got {len(msg.device)} bytes")
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f"device must be a 16-byte CUDA device uuid, got {len(msg.device)} bytes")
         for ns in msg.namespaces:
             _ns_id(ns.id, "namespace id")
             if not 0 < ns.chunk_bytes <= 1 << 40:

@@ -30,7 +30,9 @@ from lmkv_mp.index import ChunkIndex
 from lmkv_mp.keys import split_hashes
 from lmkv_mp.leases import LeaseError
 from lmkv_mp.memory import RegionError
-from lmkv_mp.memory.gpu import format_uuid
+from lmkv_mp.memory.gpu import GpuRegion, format_uuid
+from lmkv_mp.memory.handles import SOCKET_NAME as HANDLES_SOCKET
+from lmkv_mp.memory.handles import HandleServer
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
 from lmkv_mp.startup import (Locks, StartupError, bind, open_gpu_regions, open_host_pool, open_lower_tiers,
                              open_run_dir, start_metrics)
@@ -73,6 +75,7 @@ class Sidecar:
             raise
         gpu = (GpuCopies({i + 1: r.size for i, r in enumerate(self.gpu_regions)}, cfg.slab_size,
                          self.pool.geo.min_slot_bytes) if self.gpu_regions else None)
+        self.handles: HandleServer | None = None
         self.index = ChunkIndex(self.pool, gpu)
         self._parked = ParkedWrites(self.index)
         restored = self.index.restore(records, require_checksum=cfg.verify)
@@ -102,6 +105,14 @@ class Sidecar:
         self._subscribed: set[bytes] = set()  # topic prefixes someone subscribed to
         self.broker = SnapshotBroker(self._wake)
         self.metrics: MetricsServer | None = None
+        # VMM regions reach workers as file descriptors, over a unix socket of their own.
+        shared = {r.uuid: r.fd for r in self.gpu_regions if r.kind == "cuda-vmm"}
+        if shared:
+            try:
+                self.handles = HandleServer(cfg.run_dir / HANDLES_SOCKET, shared, self.access.umask, self.access.gid)
+            except OSError as e:
+                self.close()
+                raise StartupError(f"cannot bind the GPU handle socket in {cfg.run_dir}: {e}") from e
         log.info("start: boot_id=%s endpoint=%s host_pool=%s (%d bytes, %s, %d chunks warm)",
                  self.boot_id.hex(), cfg.endpoint, self.region.name, self.region.size,
                  "created" if self.region.created else "re-attached", restored)
@@ -142,6 +153,8 @@ class Sidecar:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         if self.publisher is not None:
             poller.register(self.publisher, zmq.POLLIN)  # (un)subscriptions
+        if self.handles is not None:
+            poller.register(self.handles.fileno(), zmq.POLLIN)
         tick = max(0.05, min(self.cfg.heartbeat_interval, self.cfg.lease_timeout / 4))
         next_reap = time.monotonic() + tick
         next_publish = time.monotonic() + self.cfg.stats_interval if self.publisher is not None else float("inf")
@@ -155,6 +168,8 @@ class Sidecar:
                     self._drain(self.stats, stats_only=True)
                 if self._wake_r.fileno() in ready:
                     self._wake_r.recv(4096)
+                if self.handles is not None and self.handles.fileno() in ready:
+                    self.handles.serve()
                 if self.broker.wanted:
                     self.broker.put(self.snapshot())
                 if self.publisher is not None and self.publisher in ready:
@@ -278,6 +293,9 @@ class Sidecar:
         self._wake_w.close()
         self.pool.close()
         self.region.close()
+        if self.handles is not None:
+            self.handles.close()
+            self.handles = None
         for gpu_region in self.gpu_regions:
             gpu_region.close()  # after the sockets: no worker is told about it any more
         self.gpu_regions = []
@@ -328,10 +346,16 @@ class Sidecar:
         client.namespaces.update(ns.id for ns in msg.namespaces)
         client.gpu_region = next((i + 1 for i, r in enumerate(self.gpu_regions) if msg.device == r.device_uuid), 0)
         regions = [P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)]
-        regions += [P.RegionInfo(i + 1, "cuda", format_uuid(r.device_uuid), r.size, r.uuid, r.ordinal, r.handle,
+        regions += [P.RegionInfo(i + 1, r.kind, self._gpu_region_name(r), r.size, r.uuid, r.ordinal, r.handle,
                                  r.device_uuid) for i, r in enumerate(self.gpu_regions)]
         return P.HelloReply(msg.req_id, self.boot_id, client.client_id, self.cfg.chunk_tokens, self.cfg.hash_key,
                             self.cfg.lease_timeout, self.cfg.heartbeat_interval, regions, self.cfg.verify)
+
+    def _gpu_region_name(self, region: GpuRegion) -> str:
+        """Where a worker gets a VMM region's fd (the handle socket), else the device's name."""
+        if region.kind == "cuda-vmm" and self.handles is not None:
+            return str(self.handles.path)
+        return format_uuid(region.device_uuid)
 
     def _lookup(self, ident: bytes, msg: P.Lookup) -> P.LookupReply:
         n = len(msg.hashes) // 16

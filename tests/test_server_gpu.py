@@ -12,21 +12,24 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from lmkv_mp import protocol as P
+from lmkv_mp.client import SidecarClient
 from lmkv_mp.config import load_sidecar_config
 from lmkv_mp.memory import RegionError
+from lmkv_mp.memory.handles import fetch_handles
 from lmkv_mp.metrics import NamespaceLabels, prometheus_families
 from lmkv_mp.server import Sidecar
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
-from tests.conftest import unlink_shm
+from tests.conftest import client_config, unlink_shm
 from tests.test_metrics import parse, value
 from tests.test_server import CHUNK, NS_A, NS_B, Harness, hashes
 
@@ -35,16 +38,25 @@ DEV0, DEV1, OTHER = b"\xa0" * 16, b"\xa1" * 16, b"\xff" * 16
 
 
 class StandInRegion:
-    """What the sidecar uses of a GpuRegion, without a device."""
+    """What the sidecar uses of a GpuRegion, without a device: a legacy region's IPC handle,
+    or with ``vmm`` a VMM region's exported fd (a memfd holding ``b"region <ordinal>"``)."""
 
-    def __init__(self, ordinal: int, size: int, device_uuid: bytes) -> None:
+    def __init__(self, ordinal: int, size: int, device_uuid: bytes, vmm: bool = False) -> None:
         self.ordinal, self.size, self.device_uuid = ordinal, size, device_uuid
         self.uuid = os.urandom(16)
-        self.handle = bytes([ordinal]) * 64
+        self.kind = "cuda-vmm" if vmm else "cuda"
+        self.handle = b"" if vmm else bytes([ordinal]) * 64
+        self.fd = -1
+        if vmm:
+            self.fd = os.memfd_create("lmkv-test-region")
+            os.write(self.fd, f"region {ordinal}".encode())
         self.closed = False
 
     def close(self) -> None:
         self.closed = True
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 @pytest.fixture
@@ -129,6 +141,38 @@ def test_close_frees_the_gpu_regions(gpu_sc: tuple[Harness, list]) -> None:
     h.server.close()
     assert all(r.closed for r in made)
     h.server = h._new()  # the harness closes one at teardown
+
+
+def test_a_vmm_regions_fd_reaches_workers_over_the_handle_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VMM region is announced with the handle socket's path; a worker that connects gets
+    the fd of that very allocation (a memfd here) while the loop serves everyone else."""
+    vmm, legacy = StandInRegion(0, 4 * MiB, DEV0, vmm=True), StandInRegion(1, 4 * MiB, DEV1)
+    monkeypatch.setattr("lmkv_mp.server.open_gpu_regions", lambda cfg: [vmm, legacy])
+    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
+    sc = Sidecar(load_sidecar_config(["--run-dir", str(run_dir), "--host-pool-size", "64MiB", "--slab-size",
+                                      "4MiB", "--metrics-port", "0", "--gpu-pool-size", "4MiB"], env={}))
+    loop = threading.Thread(target=sc.run, daemon=True)
+    loop.start()
+    client = SidecarClient(client_config(run_dir), role="worker", device=DEV0)
+    try:
+        assert client.connect()
+        info = client.gpu_region(1)
+        assert info is not None and info.kind == "cuda-vmm" and info.handle == b""
+        assert info.name == str(run_dir / "gpu-handles.sock")
+        fds = fetch_handles(info.name, 5.0)
+        assert list(fds) == [vmm.uuid]
+        assert os.pread(fds[vmm.uuid], 64, 0) == b"region 0"
+        os.close(fds[vmm.uuid])
+        assert client.gpu_region(2) is None, "another device's region is not this worker's"
+        assert client.hello.regions[2].kind == "cuda" and client.hello.regions[2].handle == legacy.handle
+        assert client.stats()["clients"] == {"worker": 1}, "the loop kept serving"
+    finally:
+        client.close()
+        sc.request_stop()
+        loop.join(10)
+        unlink_shm(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    assert vmm.closed and not (run_dir / "gpu-handles.sock").exists()
 
 
 def test_a_gpu_tier_without_a_cuda_driver_fails_to_start_and_leaves_nothing() -> None:

@@ -1,19 +1,23 @@
-"""GPU tier memory: one device allocation per GPU, exported to workers as a CUDA IPC handle.
+"""GPU tier memory: one device allocation per GPU, shared with workers through CUDA.
 
-The sidecar allocates each device's region with the CUDA driver API (cuda-python:
-``cuMemAlloc`` in the device's primary context) and exports it with ``cuIpcGetMemHandle``;
-the 64-byte handle travels to workers in the HELLO reply (:class:`~lmkv_mp.protocol.RegionInfo`,
-``kind='cuda'``), and a worker on the same device maps it once per region uuid with
-``cuIpcOpenMemHandle`` (:class:`GpuMapping`). The sidecar never copies GPU bytes itself:
-workers copy between their paged KV and GPU slots, device to device.
+The sidecar allocates each device's region with the CUDA driver API (cuda-python) in one
+of two ways, and a worker on the same device maps it once per region uuid
+(:class:`GpuMapping`). The sidecar never copies GPU bytes itself: workers copy between their
+paged KV and GPU slots, device to device.
 
-The region is volatile: its contents and handle die with the sidecar process, so a restarted
-sidecar announces a new region (new uuid) and workers drop their old mapping. Legacy IPC
-handles, not VMM shareable handles (``cuMemCreate`` + a POSIX fd): an fd can only travel over
-a unix socket with SCM_RIGHTS, which ZeroMQ does not carry (ARCHITECTURE §4 says so).
+* ``kind='cuda-vmm'`` (preferred, where the device supports VMM with POSIX fd handles):
+  ``cuMemCreate`` + ``cuMemExportToShareableHandle``. The fd reaches workers over the
+  sidecar's handle socket (:mod:`lmkv_mp.memory.handles`; ``RegionInfo.name`` is its path);
+  a worker imports it, maps it with ``cuMemMap`` and holds its own reference, so the memory
+  stays valid while any worker maps it, even after the sidecar died: a worker in the middle
+  of a copy never touches freed memory.
+* ``kind='cuda'`` (otherwise): ``cuMemAlloc`` + ``cuIpcGetMemHandle``; the 64-byte handle
+  travels in HELLO (``RegionInfo.handle``) and workers open it with ``cuIpcOpenMemHandle``.
+  The memory belongs to the sidecar process alone.
 
-Nothing here imports cuda-python before it is used: a sidecar without ``--gpu-pool-size``
-never loads a CUDA library.
+Either way the region is volatile: a restarted sidecar allocates new regions (new uuids) and
+workers close their old mappings. Nothing here imports cuda-python before it is used: a
+sidecar without ``--gpu-pool-size`` never loads a CUDA library.
 """
 
 from __future__ import annotations
@@ -77,14 +81,15 @@ def format_uuid(raw: bytes) -> str:
 
 
 class GpuRegion:
-    """``size`` bytes on CUDA device ``ordinal`` (as this process numbers devices), exported.
-
-    ``device_uuid`` (16 bytes) names the device independently of ``CUDA_VISIBLE_DEVICES``,
-    so a worker that numbers devices differently still finds its device's region; ``uuid``
-    (16 random bytes) names this allocation. Close it before the process exits.
+    """About ``size`` bytes on CUDA device ``ordinal`` (as this process numbers devices),
+    exported: ``kind`` 'cuda-vmm' with ``fd`` (``size`` rounded up to the allocation
+    granularity) where the device supports it and ``vmm`` is true, else 'cuda' with the IPC
+    ``handle``. ``device_uuid`` (16 bytes) names the device independently of
+    ``CUDA_VISIBLE_DEVICES``; ``uuid`` (16 random bytes) names this allocation. Close it
+    before the process exits.
     """
 
-    def __init__(self, ordinal: int, size: int) -> None:
+    def __init__(self, ordinal: int, size: int, vmm: bool = True) -> None:
         driver = self._driver = _driver()
         _init(driver)
         count = _check(driver, driver.cuDeviceGetCount(), "cuDeviceGetCount")
@@ -94,30 +99,66 @@ class GpuRegion:
         self.ordinal = ordinal
         self.size = size
         self.uuid = os.urandom(16)
+        self.kind = "cuda"
+        self.handle = b""
+        self.fd = -1
+        self._ptr: Any = None    # legacy allocation
+        self._mem: Any = None    # VMM allocation handle
         self._dev = _check(driver, driver.cuDeviceGet(ordinal), "cuDeviceGet")
         self.device_uuid = bytes(_check(driver, driver.cuDeviceGetUuid(self._dev), "cuDeviceGetUuid").bytes)[:16]
         self._ctx = _check(driver, driver.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
-        self._ptr: Any = None
         try:
             _check(driver, driver.cuCtxPushCurrent(self._ctx), "cuCtxPushCurrent")
             try:
-                self._ptr = _check(driver, driver.cuMemAlloc(size),
-                                   f"allocating {size} bytes on CUDA device {ordinal} (lower --gpu-pool-size)")
-                _check(driver, driver.cuMemsetD8(self._ptr, 0, size), "cuMemsetD8")
-                handle = _check(driver, driver.cuIpcGetMemHandle(self._ptr), "cuIpcGetMemHandle")
-                self.handle = ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
+                if vmm and self._vmm_supported():
+                    self._alloc_vmm()
+                else:
+                    self._alloc_legacy()
             finally:
                 driver.cuCtxPopCurrent()
         except BaseException:
             self.close()
             raise
-        log.info("memory: GPU tier on CUDA device %d (%s): %d MiB", ordinal, format_uuid(self.device_uuid),
-                 size >> 20)
+        log.info("memory: GPU tier on CUDA device %d (%s): %d MiB, %s", ordinal, format_uuid(self.device_uuid),
+                 self.size >> 20, "VMM, shared by file descriptor" if self.kind == "cuda-vmm" else "CUDA IPC handle")
+
+    def _vmm_supported(self) -> bool:
+        d, attr = self._driver, self._driver.CUdevice_attribute
+        return all(_check(d, d.cuDeviceGetAttribute(a, self._dev), "cuDeviceGetAttribute")
+                   for a in (attr.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+                             attr.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED))
+
+    def _alloc_vmm(self) -> None:
+        d = self._driver
+        prop = _allocation_prop(d, self.ordinal)
+        gran = int(_check(d, d.cuMemGetAllocationGranularity(
+            prop, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM), "cuMemGetAllocationGranularity"))
+        self.size = -(-self.size // gran) * gran
+        self._mem = _check(d, d.cuMemCreate(self.size, prop, 0),
+                           f"allocating {self.size} bytes on CUDA device {self.ordinal} (lower --gpu-pool-size)")
+        self.fd = int(_check(d, d.cuMemExportToShareableHandle(
+            self._mem, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+            "cuMemExportToShareableHandle"))
+        self.kind = "cuda-vmm"
+
+    def _alloc_legacy(self) -> None:
+        d = self._driver
+        self._ptr = _check(d, d.cuMemAlloc(self.size),
+                           f"allocating {self.size} bytes on CUDA device {self.ordinal} (lower --gpu-pool-size)")
+        handle = _check(d, d.cuIpcGetMemHandle(self._ptr), "cuIpcGetMemHandle")
+        self.handle = ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
 
     def close(self) -> None:
-        """Free the allocation and release the context (idempotent). Importers' mappings of
-        it become invalid: workers stop using it when the sidecar's boot id changes."""
+        """Free what this process holds (idempotent). A VMM region's memory lives on while
+        workers map it; a legacy region's mappings become invalid: workers stop using them
+        when the sidecar's boot id changes."""
         driver = self._driver
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._mem is not None:
+            driver.cuMemRelease(self._mem)
+            self._mem = None
         if self._ptr is not None:
             driver.cuCtxPushCurrent(self._ctx)
             try:
@@ -130,33 +171,84 @@ class GpuRegion:
             self._ctx = None
 
 
-class GpuMapping:
-    """A worker's mapping of a sidecar's :class:`GpuRegion` (``cuIpcOpenMemHandle``) as a
-    1-D uint8 torch tensor on ``device``. Use from one thread; :meth:`close` only after every
-    copy that used :attr:`tensor` has completed (the caller drains its stream first)."""
+def _allocation_prop(d: Any, ordinal: int) -> Any:
+    prop = d.CUmemAllocationProp()
+    prop.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = ordinal
+    prop.requestedHandleTypes = d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR
+    return prop
 
-    def __init__(self, handle: bytes, size: int, device: Any) -> None:
+
+class GpuMapping:
+    """A worker's mapping of a sidecar's :class:`GpuRegion`, described by ``info`` (a
+    :class:`~lmkv_mp.protocol.RegionInfo` of kind 'cuda-vmm' or 'cuda'), as a 1-D uint8
+    torch tensor on ``device``. Use from one thread; :meth:`close` only after every copy
+    that used :attr:`tensor` has completed (the caller drains its stream first)."""
+
+    def __init__(self, info: Any, device: Any, timeout: float = 1.0) -> None:
         import torch
 
-        if len(handle) != IPC_HANDLE_BYTES:
-            raise RegionError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(handle)}")
+        if info.kind not in ("cuda", "cuda-vmm"):
+            raise RegionError(f"region {info.region_id} is of kind {info.kind!r}, not a GPU region")
+        if info.kind == "cuda" and len(info.handle) != IPC_HANDLE_BYTES:
+            raise RegionError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(info.handle)}")
         driver = self._driver = _driver()
         _init(driver)
-        raw = driver.CUipcMemHandle()
-        ctypes.memmove(raw.getPtr(), handle, IPC_HANDLE_BYTES)
-        self.size = size
+        self.size = info.size
+        self.kind = info.kind
         self._ptr: Any = None
+        self._reserved = False
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # makes torch's (primary) context current here
-            self._ptr = _check(driver, driver.cuIpcOpenMemHandle(
-                raw, driver.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle")
-        self.tensor = torch.as_tensor(_CudaArray(int(self._ptr), size), device=device)
+            if info.kind == "cuda":
+                raw = driver.CUipcMemHandle()
+                ctypes.memmove(raw.getPtr(), info.handle, IPC_HANDLE_BYTES)
+                self._ptr = _check(driver, driver.cuIpcOpenMemHandle(
+                    raw, driver.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle")
+            else:
+                self._map_vmm(info, torch.device(device).index or 0, timeout)
+        self.tensor = torch.as_tensor(_CudaArray(int(self._ptr), self.size), device=device)
+
+    def _map_vmm(self, info: Any, ordinal: int, timeout: float) -> None:
+        from lmkv_mp.memory.handles import fetch_handles
+
+        d = self._driver
+        fds = fetch_handles(info.name, timeout)
+        try:
+            if info.uuid not in fds:
+                raise RegionError(f"the sidecar's handle socket {info.name} does not offer region {info.uuid.hex()}")
+            mem = _check(d, d.cuMemImportFromShareableHandle(
+                fds[info.uuid], d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                "cuMemImportFromShareableHandle")
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        try:
+            self._ptr = _check(d, d.cuMemAddressReserve(self.size, 0, 0, 0), "cuMemAddressReserve")
+            self._reserved = True
+            _check(d, d.cuMemMap(self._ptr, self.size, 0, mem, 0), "cuMemMap")
+            access = d.CUmemAccessDesc()
+            access.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+            access.location.id = ordinal
+            access.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+            _check(d, d.cuMemSetAccess(self._ptr, self.size, [access], 1), "cuMemSetAccess")
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            d.cuMemRelease(mem)  # the mapping holds the allocation from here on
 
     def close(self) -> None:
-        if self._ptr is not None:
-            self.tensor = None
-            _check(self._driver, self._driver.cuIpcCloseMemHandle(self._ptr), "cuIpcCloseMemHandle")
-            self._ptr = None
+        if self._ptr is None:
+            return
+        self.tensor = None
+        d, ptr, self._ptr = self._driver, self._ptr, None
+        if self.kind == "cuda":
+            _check(d, d.cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
+        elif self._reserved:
+            d.cuMemUnmap(ptr, self.size)  # fails only where nothing was mapped yet
+            _check(d, d.cuMemAddressFree(ptr, self.size), "cuMemAddressFree")
 
 
 class _CudaArray:
