@@ -3,7 +3,9 @@
 1. ``tests/gpu`` (pytest, in a subprocess): kernels vs the torch reference over layouts,
    dtypes, alignments and random layouts; the CUDA worker's copy path (cuda_path.py)
    against a real sidecar: GPU and CPU workers sharing chunks byte-identically through
-   the pinned host pool, and a store ordered after the engine stream's queued writes.
+   the pinned host pool, and a store ordered after the engine stream's queued writes; the
+   sidecar's GPU tier (``--gpu-pool-size``): a sidecar and two worker processes on one GPU
+   sharing chunks through it (VMM fd or IPC handle, device to device), byte-identical.
 2. Serving-size caches (below), each: the kernels' slot equals the torch path's on the GPU
    and on the CPU, and a scatter then a gather gives the slot back.
 3. D2D throughput of one chunk's gather and scatter against ``cudaMemcpy`` D2D of the same
