@@ -123,14 +123,14 @@ class GpuRegion:
                  self.size >> 20, "VMM, shared by file descriptor" if self.kind == "cuda-vmm" else "CUDA IPC handle")
 
     def _vmm_supported(self) -> bool:
-        d, attr = self._driver, self._driver.CUdevice_attribute
+        d = self._driver
         return all(_check(d, d.cuDeviceGetAttribute(a, self._dev), "cuDeviceGetAttribute")
-                   for a in (attr.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
-                             attr.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED))
+                   for a in (d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
+                             d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED))
 
     def _alloc_vmm(self) -> None:
         d = self._driver
-        prop = _allocation_prop(d, self.ordinal)
+        prop = allocation_prop(d, self.ordinal)
         gran = int(_check(d, d.cuMemGetAllocationGranularity(
             prop, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM), "cuMemGetAllocationGranularity"))
         self.size = -(-self.size // gran) * gran
@@ -145,8 +145,7 @@ class GpuRegion:
         d = self._driver
         self._ptr = _check(d, d.cuMemAlloc(self.size),
                            f"allocating {self.size} bytes on CUDA device {self.ordinal} (lower --gpu-pool-size)")
-        handle = _check(d, d.cuIpcGetMemHandle(self._ptr), "cuIpcGetMemHandle")
-        self.handle = ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
+        self.handle = ipc_handle_bytes(_check(d, d.cuIpcGetMemHandle(self._ptr), "cuIpcGetMemHandle"))
 
     def close(self) -> None:
         """Free what this process holds (idempotent). A VMM region's memory lives on while
@@ -171,7 +170,31 @@ class GpuRegion:
             self._ctx = None
 
 
-def _allocation_prop(d: Any, ordinal: int) -> Any:
+def ipc_handle_bytes(handle: Any) -> bytes:
+    """The 64 bytes of a ``CUipcMemHandle`` (what travels in HELLO)."""
+    return ctypes.string_at(handle.getPtr(), IPC_HANDLE_BYTES)
+
+
+def ipc_handle(d: Any, raw: bytes) -> Any:
+    """A ``CUipcMemHandle`` holding the 64 bytes ``raw``."""
+    if len(raw) != IPC_HANDLE_BYTES:
+        raise RegionError(f"a CUDA IPC handle has {IPC_HANDLE_BYTES} bytes, got {len(raw)}")
+    handle = d.CUipcMemHandle()
+    ctypes.memmove(handle.getPtr(), raw, IPC_HANDLE_BYTES)
+    return handle
+
+
+def access_desc(d: Any, ordinal: int) -> Any:
+    """Read-write access for device ``ordinal`` (this process's numbering) to a VMM mapping."""
+    access = d.CUmemAccessDesc()
+    access.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    access.location.id = ordinal
+    access.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    return access
+
+
+def allocation_prop(d: Any, ordinal: int) -> Any:
+    """A device allocation on ``ordinal`` that can be exported as a POSIX fd (VMM)."""
     prop = d.CUmemAllocationProp()
     prop.type = d.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
     prop.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -202,10 +225,9 @@ class GpuMapping:
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # makes torch's (primary) context current here
             if info.kind == "cuda":
-                raw = driver.CUipcMemHandle()
-                ctypes.memmove(raw.getPtr(), info.handle, IPC_HANDLE_BYTES)
                 self._ptr = _check(driver, driver.cuIpcOpenMemHandle(
-                    raw, driver.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS), "cuIpcOpenMemHandle")
+                    ipc_handle(driver, info.handle), driver.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                    "cuIpcOpenMemHandle")
             else:
                 self._map_vmm(info, torch.device(device).index or 0, timeout)
         self.tensor = torch.as_tensor(_CudaArray(int(self._ptr), self.size), device=device)
@@ -228,11 +250,7 @@ class GpuMapping:
             self._ptr = _check(d, d.cuMemAddressReserve(self.size, 0, 0, 0), "cuMemAddressReserve")
             self._reserved = True
             _check(d, d.cuMemMap(self._ptr, self.size, 0, mem, 0), "cuMemMap")
-            access = d.CUmemAccessDesc()
-            access.location.type = d.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-            access.location.id = ordinal
-            access.flags = d.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-            _check(d, d.cuMemSetAccess(self._ptr, self.size, [access], 1), "cuMemSetAccess")
+            _check(d, d.cuMemSetAccess(self._ptr, self.size, [access_desc(d, ordinal)], 1), "cuMemSetAccess")
         except BaseException:
             self.close()
             raise
