@@ -134,8 +134,7 @@ class CudaHostPath:
         region uuid; None (with one warning per region) when it cannot be mapped. Mappings
         of regions not in ``announced`` (the uuids of the sidecar's current HELLO) are closed
         first: call between jobs, when no queued copy can still read or write them."""
-        for stale in [u for u in self._gpu_maps if u not in announced]:
-            self._gpu_maps.pop(stale).close()
+        self.drop_stale_regions(announced)
         mapping = self._gpu_maps.get(info.uuid)
         if mapping is None:
             if info.uuid in self._unmappable:
@@ -150,6 +149,15 @@ class CudaHostPath:
             self._gpu_maps[info.uuid] = mapping
             log.info("lmkv: mapped the sidecar's GPU tier region (%d MiB) on %s", info.size >> 20, self.device)
         return mapping.tensor
+
+    def drop_stale_regions(self, announced: Sequence[bytes]) -> int:
+        """Close the mappings of GPU tier regions not in ``announced`` (the region uuids of
+        the sidecar's current HELLO): after a sidecar restart they are dead weight, and a VMM
+        region's memory stays allocated while any worker maps it. Call between jobs."""
+        stale = [u for u in self._gpu_maps if u not in announced]
+        for uuid_ in stale:
+            self._gpu_maps.pop(uuid_).close()
+        return len(stale)
 
     def close(self) -> None:
         """Unregister every host mapping (call before the client unmaps them) and close the

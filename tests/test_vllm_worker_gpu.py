@@ -44,12 +44,21 @@ class CpuPath:
         self.mappable = mappable
         self.regions: dict[bytes, torch.Tensor] = {}
         self.loaded_from: list[str] = []
+        self.dropped = 0
 
     def engine_event(self) -> None:
         return None
 
+    def drop_stale_regions(self, announced: Sequence[bytes]) -> int:
+        stale = [u for u in self.regions if u not in announced]
+        for u in stale:
+            del self.regions[u]
+        self.dropped += len(stale)
+        return len(stale)
+
     def gpu_region(self, info: RegionInfo, announced: Sequence[bytes]) -> torch.Tensor | None:
-        assert info.uuid in announced
+        assert info.uuid in announced and not [u for u in self.regions if u not in announced], \
+            "stale mappings are dropped before a region is mapped"
         if not self.mappable:
             return None
         return self.regions.setdefault(info.uuid, torch.zeros(info.size, dtype=torch.uint8))
@@ -70,23 +79,52 @@ class CpuPath:
         pass
 
 
+class Served:
+    """A real sidecar with two stand-in GPU regions (devices DEV0, DEV1), serving in a thread;
+    :meth:`restart` stops it and starts a new one on the same run dir (new regions)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("lmkv_mp.server.open_gpu_regions",
+                            lambda cfg: [StandInRegion(0, 4 * MiB, DEV0), StandInRegion(1, 4 * MiB, DEV1)])
+        self.run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
+        self._start()
+
+    def _start(self) -> None:
+        self.sidecar = Sidecar(load_sidecar_config(
+            ["--run-dir", str(self.run_dir), "--host-pool-size", "64MiB", "--slab-size", "4MiB", "--metrics-port", "0",
+             "--gpu-pool-size", "4MiB"], env={}))
+        self.loop = threading.Thread(target=self.sidecar.run, name="sidecar-loop", daemon=True)
+        self.loop.start()
+
+    def stop(self) -> None:
+        self.sidecar.request_stop()
+        self.loop.join(10)
+
+    def restart(self) -> None:
+        self.stop()
+        self._start()
+
+
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A real sidecar with two stand-in GPU regions (devices DEV0, DEV1), serving in a thread."""
-    monkeypatch.setattr("lmkv_mp.server.open_gpu_regions",
-                        lambda cfg: [StandInRegion(0, 4 * MiB, DEV0), StandInRegion(1, 4 * MiB, DEV1)])
-    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
-    sc = Sidecar(load_sidecar_config(["--run-dir", str(run_dir), "--host-pool-size", "64MiB", "--slab-size",
-                                      "4MiB", "--metrics-port", "0", "--gpu-pool-size", "4MiB"], env={}))
-    loop = threading.Thread(target=sc.run, name="sidecar-loop", daemon=True)
-    loop.start()
+    s = Served(monkeypatch)
     try:
-        yield run_dir
+        yield s.run_dir
     finally:
-        sc.request_stop()
-        loop.join(10)
-        unlink_shm(run_dir)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        s.stop()
+        unlink_shm(s.run_dir)
+        shutil.rmtree(s.run_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def restartable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
+    s = Served(monkeypatch)
+    try:
+        yield s
+    finally:
+        s.stop()
+        unlink_shm(s.run_dir)
+        shutil.rmtree(s.run_dir, ignore_errors=True)
 
 
 def cuda_rank(run_dir: Path, paged: Any, device: bytes, clients: list, mappable: bool = True) -> WorkerSide:
@@ -162,3 +200,29 @@ def test_a_gpu_slot_the_rank_cannot_fill_is_never_published(served: Path, client
     found = sched.lookup([NS], hashes, pin=True)
     assert found.hits == 2 and found.gpu_regions[0].tolist() == [0, 0]
     sched.release(found.lease_id)
+
+
+def test_after_a_sidecar_restart_a_rank_lets_go_of_the_old_regions_at_its_next_job(
+        restartable: Served, clients: list) -> None:
+    """A VMM region's memory lives while any worker maps it: a rank must drop a region the
+    new sidecar does not announce, before it maps the new one."""
+    a = cache(25)
+    wa = cuda_rank(restartable.run_dir, a, DEV0, clients)
+    sched = SidecarClient(client_config(restartable.run_dir), role="scheduler")
+    clients.append(sched)
+    assert sched.connect()
+    key = sched.hello.hash_key
+    wa.submit_stores(plan(stores=[StoreJob("r1", chain_hashes(list(range(CHUNK)), CHUNK, key), list(range(BPC)))]))
+    wa.wait_for_inflight()
+    old = set(wa._cuda.regions)  # type: ignore[union-attr]
+    assert len(old) == 1 and wa.stats["store_chunks"] == 1
+    restartable.restart()
+    hashes = chain_hashes(list(range(100, 100 + CHUNK)), CHUNK, key)
+    for attempt in range(20):  # the first calls after a restart may miss while the client re-HELLOs
+        wa.submit_stores(plan(stores=[StoreJob(f"r{attempt + 2}", hashes, list(range(BPC)))]))
+        wa.wait_for_inflight()
+        if wa.stats["store_chunks"] == 2:
+            break
+    assert wa.stats["store_chunks"] == 2
+    assert wa._cuda.dropped == 1 and not old & set(wa._cuda.regions)  # type: ignore[union-attr]
+    assert len(wa._cuda.regions) == 1, "the new sidecar's region is mapped"  # type: ignore[union-attr]

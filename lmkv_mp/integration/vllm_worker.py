@@ -185,6 +185,7 @@ class WorkerSide:
         if self.client.boot_id != job.boot_id:
             log.debug("lmkv: sidecar restarted since lookup of %s: recomputing", job.req_id)  # per request
             return False
+        self._drop_stale_regions()
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)
         rank = 0 if len(job.offsets) == 1 else self.tp_rank
@@ -218,6 +219,13 @@ class WorkerSide:
         with self._lock:
             self.stats["load_chunks"] += len(offsets)
         return pos == len(job.block_ids)
+
+    def _drop_stale_regions(self) -> None:
+        """Let go of GPU tier regions the sidecar no longer announces (it restarted): between
+        jobs, so no copy uses them, and before this job maps the current ones."""
+        hello = self.client.hello
+        if self._cuda is not None and hello is not None:
+            self._cuda.drop_stale_regions([r.uuid for r in hello.regions])
 
     def _gpu_slots(self, regions: list[int], offsets: list[int], chunks: Any, nbytes: int) -> list[Any]:
         """For each chunk index in ``chunks``: its GPU tier slot as a device tensor, where
@@ -273,6 +281,7 @@ class WorkerSide:
         if host is None or res.boot_id != self.client.boot_id:
             self.client.release(res.lease_id)
             return
+        self._drop_stale_regions()
         verify = self.client.verify  # as of the HELLO the RESERVE ran under
         writable = res.writable().tolist()
         gpu = self._gpu_slots(res.gpu_regions.tolist(), res.gpu_offsets.tolist(), writable, nbytes)
