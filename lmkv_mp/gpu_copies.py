@@ -97,9 +97,11 @@ class GpuCopies:
 
     def _evict_for(self, r: _Region, slot_bytes: int) -> SlotId | None:
         """Drop copies until a slot of ``slot_bytes`` can be allocated, and allocate it: the
-        oldest unpinned copy of that size class, else copies of other classes (oldest first
-        within each) until a span of theirs empties and its slabs fit one of this class.
-        None when no unpinned copy is left to drop."""
+        oldest unpinned copy of that size class, else the copies of whole spans of other
+        classes (spans whose every slot holds an unpinned, committed copy, the span with the
+        oldest copy first) until freed slabs fit this class. A span with a copy being written
+        or read is left alone: dropping its other copies would free nothing. None when
+        nothing can be freed."""
         victim = next((e for e in r.lru.get(slot_bytes, {}) if not e.pins), None)
         if victim is not None:
             self._evict(r, victim)
@@ -107,11 +109,18 @@ class GpuCopies:
         for sb, lru in list(r.lru.items()):
             if sb == slot_bytes:
                 continue
-            for e in [e for e in lru if not e.pins]:
-                if self._evict(r, e):
-                    slot = r.alloc.alloc(slot_bytes)
-                    if slot is not None:
-                        return slot
+            by_span: dict[int, list[Entry]] = {}
+            for e in lru:
+                if not e.pins:
+                    by_span.setdefault(r.alloc.span_of(e.gpu_slot).head, []).append(e)
+            for copies in by_span.values():
+                if len(copies) != r.alloc.span_of(copies[0].gpu_slot).used:
+                    continue
+                for e in copies:
+                    self._evict(r, e)
+                slot = r.alloc.alloc(slot_bytes)
+                if slot is not None:
+                    return slot
         return None
 
     def _evict(self, r: _Region, e: Entry) -> bool:

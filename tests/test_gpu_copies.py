@@ -119,6 +119,18 @@ def test_copies_of_another_size_class_give_way_until_a_slab_is_free() -> None:
     check_accounting(idx)
 
 
+def test_only_whole_spans_of_another_class_give_way() -> None:
+    """A slab with a copy being read keeps all its copies: dropping the others frees nothing."""
+    idx = make(gpu_slabs=2)
+    store(idx, NS0, 1, 2, 3, 4)           # slab A
+    store(idx, NS0, 5, 6, 7, 8)           # slab B
+    idx.pin("s", [NS0], hs(1))            # a reader holds a copy in slab A
+    assert store(idx, NSB, 10) == [GPU]
+    assert gpu_stats(idx)["evictions"] == 4, "slab B's four copies, none of slab A's"
+    assert idx.pin("s2", [NS0], hs(1, 2, 3, 4)).gpu_regions == [[GPU] * 4]
+    check_accounting(idx)
+
+
 def test_a_copy_goes_with_its_entry() -> None:
     idx = make(gpu_slabs=2, host_slabs=1)  # the host tier holds 4 chunks, the GPU tier 8
     store(idx, NS0, 1, 2, 3, 4)
