@@ -25,14 +25,11 @@ from lmkv_mp import protocol as P
 from lmkv_mp.access import token_ok
 from lmkv_mp.clients import ClientState, ParkedWrites
 from lmkv_mp.config import SidecarConfig
-from lmkv_mp.gpu_copies import GpuCopies
+from lmkv_mp.gpu_tier import GpuTier
 from lmkv_mp.index import ChunkIndex
 from lmkv_mp.keys import split_hashes
 from lmkv_mp.leases import LeaseError
 from lmkv_mp.memory import RegionError
-from lmkv_mp.memory.gpu import GpuRegion, format_uuid
-from lmkv_mp.memory.handles import SOCKET_NAME as HANDLES_SOCKET
-from lmkv_mp.memory.handles import HandleServer
 from lmkv_mp.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
 from lmkv_mp.startup import (Locks, StartupError, bind, open_gpu_regions, open_host_pool, open_lower_tiers,
                              open_run_dir, start_metrics)
@@ -66,17 +63,19 @@ class Sidecar:
         self.access = open_run_dir(cfg, self._locks)
         self.region, self.pool, records = open_host_pool(cfg, self.access, self._locks)
         self._region_gone = False
+        self.gpu: GpuTier | None = None
         try:
-            self.gpu_regions = open_gpu_regions(cfg)
+            regions = open_gpu_regions(cfg)
+            if regions:
+                try:
+                    self.gpu = GpuTier(regions, cfg.run_dir, cfg.slab_size, self.pool.geo.min_slot_bytes,
+                                       self.access.umask, self.access.gid)
+                except OSError as e:  # GpuTier has closed the regions
+                    raise StartupError(f"cannot bind the GPU handle socket in {cfg.run_dir}: {e}") from e
         except BaseException:
-            self.pool.close()
-            self.region.close()
-            self._locks.release()
+            self._abandon_pool()
             raise
-        gpu = (GpuCopies({i + 1: r.size for i, r in enumerate(self.gpu_regions)}, cfg.slab_size,
-                         self.pool.geo.min_slot_bytes) if self.gpu_regions else None)
-        self.handles: HandleServer | None = None
-        self.index = ChunkIndex(self.pool, gpu)
+        self.index = ChunkIndex(self.pool, self.gpu.copies if self.gpu is not None else None)
         self._parked = ParkedWrites(self.index)
         restored = self.index.restore(records, require_checksum=cfg.verify)
         if self.index.counters.unverified:
@@ -105,14 +104,6 @@ class Sidecar:
         self._subscribed: set[bytes] = set()  # topic prefixes someone subscribed to
         self.broker = SnapshotBroker(self._wake)
         self.metrics: MetricsServer | None = None
-        # VMM regions reach workers as file descriptors, over a unix socket of their own.
-        shared = {r.uuid: r.fd for r in self.gpu_regions if r.kind == "cuda-vmm"}
-        if shared:
-            try:
-                self.handles = HandleServer(cfg.run_dir / HANDLES_SOCKET, shared, self.access.umask, self.access.gid)
-            except OSError as e:
-                self.close()
-                raise StartupError(f"cannot bind the GPU handle socket in {cfg.run_dir}: {e}") from e
         log.info("start: boot_id=%s endpoint=%s host_pool=%s (%d bytes, %s, %d chunks warm)",
                  self.boot_id.hex(), cfg.endpoint, self.region.name, self.region.size,
                  "created" if self.region.created else "re-attached", restored)
@@ -126,6 +117,12 @@ class Sidecar:
         except StartupError:
             self.close()
             raise
+
+    def _abandon_pool(self) -> None:
+        """Let go of what the constructor took before a failure (the pool stays for a restart)."""
+        self.pool.close()
+        self.region.close()
+        self._locks.release()
 
     def _wake(self) -> None:
         """Wake the loop (from a mover thread): a byte on the socketpair it polls."""
@@ -153,8 +150,9 @@ class Sidecar:
         poller.register(self._wake_r.fileno(), zmq.POLLIN)
         if self.publisher is not None:
             poller.register(self.publisher, zmq.POLLIN)  # (un)subscriptions
-        if self.handles is not None:
-            poller.register(self.handles.fileno(), zmq.POLLIN)
+        handles = self.gpu.handles if self.gpu is not None else None
+        if handles is not None:  # VMM regions' fds reach workers over their own unix socket
+            poller.register(handles.fileno(), zmq.POLLIN)
         tick = max(0.05, min(self.cfg.heartbeat_interval, self.cfg.lease_timeout / 4))
         next_reap = time.monotonic() + tick
         next_publish = time.monotonic() + self.cfg.stats_interval if self.publisher is not None else float("inf")
@@ -168,8 +166,8 @@ class Sidecar:
                     self._drain(self.stats, stats_only=True)
                 if self._wake_r.fileno() in ready:
                     self._wake_r.recv(4096)
-                if self.handles is not None and self.handles.fileno() in ready:
-                    self.handles.serve()
+                if handles is not None and handles.fileno() in ready:
+                    handles.serve()
                 if self.broker.wanted:
                     self.broker.put(self.snapshot())
                 if self.publisher is not None and self.publisher in ready:
@@ -293,12 +291,8 @@ class Sidecar:
         self._wake_w.close()
         self.pool.close()
         self.region.close()
-        if self.handles is not None:
-            self.handles.close()
-            self.handles = None
-        for gpu_region in self.gpu_regions:
-            gpu_region.close()  # after the sockets: no worker is told about it any more
-        self.gpu_regions = []
+        if self.gpu is not None:
+            self.gpu.close()  # after the sockets: no worker is told about it any more
         if self.cfg.unlink_on_exit:
             self.region.unlink()
         self._locks.release()
@@ -344,18 +338,12 @@ class Sidecar:
             self.clients[ident] = client
             log.info("client joined: id=%d role=%s pid=%d name=%s", client.client_id, msg.role, msg.pid, client.name)
         client.namespaces.update(ns.id for ns in msg.namespaces)
-        client.gpu_region = next((i + 1 for i, r in enumerate(self.gpu_regions) if msg.device == r.device_uuid), 0)
+        client.gpu_region = self.gpu.region_for(msg.device) if self.gpu is not None else 0
         regions = [P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)]
-        regions += [P.RegionInfo(i + 1, r.kind, self._gpu_region_name(r), r.size, r.uuid, r.ordinal, r.handle,
-                                 r.device_uuid) for i, r in enumerate(self.gpu_regions)]
+        if self.gpu is not None:
+            regions += self.gpu.infos()
         return P.HelloReply(msg.req_id, self.boot_id, client.client_id, self.cfg.chunk_tokens, self.cfg.hash_key,
                             self.cfg.lease_timeout, self.cfg.heartbeat_interval, regions, self.cfg.verify)
-
-    def _gpu_region_name(self, region: GpuRegion) -> str:
-        """Where a worker gets a VMM region's fd (the handle socket), else the device's name."""
-        if region.kind == "cuda-vmm" and self.handles is not None:
-            return str(self.handles.path)
-        return format_uuid(region.device_uuid)
 
     def _lookup(self, ident: bytes, msg: P.Lookup) -> P.LookupReply:
         n = len(msg.hashes) // 16
@@ -499,9 +487,8 @@ class Sidecar:
         if self.tiers is not None:
             snap["tiers"].update(self.tiers.stats())
             snap["tier_movers"] = self.tiers.activity()
-        if self.index.gpu is not None:
-            for rid, gstats in self.index.gpu.stats().items():
-                snap["tiers"][f"gpu{self.gpu_regions[rid - 1].ordinal}"] = gstats
+        if self.gpu is not None:
+            snap["tiers"].update(self.gpu.stats())
         return snap
 
     def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:

@@ -25,6 +25,7 @@ from lmkv_mp.memory import RegionError
 from lmkv_mp.memory.handles import fetch_handles
 from lmkv_mp.metrics import NamespaceLabels, prometheus_families
 from lmkv_mp.server import Sidecar
+from lmkv_mp.startup import StartupError
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
@@ -173,6 +174,26 @@ def test_a_vmm_regions_fd_reaches_workers_over_the_handle_socket(monkeypatch: py
         unlink_shm(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
     assert vmm.closed and not (run_dir / "gpu-handles.sock").exists()
+
+
+def test_a_handle_socket_that_cannot_be_bound_is_a_clear_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run dir whose path leaves the control sockets room but not gpu-handles.sock (unix
+    socket paths end at 107 bytes): start fails saying which socket, the regions are freed
+    and the run dir's lock is released."""
+    vmm = StandInRegion(0, 4 * MiB, DEV0, vmm=True)
+    monkeypatch.setattr("lmkv_mp.server.open_gpu_regions", lambda cfg: [vmm] if cfg.gpu_pool_size else [])
+    base = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
+    run_dir = base / ("d" * (91 - len(str(base)) - 1))
+    assert len(str(run_dir)) == 91
+    argv = ["--run-dir", str(run_dir), "--host-pool-size", "64MiB", "--slab-size", "4MiB", "--metrics-port", "0"]
+    try:
+        with pytest.raises(StartupError, match="GPU handle socket"):
+            Sidecar(load_sidecar_config([*argv, "--gpu-pool-size", "4MiB"], env={}))
+        assert vmm.closed
+        Sidecar(load_sidecar_config(argv, env={})).close()  # the lock was released
+    finally:
+        unlink_shm(run_dir)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_a_gpu_tier_without_a_cuda_driver_fails_to_start_and_leaves_nothing() -> None:
