@@ -16,7 +16,8 @@ from typing import Any, Sequence
 from lmkv_mp import protocol as P
 from lmkv_mp.gpu_copies import GpuCopies
 from lmkv_mp.memory.gpu import format_uuid
-from lmkv_mp.memory.handles import SOCKET_NAME, HandleServer
+from lmkv_mp.config.common import GPU_HANDLES_SOCKET
+from lmkv_mp.memory.handles import HandleServer
 
 
 class GpuTier:
@@ -32,7 +33,7 @@ class GpuTier:
             self.copies = GpuCopies({i + 1: r.size for i, r in enumerate(self.regions)}, slab_size, min_slot_bytes)
             shared = {r.uuid: r.fd for r in self.regions if r.kind == "cuda-vmm"}
             if shared:
-                self.handles = HandleServer(run_dir / SOCKET_NAME, shared, umask, gid)
+                self.handles = HandleServer(run_dir / GPU_HANDLES_SOCKET, shared, umask, gid)
         except BaseException:
             self.close()
             raise

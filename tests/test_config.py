@@ -397,6 +397,7 @@ def test_config_is_frozen(env: dict[str, str], meminfo: str) -> None:
         (["--gpu-devices", "1,1"], {}, "--gpu-devices", ["twice"]),
         (["--gpu-devices", "0"], {}, "--gpu-pool-size", ["is 0", "e.g. 8GiB"]),
         (["--gpu-pool-size", "1GiB", "--verify", "on"], {}, "--gpu-pool-size", ["--verify on", "choose one"]),
+        (["--gpu-pool-size", "1GiB", "--run-dir", "/" + "r" * 91], {}, "--run-dir", ["gpu-handles.sock", "107"]),
         (["--gpu-pool-size", "1GiB", "--gpu-devices", ",".join(map(str, range(65)))], {}, "--gpu-devices",
          ["at most 64"]),
         (["--disk-size", "1GiB"], {}, "--disk-size", ["--disk-dir (LMKV_DISK_DIR)"]),

@@ -177,14 +177,12 @@ def test_a_vmm_regions_fd_reaches_workers_over_the_handle_socket(monkeypatch: py
 
 
 def test_a_handle_socket_that_cannot_be_bound_is_a_clear_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run dir whose path leaves the control sockets room but not gpu-handles.sock (unix
-    socket paths end at 107 bytes): start fails saying which socket, the regions are freed
-    and the run dir's lock is released."""
+    """Something else at gpu-handles.sock's path (here a directory): start fails saying
+    which socket, the regions are freed and the run dir's lock is released."""
     vmm = StandInRegion(0, 4 * MiB, DEV0, vmm=True)
     monkeypatch.setattr("lmkv_mp.server.open_gpu_regions", lambda cfg: [vmm] if cfg.gpu_pool_size else [])
-    base = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
-    run_dir = base / ("d" * (91 - len(str(base)) - 1))
-    assert len(str(run_dir)) == 91
+    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
+    (run_dir / "gpu-handles.sock").mkdir()
     argv = ["--run-dir", str(run_dir), "--host-pool-size", "64MiB", "--slab-size", "4MiB", "--metrics-port", "0"]
     try:
         with pytest.raises(StartupError, match="GPU handle socket"):
@@ -193,7 +191,7 @@ def test_a_handle_socket_that_cannot_be_bound_is_a_clear_start_error(monkeypatch
         Sidecar(load_sidecar_config(argv, env={})).close()  # the lock was released
     finally:
         unlink_shm(run_dir)
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def test_a_gpu_tier_without_a_cuda_driver_fails_to_start_and_leaves_nothing() -> None:

@@ -15,6 +15,8 @@ DEFAULT_HASH_KEY: bytes = b"lmkv_mp/default-chain-key/v1"
 # sun_path is 108 bytes on Linux including the terminating NUL; ZeroMQ's own error for a
 # longer path ("Invalid argument" at bind time) does not say what to fix.
 IPC_PATH_MAX = 107
+GPU_HANDLES_SOCKET = "gpu-handles.sock"
+"""In the run dir: where the GPU tier hands out its VMM regions' fds (memory/handles.py)."""
 
 DEFAULT_SLAB_SIZE = 64 * MiB
 # Room the host pool needs besides its slabs: header, slab and slot tables, alignment of

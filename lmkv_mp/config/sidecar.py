@@ -27,8 +27,10 @@ from lmkv_mp.config.common import (
     DEFAULT_SLAB_SIZE,
     DEFAULT_STATS_INTERVAL,
     DEFAULT_WRITE_POLICY,
+    GPU_HANDLES_SOCKET,
     HASH_KEY_MAX,
     HASH_KEY_MIN,
+    IPC_PATH_MAX,
     LOG_LEVELS,
     POOL_TABLES_ALLOWANCE,
     REMOTE_SCHEMES,
@@ -288,6 +290,10 @@ def load_sidecar_config(
                          "host slot it read, and GPU tier copies are read on the device; choose one")
     if len(gpu_devices) > MAX_GPU_DEVICES:
         raise flag_error("--gpu-devices", f"names {len(gpu_devices)} devices; at most {MAX_GPU_DEVICES}")
+    handles = run_dir / GPU_HANDLES_SOCKET
+    if gpu_pool_size and len(str(handles).encode()) > IPC_PATH_MAX:
+        raise flag_error("--run-dir", f"leaves the GPU tier's handle socket {handles} {len(str(handles).encode())} "
+                         f"bytes; Unix sockets allow {IPC_PATH_MAX}: use a shorter run dir")
     hash_key = src.optional("--hash-key-file", _hash_key) or DEFAULT_HASH_KEY
     admin_token = src.optional("--admin-token-file", read_token)
     metrics_host = src.parse("--metrics-host", _host, DEFAULT_METRICS_HOST)

@@ -25,7 +25,6 @@ from lmkv_mp.memory.region import RegionError
 log = logging.getLogger("lmkv.memory")
 
 MAX_REGIONS = 64
-SOCKET_NAME = "gpu-handles.sock"
 
 
 class HandleServer:
