@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmkv_mp import cuda_api
 from lmkv_mp.copy_threads import CopyThreads
 from lmkv_mp.transfer import BlockIds, LayerSpec, PagedKV
 
@@ -208,32 +209,15 @@ def nvrtc_options(cc: int, cuda_dir: Path | None = None) -> list[str]:
 
 
 def _cuda_python() -> tuple[Any, Any]:
-    try:
-        from cuda.bindings import driver, nvrtc
-    except ImportError:
-        try:  # cuda-python < 12.6 spells the modules cuda.cuda and cuda.nvrtc
-            from cuda import cuda as driver  # type: ignore[no-redef]
-            from cuda import nvrtc
-        except ImportError as e:
-            raise KernelsUnavailable(f"cuda-python is not installed ({e}): pip install 'lmkv_mp[gpu]'") from None
-    return driver, nvrtc
+    return cuda_api.bindings(KernelsUnavailable)
 
 
-def _status_name(status: Any) -> str:
-    driver, nvrtc = _cuda_python()
-    if isinstance(status, nvrtc.nvrtcResult):
-        return nvrtc.nvrtcGetErrorString(status)[1].decode()
-    name = driver.cuGetErrorName(status)[1].decode()
-    desc = driver.cuGetErrorString(status)[1]
-    return name + (f" ({desc.decode()})" if desc else "")
+_status_name = cuda_api.status_name
 
 
 def _check(result: Any, what: str, fix: str = "") -> Any:
     """cuda-python returns (status, *values): raise on a bad status, else the value(s)."""
-    status, *values = result if isinstance(result, tuple) else (result,)
-    if int(status) != 0:
-        raise KernelsUnavailable(f"{what} failed: {_status_name(status)}" + (f"; {fix}" if fix else ""))
-    return values[0] if len(values) == 1 else tuple(values) or None
+    return cuda_api.check(result, what, KernelsUnavailable, fix)
 
 
 def compile_cubin(op: str, cc: int, *, extra: Sequence[str] = (), cuda_dir: Path | None = None
@@ -307,12 +291,7 @@ class CudaKernels:
         self.device = torch.device("cuda", index)
         major, minor = torch.cuda.get_device_capability(self.device)
         self.cc = major * 10 + minor
-        try:
-            _check(driver.cuInit(0), "cuInit", "is an NVIDIA driver installed and a GPU visible?")
-        except KernelsUnavailable:
-            raise
-        except (RuntimeError, OSError) as e:  # cuda-python's loader error: no libcuda found
-            raise KernelsUnavailable(f"the CUDA driver could not be loaded ({e})") from None
+        cuda_api.init_driver(driver, KernelsUnavailable, "is an NVIDIA driver installed and a GPU visible?")
         dev = _check(driver.cuDeviceGet(index), "cuDeviceGet")
         self._ctx = _check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")
         self.functions: dict[str, Any] = {}

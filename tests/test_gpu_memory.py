@@ -25,10 +25,13 @@ driver = pytest.importorskip("cuda.bindings.driver")
     ("memory/gpu.py", "d|driver", "driver", 30),
     ("kernels.py", "driver", "driver", 5),
     ("kernels.py", "nvrtc", "nvrtc", 5),
+    ("cuda_api.py", "driver", "driver", 3),
+    ("cuda_api.py", "nvrtc", "nvrtc", 2),
 ])
 def test_every_cuda_python_symbol_the_gpu_code_names_exists(path: str, aliases: str, module: str,
                                                             at_least: int) -> None:
-    """The GPU tier's allocation and import (memory/gpu.py) and the kernels' loader (kernels.py)."""
+    """The GPU tier's allocation and import (memory/gpu.py), the kernels' loader (kernels.py)
+    and the status checks both use (cuda_api.py)."""
     source = (Path(gpu.__file__).parent.parent / path).read_text()
     names = set(re.findall(rf"(?<![A-Za-z0-9_])(?:{aliases})\.([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)?)",
                            source))

@@ -27,6 +27,7 @@ import logging
 import os
 from typing import Any
 
+from lmkv_mp import cuda_api
 from lmkv_mp.memory.region import RegionError
 
 log = logging.getLogger("lmkv.memory")
@@ -35,40 +36,24 @@ IPC_HANDLE_BYTES = 64
 
 
 def _driver() -> Any:
-    try:
-        from cuda.bindings import driver
-    except ImportError:
-        try:  # cuda-python < 12.6
-            from cuda import cuda as driver  # type: ignore[no-redef]
-        except ImportError as e:
-            raise RegionError(f"the GPU tier needs cuda-python ({e}): pip install 'lmkv_mp[gpu]'") from None
-    return driver
+    return cuda_api.bindings(RegionError)[0]
 
 
-def _check(driver: Any, result: Any, what: str) -> Any:
+def _check(result: Any, what: str) -> Any:
     """cuda-python returns ``(status, *values)``: raise RegionError on a bad status."""
-    status, *values = result if isinstance(result, tuple) else (result,)
-    if int(status) != 0:
-        name = driver.cuGetErrorName(status)[1]
-        raise RegionError(f"{what} failed: {name.decode() if name else int(status)}")
-    return values[0] if len(values) == 1 else tuple(values) or None
+    return cuda_api.check(result, what, RegionError)
 
 
 def _init(driver: Any) -> None:
-    try:
-        _check(driver, driver.cuInit(0), "cuInit")
-    except RegionError:
-        raise
-    except Exception as e:  # no driver library at all: cuda-python raises its own error type
-        raise RegionError(f"the GPU tier (--gpu-pool-size) needs the NVIDIA driver, which cannot be loaded "
-                          f"({e}); start without --gpu-pool-size on this host") from None
+    cuda_api.init_driver(driver, RegionError, "the GPU tier (--gpu-pool-size) needs the NVIDIA driver: start "
+                         "without --gpu-pool-size on this host")
 
 
 def visible_devices() -> int:
     """How many CUDA devices this process sees; RegionError when none (or no driver)."""
     driver = _driver()
     _init(driver)
-    count = _check(driver, driver.cuDeviceGetCount(), "cuDeviceGetCount")
+    count = _check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
     if not count:
         raise RegionError("--gpu-pool-size asks for a GPU tier, but this process sees no CUDA device")
     return count
@@ -92,7 +77,7 @@ class GpuRegion:
     def __init__(self, ordinal: int, size: int, vmm: bool = True) -> None:
         driver = self._driver = _driver()
         _init(driver)
-        count = _check(driver, driver.cuDeviceGetCount(), "cuDeviceGetCount")
+        count = _check(driver.cuDeviceGetCount(), "cuDeviceGetCount")
         if not 0 <= ordinal < count:
             raise RegionError(f"--gpu-devices names CUDA device {ordinal}, but this process sees {count} "
                               "(CUDA_VISIBLE_DEVICES renumbers them)")
@@ -104,11 +89,11 @@ class GpuRegion:
         self.fd = -1
         self._ptr: Any = None    # legacy allocation
         self._mem: Any = None    # VMM allocation handle
-        self._dev = _check(driver, driver.cuDeviceGet(ordinal), "cuDeviceGet")
-        self.device_uuid = bytes(_check(driver, driver.cuDeviceGetUuid(self._dev), "cuDeviceGetUuid").bytes)[:16]
-        self._ctx = _check(driver, driver.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
+        self._dev = _check(driver.cuDeviceGet(ordinal), "cuDeviceGet")
+        self.device_uuid = bytes(_check(driver.cuDeviceGetUuid(self._dev), "cuDeviceGetUuid").bytes)[:16]
+        self._ctx = _check(driver.cuDevicePrimaryCtxRetain(self._dev), "cuDevicePrimaryCtxRetain")
         try:
-            _check(driver, driver.cuCtxPushCurrent(self._ctx), "cuCtxPushCurrent")
+            _check(driver.cuCtxPushCurrent(self._ctx), "cuCtxPushCurrent")
             try:
                 if vmm and self._vmm_supported():
                     self._alloc_vmm()
@@ -124,28 +109,28 @@ class GpuRegion:
 
     def _vmm_supported(self) -> bool:
         d = self._driver
-        return all(_check(d, d.cuDeviceGetAttribute(a, self._dev), "cuDeviceGetAttribute")
+        return all(_check(d.cuDeviceGetAttribute(a, self._dev), "cuDeviceGetAttribute")
                    for a in (d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED,
                              d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED))
 
     def _alloc_vmm(self) -> None:
         d = self._driver
         prop = allocation_prop(d, self.ordinal)
-        gran = int(_check(d, d.cuMemGetAllocationGranularity(
+        gran = int(_check(d.cuMemGetAllocationGranularity(
             prop, d.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM), "cuMemGetAllocationGranularity"))
         self.size = -(-self.size // gran) * gran
-        self._mem = _check(d, d.cuMemCreate(self.size, prop, 0),
+        self._mem = _check(d.cuMemCreate(self.size, prop, 0),
                            f"allocating {self.size} bytes on CUDA device {self.ordinal} (lower --gpu-pool-size)")
-        self.fd = int(_check(d, d.cuMemExportToShareableHandle(
+        self.fd = int(_check(d.cuMemExportToShareableHandle(
             self._mem, d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
             "cuMemExportToShareableHandle"))
         self.kind = "cuda-vmm"
 
     def _alloc_legacy(self) -> None:
         d = self._driver
-        self._ptr = _check(d, d.cuMemAlloc(self.size),
+        self._ptr = _check(d.cuMemAlloc(self.size),
                            f"allocating {self.size} bytes on CUDA device {self.ordinal} (lower --gpu-pool-size)")
-        self.handle = ipc_handle_bytes(_check(d, d.cuIpcGetMemHandle(self._ptr), "cuIpcGetMemHandle"))
+        self.handle = ipc_handle_bytes(_check(d.cuIpcGetMemHandle(self._ptr), "cuIpcGetMemHandle"))
 
     def close(self) -> None:
         """Free what this process holds (idempotent). A VMM region's memory lives on while
@@ -225,7 +210,7 @@ class GpuMapping:
         with torch.cuda.device(device):
             torch.cuda.current_stream(device)  # makes torch's (primary) context current here
             if info.kind == "cuda":
-                self._ptr = _check(driver, driver.cuIpcOpenMemHandle(
+                self._ptr = _check(driver.cuIpcOpenMemHandle(
                     ipc_handle(driver, info.handle), driver.CUipcMem_flags.CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
                     "cuIpcOpenMemHandle")
             else:
@@ -240,17 +225,17 @@ class GpuMapping:
         try:
             if info.uuid not in fds:
                 raise RegionError(f"the sidecar's handle socket {info.name} does not offer region {info.uuid.hex()}")
-            mem = _check(d, d.cuMemImportFromShareableHandle(
+            mem = _check(d.cuMemImportFromShareableHandle(
                 fds[info.uuid], d.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
                 "cuMemImportFromShareableHandle")
         finally:
             for fd in fds.values():
                 os.close(fd)
         try:
-            self._ptr = _check(d, d.cuMemAddressReserve(self.size, 0, 0, 0), "cuMemAddressReserve")
+            self._ptr = _check(d.cuMemAddressReserve(self.size, 0, 0, 0), "cuMemAddressReserve")
             self._reserved = True
-            _check(d, d.cuMemMap(self._ptr, self.size, 0, mem, 0), "cuMemMap")
-            _check(d, d.cuMemSetAccess(self._ptr, self.size, [access_desc(d, ordinal)], 1), "cuMemSetAccess")
+            _check(d.cuMemMap(self._ptr, self.size, 0, mem, 0), "cuMemMap")
+            _check(d.cuMemSetAccess(self._ptr, self.size, [access_desc(d, ordinal)], 1), "cuMemSetAccess")
         except BaseException:
             self.close()
             raise
@@ -263,10 +248,10 @@ class GpuMapping:
         self.tensor = None
         d, ptr, self._ptr = self._driver, self._ptr, None
         if self.kind == "cuda":
-            _check(d, d.cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
+            _check(d.cuIpcCloseMemHandle(ptr), "cuIpcCloseMemHandle")
         elif self._reserved:
             d.cuMemUnmap(ptr, self.size)  # fails only where nothing was mapped yet
-            _check(d, d.cuMemAddressFree(ptr, self.size), "cuMemAddressFree")
+            _check(d.cuMemAddressFree(ptr, self.size), "cuMemAddressFree")
 
 
 class _CudaArray:
