@@ -129,12 +129,10 @@ class CudaHostPath:
                     staging.copy_(host[off:off + nbytes], non_blocking=True)
                 self.copier.scatter(staging if gpu_slot is None else gpu_slot, block_ids, first=first, total=total)
 
-    def gpu_region(self, info: RegionInfo, announced: Sequence[bytes]) -> torch.Tensor | None:
+    def gpu_region(self, info: RegionInfo) -> torch.Tensor | None:
         """The GPU tier region ``info`` as a uint8 tensor on this device, mapped once per
-        region uuid; None (with one warning per region) when it cannot be mapped. Mappings
-        of regions not in ``announced`` (the uuids of the sidecar's current HELLO) are closed
-        first: call between jobs, when no queued copy can still read or write them."""
-        self.drop_stale_regions(announced)
+        region uuid; None (with one warning per region) when it cannot be mapped. Call
+        :meth:`drop_stale_regions` first, once per job."""
         mapping = self._gpu_maps.get(info.uuid)
         if mapping is None:
             if info.uuid in self._unmappable:

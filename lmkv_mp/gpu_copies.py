@@ -47,9 +47,6 @@ class GpuCopies:
                 raise ValueError(f"GPU region {rid} of {size} bytes: ids start at 1, sizes at one slab")
             self._regions[rid] = _Region(SlabAllocator(size // slab_size, slab_size, slab_size // min_slot_bytes))
 
-    def region_ids(self) -> list[int]:
-        return list(self._regions)
-
     def alloc(self, region_id: int, e: Entry) -> bool:
         """Give ``e`` (WRITING, without a copy) a slot in ``region_id``, dropping the oldest
         unpinned copies as needed; False when none can be freed (it is stored host-only)."""

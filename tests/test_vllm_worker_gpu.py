@@ -45,19 +45,21 @@ class CpuPath:
         self.regions: dict[bytes, torch.Tensor] = {}
         self.loaded_from: list[str] = []
         self.dropped = 0
+        self.announced: list[bytes] = []
 
     def engine_event(self) -> None:
         return None
 
     def drop_stale_regions(self, announced: Sequence[bytes]) -> int:
+        self.announced = list(announced)
         stale = [u for u in self.regions if u not in announced]
         for u in stale:
             del self.regions[u]
         self.dropped += len(stale)
         return len(stale)
 
-    def gpu_region(self, info: RegionInfo, announced: Sequence[bytes]) -> torch.Tensor | None:
-        assert info.uuid in announced and not [u for u in self.regions if u not in announced], \
+    def gpu_region(self, info: RegionInfo) -> torch.Tensor | None:
+        assert info.uuid in self.announced and not [u for u in self.regions if u not in self.announced], \
             "stale mappings are dropped before a region is mapped"
         if not self.mappable:
             return None

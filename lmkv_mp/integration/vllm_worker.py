@@ -221,8 +221,8 @@ class WorkerSide:
         return pos == len(job.block_ids)
 
     def _drop_stale_regions(self) -> None:
-        """Let go of GPU tier regions the sidecar no longer announces (it restarted): between
-        jobs, so no copy uses them, and before this job maps the current ones."""
+        """Let go of GPU tier regions the sidecar no longer announces (it restarted): once
+        per job, before it maps any, when no copy of an earlier job uses them."""
         hello = self.client.hello
         if self._cuda is not None and hello is not None:
             self._cuda.drop_stale_regions([r.uuid for r in hello.regions])
@@ -232,13 +232,14 @@ class WorkerSide:
         ``regions`` names a region on this rank's device that it can map, else None."""
         if not regions or self._cuda is None:
             return [None for _ in chunks]
-        hello = self.client.hello
-        announced = [r.uuid for r in hello.regions] if hello is not None else []
+        mapped: dict[int, Any] = {0: None}   # region id -> its tensor (None: not usable here)
         out = []
         for i in chunks:
-            info = self.client.gpu_region(regions[i])
-            region = self._cuda.gpu_region(info, announced) if info is not None else None
-            off = offsets[i]
+            rid = regions[i]
+            if rid not in mapped:
+                info = self.client.gpu_region(rid)
+                mapped[rid] = self._cuda.gpu_region(info) if info is not None else None
+            region, off = mapped[rid], offsets[i]
             out.append(region[off:off + nbytes] if region is not None and off + nbytes <= region.numel() else None)
         return out
 
