@@ -70,14 +70,18 @@ class GpuCopies:
             r.lru.setdefault(r.alloc.span_of(e.gpu_slot).slot_bytes, OrderedDict())[e] = None
             r.copies += 1
 
-    def touch(self, e: Entry) -> None:
-        """A load used ``e``: its copy becomes the newest."""
-        if e.gpu_region:
-            r = self._regions[e.gpu_region]
-            lru = r.lru.get(r.alloc.span_of(e.gpu_slot).slot_bytes)
-            if lru is not None and e in lru:
-                lru.move_to_end(e)
-                r.hits += 1
+    def read(self, cols: list[list[Entry]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Where the copies of pinned entries are, column by column (region 0: none); each
+        copy a load may now use becomes the newest."""
+        for col in cols:
+            for e in col:
+                if e.gpu_region:
+                    r = self._regions[e.gpu_region]
+                    lru = r.lru.get(r.alloc.span_of(e.gpu_slot).slot_bytes)
+                    if lru is not None and e in lru:
+                        lru.move_to_end(e)
+                        r.hits += 1
+        return [[e.gpu_region for e in col] for col in cols], [[e.gpu_offset for e in col] for col in cols]
 
     def hide(self, e: Entry) -> None:
         """``e`` left the cache but is still pinned: never a victim; freed with the entry."""

@@ -184,14 +184,7 @@ class ChunkIndex:
             for e in col:
                 e.pins += 1
             self.leases.pin(lease, col)
-        gpu_regions: list[list[int]] = []
-        gpu_offsets: list[list[int]] = []
-        if self.gpu is not None:
-            for col in cols:
-                for e in col:
-                    self.gpu.touch(e)
-            gpu_regions = [[e.gpu_region for e in col] for col in cols]
-            gpu_offsets = [[e.gpu_offset for e in col] for col in cols]
+        gpu_regions, gpu_offsets = self.gpu.read(cols) if self.gpu is not None else ([], [])
         return Pinned(hits, lease.id, [[e.offset for e in col] for col in cols],
                       [[e.checksum for e in col] for col in cols], gpu_regions, gpu_offsets)
 
