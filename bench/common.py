@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import posix_ipc
 import torch
 
-from lmkv_mp.client import SidecarClient
+from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.config import ClientConfig, load_client_config
 from lmkv_mp.memory import shm_name_for
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE / "peers"))
 from common import emit, machine, percentile  # noqa: E402
 from peer_env import venv_ready  # noqa: E402
 
-from lmkv_mp import keys  # noqa: E402
+from lmkv_mp.wire import keys  # noqa: E402
 
 TARGETS = {  # metric -> (peer, target ratio)
     ("store_gbps", "lmcache"): 5.0, ("load_gbps", "lmcache"): 5.0,

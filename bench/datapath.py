@@ -60,11 +60,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine, sidecar  # noqa: E402
 
-from lmkv_mp import protocol as P  # noqa: E402
-from lmkv_mp.client import SidecarClient  # noqa: E402
-from lmkv_mp.keys import Namespace, chain_hashes  # noqa: E402
-from lmkv_mp.copy_threads import CopyThreads  # noqa: E402
-from lmkv_mp.transfer import PagedKV, slot_checksum  # noqa: E402
+from lmkv_mp.wire import protocol as P  # noqa: E402
+from lmkv_mp.engine.client import SidecarClient  # noqa: E402
+from lmkv_mp.wire.keys import Namespace, chain_hashes  # noqa: E402
+from lmkv_mp.engine.copy_threads import CopyThreads  # noqa: E402
+from lmkv_mp.engine.paged import PagedKV, slot_checksum  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_SIZE, BLOCK_SIZE, CHUNK_TOKENS = 32, 8, 128, 16, 256
 BPC = CHUNK_TOKENS // BLOCK_SIZE

@@ -50,9 +50,9 @@ from typing import Any
 
 import torch
 
-from lmkv_mp import kernels
-from lmkv_mp.kernels import KernelCopier
-from lmkv_mp.transfer import PagedKV
+from lmkv_mp.engine import kernels
+from lmkv_mp.engine.kernels import KernelCopier
+from lmkv_mp.engine.paged import PagedKV
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,7 +238,7 @@ def host_path(name: str, nb: int, iters: int, chunks: int = 8) -> None:
     D2H / H2D of the same bytes between device memory and the same pinned mapping. Both are
     timed on the host from the first call to completion, as the worker's job thread waits.
     Target: ratio >= 0.8. The bytes are checked against the torch path first."""
-    from lmkv_mp.cuda_path import CudaHostPath
+    from lmkv_mp.engine.cuda_path import CudaHostPath
 
     paged, bpc = caches(name, nb)
     randomize(paged)

@@ -49,7 +49,7 @@ ensure 'import zmq, msgpack, posix_ipc, xxhash, prometheus_client, redis, hypoth
 # nvcc's cubins for this GPU (kernels.py prefers them; tests/gpu also checks NVRTC's).
 if command -v nvcc >/dev/null; then
     cc=$("$py" -c 'import torch; a, b = torch.cuda.get_device_capability(); print(a * 10 + b)')
-    ARCHS="$cc" bash cuda/build.sh
+    ARCHS="$cc" bash lmkv_mp/engine/cuda/build.sh
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 "$py" bench/gpu_check.py "$@"

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-from lmkv_mp import keys  # noqa: E402
+from lmkv_mp.wire import keys  # noqa: E402
 
 
 def median_us(fn: Callable[[], object], iters: int) -> float:
@@ -45,7 +45,7 @@ def main() -> None:
     iters = 30 if args.quick else args.iters
     chain = keys._chain
     if chain is None:
-        raise SystemExit("hashing: lmkv_mp._chain is not built (pip install -e . with a C compiler)")
+        raise SystemExit("hashing: lmkv_mp.wire._chain is not built (pip install -e . with a C compiler)")
     key, toks = bytes(32), list(range(args.tokens))
     n = args.tokens // args.chunk_tokens
     raw = chain.pack_tokens(toks)

@@ -38,9 +38,9 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine, sidecar  # noqa: E402
 
-from lmkv_mp import protocol as P  # noqa: E402
-from lmkv_mp.client import SidecarClient  # noqa: E402
-from lmkv_mp.keys import chain_hashes  # noqa: E402
+from lmkv_mp.wire import protocol as P  # noqa: E402
+from lmkv_mp.engine.client import SidecarClient  # noqa: E402
+from lmkv_mp.wire.keys import chain_hashes  # noqa: E402
 
 NS = bytes(range(16))
 CHUNK_BYTES = 32 << 20

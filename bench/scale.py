@@ -40,9 +40,9 @@ from common import emit, machine, percentile, proc_cpu_seconds, proc_memory, sid
 from datapath import (BLOCK_SIZE, BPC, CHUNK_TOKENS, HEAD_SIZE, KV_HEADS, LAYERS, SLAB,  # noqa: E402
                       Prompts, cpu_kv_cache, load, store)
 
-from lmkv_mp import protocol as P  # noqa: E402
+from lmkv_mp.wire import protocol as P  # noqa: E402
 from lmkv_mp.config import ClientConfig  # noqa: E402
-from lmkv_mp.keys import Namespace, chain_hashes  # noqa: E402
+from lmkv_mp.wire.keys import Namespace, chain_hashes  # noqa: E402
 
 LOOKUP_NS = bytes(range(16))
 LOOKUP_CHUNK_BYTES = 16384
@@ -59,8 +59,8 @@ def worker(idx: int, cfg: ClientConfig, plan: list[tuple[int, str]], chunks: int
     """One worker process: walks ``plan``, active in the phases whose count exceeds ``idx``."""
     import torch
 
-    from lmkv_mp.client import SidecarClient
-    from lmkv_mp.transfer import PagedKV
+    from lmkv_mp.engine.client import SidecarClient
+    from lmkv_mp.engine.paged import PagedKV
     try:
         torch.set_num_threads(1)  # as the connector's copy thread; the cores are shared by all workers
         num_blocks = 2 * chunks * BPC + BPC
@@ -129,7 +129,7 @@ def main() -> None:
     plan = schedule(counts, rounds)
 
     with sidecar(pool, f"{SLAB >> 20}MiB", "--chunk-tokens", str(CHUNK_TOKENS)) as sc:
-        from lmkv_mp.client import SidecarClient
+        from lmkv_mp.engine.client import SidecarClient
         admin = SidecarClient(sc.client_config(), role="worker", heartbeat=False,
                               namespaces=[P.NamespaceInfo(LOOKUP_NS, LOOKUP_CHUNK_BYTES, "bench")])
         if not admin.connect() or admin.hello is None:

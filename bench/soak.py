@@ -39,12 +39,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lmkv_mp import protocol as P  # noqa: E402
-from lmkv_mp.client import SidecarClient  # noqa: E402
+from lmkv_mp.wire import protocol as P  # noqa: E402
+from lmkv_mp.engine.client import SidecarClient  # noqa: E402
 from lmkv_mp.config import load_client_config  # noqa: E402
-from lmkv_mp.keys import HASH_BYTES  # noqa: E402
+from lmkv_mp.wire.keys import HASH_BYTES  # noqa: E402
 from lmkv_mp.memory import HostRegion, pool_uuid  # noqa: E402
-from lmkv_mp.tiers.base import checksum  # noqa: E402
+from lmkv_mp.wire.checksum import checksum  # noqa: E402
 
 CHUNK_BYTES = 64 << 10
 NS = P.NamespaceInfo(b"soak-namespace-1", CHUNK_BYTES, "soak")

@@ -49,9 +49,10 @@ from common import emit, machine  # noqa: E402
 from datapath import CHUNK_TOKENS, HEAD_SIZE, KV_HEADS, LAYERS  # noqa: E402
 from redisproc import RedisServer  # noqa: E402
 
-from lmkv_mp.tiers.base import HEADER_BYTES, checksum, pack_header  # noqa: E402
-from lmkv_mp.tiers.disk import DiskTier  # noqa: E402
-from lmkv_mp.tiers.redis import RedisTier  # noqa: E402
+from lmkv_mp.sidecar.tiers.base import HEADER_BYTES, pack_header  # noqa: E402
+from lmkv_mp.wire.checksum import checksum  # noqa: E402
+from lmkv_mp.sidecar.tiers.disk import DiskTier  # noqa: E402
+from lmkv_mp.sidecar.tiers.redis import RedisTier  # noqa: E402
 
 CHUNK_BYTES = CHUNK_TOKENS * LAYERS * KV_HEADS * 2 * HEAD_SIZE * 2
 

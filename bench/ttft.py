@@ -35,8 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-from lmkv_mp.integration.engine_run import EngineProcess, engine_env, start_sidecar  # noqa: E402
-from lmkv_mp.integration.tiny_model import build_tiny_llama  # noqa: E402
+from lmkv_mp.demo.engine_run import EngineProcess, engine_env, start_sidecar  # noqa: E402
+from lmkv_mp.demo.tiny_model import build_tiny_llama  # noqa: E402
 
 
 def native_offloading(model: str, work: Path, env: dict[str, str]) -> dict[str, str]:

@@ -20,7 +20,7 @@ def sidecar_main(argv: Sequence[str] | None = None) -> int:
     cfg = sidecar_main_config(argv)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s lmkv %(message)s")
-    from lmkv_mp.server import serve  # imported late: `--help` stays fast
+    from lmkv_mp.sidecar.server import serve  # imported late: `--help` stays fast
 
     return serve(cfg)
 
@@ -85,7 +85,7 @@ def rates(prev: dict[str, Any] | None, snap: dict[str, Any]) -> dict[str, float]
 def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> str:
     """A readable summary of a snapshot; with ``prev`` (the one before, for ``--watch``),
     rates over the interval between them too."""
-    from lmkv_mp.metrics import quantile
+    from lmkv_mp.sidecar.metrics import quantile
 
     r = rates(prev, snap)
     clients = snap["clients"]
@@ -141,7 +141,7 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
     """``lmkv-stats``: exit 0 after printing, 1 when no sidecar answers, 2 on bad flags.
     With ``--watch`` it runs until interrupted (SIGINT/SIGTERM: exit 0)."""
     args = _stats_parser().parse_args(argv)
-    from lmkv_mp.client import SidecarClient, SidecarError
+    from lmkv_mp.engine.client import SidecarClient, SidecarError
 
     try:
         timeout = parse_duration(args.timeout)

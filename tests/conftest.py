@@ -24,12 +24,12 @@ from typing import Any, Callable, Iterator, TypeVar
 import posix_ipc
 import pytest
 
-from lmkv_mp.client import SidecarClient, SidecarError
+from lmkv_mp.engine.client import SidecarClient, SidecarError
 from lmkv_mp.config import ClientConfig, default_stats_endpoint, load_client_config
 from lmkv_mp.memory import shm_name_for
 
 TESTS = Path(__file__).resolve().parent
-KVPROC = TESTS / "procs" / "kvproc.py"
+KVPROC = TESTS / "helpers" / "kvproc.py"
 BIN = Path(sys.executable).parent
 
 # Under load a cold `import torch` (the sidecar imports it through lmkv_mp.memory) has
@@ -115,7 +115,7 @@ class Procs:
         return proc
 
     def kvproc(self, mode: str, spec: dict[str, Any]) -> subprocess.Popen:
-        """One worker rank (tests/procs/kvproc.py); its stdout is a pipe of JSON lines."""
+        """One worker rank (tests/helpers/kvproc.py); its stdout is a pipe of JSON lines."""
         argv = [sys.executable, str(KVPROC), "--mode", mode, "--spec", json.dumps(spec)]
         return self.start(argv, f"kvproc-{mode}-r{spec.get('rank', 0)}", stdout=subprocess.PIPE,
                           env=clean_env(), text=True)
@@ -254,13 +254,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 def need_c_extension(name: str, built: bool) -> None:
-    """For a test of a C extension's path (``lmkv_mp/<name>.c``): skip where it was not built
+    """For a test of a C extension's path (``lmkv_mp/wire/_chain.c``, ``lmkv_mp/engine/_rows.c``;
+    ``name`` is the module's dotted path under lmkv_mp): skip where it was not built
     (no C compiler at install), except in CI (``CI=true`` or ``LMKV_REQUIRE_C_EXT=1``, which
     .ci/run sets), where it must have been."""
     if built:
         return
     if os.environ.get("CI") == "true" or os.environ.get("LMKV_REQUIRE_C_EXT") == "1":
-        pytest.fail(f"lmkv_mp.{name} is not built: pip install -e . must compile lmkv_mp/{name}.c in CI")
+        pytest.fail(f"lmkv_mp.{name} is not built: pip install -e . must compile lmkv_mp/{name.replace('.', '/')}.c in CI")
     pytest.skip(f"lmkv_mp.{name} is not built here (no C compiler at install)")
 
 
@@ -293,9 +294,9 @@ def sidecar(procs: Procs) -> Iterator[Callable[..., SidecarHandle]]:
 
 @pytest.fixture
 def redis_server() -> Iterator[Any]:
-    """A private redis-server (tests/redisproc.py) on a free port; ``.url``, ``.kill()``,
+    """A private redis-server (tests/helpers/redisproc.py) on a free port; ``.url``, ``.kill()``,
     ``.start()`` (again on the same port). Skips without redis-server, except in CI."""
-    from tests.redisproc import RedisServer, require_redis_server
+    from tests.helpers.redisproc import RedisServer, require_redis_server
 
     require_redis_server()
     with RedisServer() as server:

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from lmkv_mp import protocol as P
-from lmkv_mp.client import SidecarClient
+from lmkv_mp.wire import protocol as P
+from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.config import load_client_config
 from lmkv_mp.memory import shm_name_for
 

@@ -199,7 +199,7 @@ def test_prometheus_scrape_config() -> None:
     (doc,) = _load_all(PROMETHEUS)
     targets = [t for job in doc["scrape_configs"] for sc in job.get("static_configs", []) for t in sc["targets"]]
     assert "127.0.0.1:9187" in targets  # lmkv_mp.config's default metrics address
-    served = "not served yet" not in (ROOT / "lmkv_mp" / "server.py").read_text()
+    served = "not served yet" not in (ROOT / "lmkv_mp" / "sidecar" / "server.py").read_text()
     planned = "PLANNED, NOT SERVED YET" in PROMETHEUS.read_text()
     assert served != planned, "launch/prometheus-scrape.yml's header must say whether /metrics is served"
 

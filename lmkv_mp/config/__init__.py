@@ -36,7 +36,7 @@ from lmkv_mp.config.sidecar import (
                                    load_sidecar_config,
                                    sidecar_main_config,
 )
-from lmkv_mp.units import GiB, KiB, MiB, TiB, format_size, parse_duration, parse_size
+from lmkv_mp.config.units import GiB, KiB, MiB, TiB, format_size, parse_duration, parse_size
 
 __all__ = [
     "CLIENT_SETTINGS", "DEFAULT_CLIENT_MAX_INFLIGHT", "DEFAULT_CLIENT_POOL_SHARE", "DEFAULT_HASH_KEY",

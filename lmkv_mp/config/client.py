@@ -22,7 +22,7 @@ from lmkv_mp.config.common import (
     parse_path,
     read_token,
 )
-from lmkv_mp.units import _show, parse_duration
+from lmkv_mp.config.units import _show, parse_duration
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from lmkv_mp.units import GiB, MiB, _show
+from lmkv_mp.config.units import GiB, MiB, _show
 
 DEFAULT_HASH_KEY: bytes = b"lmkv_mp/default-chain-key/v1"
 

@@ -28,7 +28,7 @@ from lmkv_mp.config.common import (
     ConfigError,
     parse_bool,
 )
-from lmkv_mp.units import _fmt_seconds, _show, format_size
+from lmkv_mp.config.units import _fmt_seconds, _show, format_size
 
 _T = TypeVar("_T")
 

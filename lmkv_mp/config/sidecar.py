@@ -51,7 +51,7 @@ from lmkv_mp.config.common import (
     redact_url,
 )
 from lmkv_mp.config.flags import Sources, build_arg_parser, flag_error
-from lmkv_mp.units import (
+from lmkv_mp.config.units import (
     GiB,
     KiB,
     MiB,

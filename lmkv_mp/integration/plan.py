@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmkv_mp.keys import Namespace
+from lmkv_mp.wire.keys import Namespace
 
 
 @dataclass(frozen=True, slots=True)

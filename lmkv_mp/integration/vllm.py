@@ -31,15 +31,15 @@ import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
                                                                KVConnectorRole)
 
-from lmkv_mp.client import SidecarClient
+from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.config import CLIENT_SETTINGS, load_client_config
 from lmkv_mp.integration.plan import StepPlan, rank_namespaces
 from lmkv_mp.integration.vllm_scheduler import SchedulerSide
 from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, make_stats
 from lmkv_mp.integration.vllm_worker import WorkerSide
-from lmkv_mp.keys import Namespace
-from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.transfer import PagedKV, slot_checksum
+from lmkv_mp.wire.keys import Namespace
+from lmkv_mp.wire.protocol import NamespaceInfo
+from lmkv_mp.engine.paged import PagedKV, slot_checksum
 
 if TYPE_CHECKING:
     import torch

@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmkv_mp.client import LookupResult, SidecarClient
+from lmkv_mp.engine.client import LookupResult, SidecarClient
 from lmkv_mp.config import DEFAULT_PREFETCH_TIMEOUT
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
-from lmkv_mp.keys import HASH_BYTES, Namespace, chain_hashes
+from lmkv_mp.wire.keys import HASH_BYTES, Namespace, chain_hashes
 
 log = logging.getLogger("lmkv.vllm")
 

@@ -15,7 +15,7 @@ the LOOKUP gave. After, not before: bytes that change between the check and the 
 would pass unseen, while bytes that change after the copy only cost a needless recompute.
 A mismatch fails the load (recompute) and is reported to the sidecar, which drops the chunk.
 
-On a GPU the copies go through :class:`~lmkv_mp.cuda_path.CudaHostPath` (a staging slot in
+On a GPU the copies go through :class:`~lmkv_mp.engine.cuda_path.CudaHostPath` (a staging slot in
 device memory and DMA to the pinned host pool, on a side stream that starts after the work
 the engine had queued when the job was submitted); on a CPU straight between the cache and
 the slot. A CUDA rank tells the sidecar its device in HELLO; where the sidecar has a GPU
@@ -38,13 +38,13 @@ from typing import Any, Callable
 
 import torch
 
-from lmkv_mp.client import SidecarClient
+from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
-from lmkv_mp.keys import HASH_BYTES
-from lmkv_mp.protocol import NamespaceInfo
-from lmkv_mp.copy_threads import CopyThreads, one_torch_thread_pool
-from lmkv_mp.cuda_path import CudaHostPath, device_uuid
-from lmkv_mp.transfer import PagedKV, slot_checksum
+from lmkv_mp.wire.keys import HASH_BYTES
+from lmkv_mp.wire.protocol import NamespaceInfo
+from lmkv_mp.engine.copy_threads import CopyThreads, one_torch_thread_pool
+from lmkv_mp.engine.cuda_path import CudaHostPath, device_uuid
+from lmkv_mp.engine.paged import PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
 

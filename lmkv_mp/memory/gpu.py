@@ -27,7 +27,7 @@ import logging
 import os
 from typing import Any
 
-from lmkv_mp import cuda_api
+from lmkv_mp.memory import cuda_api
 from lmkv_mp.memory.region import RegionError
 
 log = logging.getLogger("lmkv.memory")
@@ -190,7 +190,7 @@ def allocation_prop(d: Any, ordinal: int) -> Any:
 
 class GpuMapping:
     """A worker's mapping of a sidecar's :class:`GpuRegion`, described by ``info`` (a
-    :class:`~lmkv_mp.protocol.RegionInfo` of kind 'cuda-vmm' or 'cuda'), as a 1-D uint8
+    :class:`~lmkv_mp.wire.protocol.RegionInfo` of kind 'cuda-vmm' or 'cuda'), as a 1-D uint8
     torch tensor on ``device``. Use from one thread; :meth:`close` only after every copy
     that used :attr:`tensor` has completed (the caller drains its stream first)."""
 

@@ -40,7 +40,7 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 def run_engine(procs: Procs, spec: dict[str, Any], name: str, **env_extra: str) -> dict[str, Any]:
-    """Run ``lmkv_mp.integration.engine_run`` on ``spec`` in a new process group; its result.
+    """Run ``lmkv_mp.demo.engine_run`` on ``spec`` in a new process group; its result.
     The whole group is killed afterwards: vLLM's worker processes can outlive their parent."""
     work = Path(tempfile.mkdtemp(prefix="lmkv-engine-"))
     (work / "spec.json").write_text(json.dumps(spec))
@@ -50,7 +50,7 @@ def run_engine(procs: Procs, spec: dict[str, Any], name: str, **env_extra: str) 
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     env.update(env_extra)
     shm_before = set(os.listdir(SHM)) if SHM.is_dir() else set()
-    proc = procs.start([sys.executable, "-m", "lmkv_mp.integration.engine_run", str(work / "spec.json"),
+    proc = procs.start([sys.executable, "-m", "lmkv_mp.demo.engine_run", str(work / "spec.json"),
                         str(work / "out.json")], name, env=env, start_new_session=True)
     try:
         rc = proc.wait(ENGINE_TIMEOUT)

@@ -11,10 +11,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from lmkv_mp.integration.tiny_model import build_tiny_llama
+from lmkv_mp.demo.tiny_model import build_tiny_llama
 from tests.conftest import Procs, SidecarHandle, stats, wait_for
 from tests.e2e.engines import only, prompt, require_vllm, run_engine, same_output
-from tests.redisproc import RedisServer, require_redis_server
+from tests.helpers.redisproc import RedisServer, require_redis_server
 
 require_vllm()
 require_redis_server()

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from lmkv_mp.integration.tiny_model import build_tiny_llama
+from lmkv_mp.demo.tiny_model import build_tiny_llama
 from tests.conftest import Procs, SidecarHandle, stats
 from tests.e2e.engines import close_output, only, prompt, require_vllm, run_engine, same_output
 

@@ -1,4 +1,4 @@
-"""What every fault test shares: the rank geometry of tests/procs/kvproc.py, specs for
+"""What every fault test shares: the rank geometry of tests/helpers/kvproc.py, specs for
 its processes, a load that checks every byte, and the closing check that nothing leaked.
 
 "Nothing lost, nothing wrong": whatever a test breaks, every chunk a reader gets back is
@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from lmkv_mp import protocol as P
-from lmkv_mp.client import SidecarClient
+from lmkv_mp.wire import protocol as P
+from lmkv_mp.engine.client import SidecarClient
 
 from tests.conftest import BIN, CLIENT_DEFAULTS, LEASE_TIMEOUT, SidecarHandle, clean_env, wait_for
-from tests.procs import kvproc as K
+from tests.helpers import kvproc as K
 
 SEED = 11
 A_IDS = list(range(40, 56))      # the writer's blocks for 4 chunks

@@ -17,11 +17,11 @@ from typing import Callable
 import pytest
 import torch
 
-from lmkv_mp import protocol as P
+from lmkv_mp.wire import protocol as P
 
 from tests.conftest import LEASE_TIMEOUT, Procs, SidecarHandle, stats, wait_for
 from tests.faults.common import A_IDS, B_IDS, N, SEED, assert_no_leaks, load_and_check, ns_info, spec
-from tests.procs import kvproc as K
+from tests.helpers import kvproc as K
 
 pytestmark = pytest.mark.slow
 

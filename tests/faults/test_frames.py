@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import zmq
 
-from lmkv_mp import protocol as P
+from lmkv_mp.wire import protocol as P
 
 from tests.conftest import SidecarHandle, stats
 from tests.faults.common import assert_no_leaks
@@ -260,7 +260,7 @@ class Fuzzer:
 
 @pytest.mark.slow
 def test_live_fuzz_keeps_the_sidecar_up_bounded_and_serving(sidecar: Callable[..., SidecarHandle]) -> None:
-    from tests.test_tiers import NS, chunk_hashes, load, payload, store
+    from tests.sidecar.test_tiers import NS, chunk_hashes, load, payload, store
 
     h = sidecar()
     normal = h.client(namespaces=[NS])
@@ -314,7 +314,7 @@ def test_a_flooding_client_waits_and_others_are_served(sidecar: Callable[..., Si
     sidecar; the ROUTER serves clients in turn, so another client's calls stay fast."""
     import time
 
-    from tests.test_tiers import NS, chunk_hashes, load, payload, store
+    from tests.sidecar.test_tiers import NS, chunk_hashes, load, payload, store
 
     h = sidecar("--client-max-inflight", "32")
     normal = h.client(namespaces=[NS])

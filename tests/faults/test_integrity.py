@@ -15,9 +15,9 @@ from lmkv_mp.integration.plan import LoadJob, StoreJob
 
 from tests.conftest import Procs, SidecarHandle, stats
 from tests.faults.common import B_IDS, N, assert_no_leaks, load_and_check, ns_info, spec
-from tests.procs import kvproc as K
-from tests.redisproc import free_port
-from tests.test_vllm_worker import BPC, CHUNK, NS, blocks, cache, plan, worker
+from tests.helpers import kvproc as K
+from tests.helpers.redisproc import free_port
+from tests.integration.test_vllm_worker import BPC, CHUNK, NS, blocks, cache, plan, worker
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_the_vllm_worker_recomputes_a_corrupt_chunk(sidecar: Callable[..., Sidec
     """The connector's worker half: it checksums what it stores when the sidecar verifies,
     checks each chunk after copying it in, and turns a mismatch into load errors (vLLM
     recomputes those blocks) and a report that drops the chunk."""
-    from lmkv_mp.keys import chain_hashes
+    from lmkv_mp.wire.keys import chain_hashes
 
     h = sidecar("--verify", "on")
     a, b = cache(1), cache(2)

@@ -8,11 +8,11 @@ from typing import Callable
 
 import pytest
 
-from lmkv_mp import protocol as P
+from lmkv_mp.wire import protocol as P
 
 from tests.conftest import SidecarHandle, stats
 from tests.faults.common import assert_no_leaks
-from tests.test_tiers import CHUNK_BYTES, NS, SMALL_HOST, chunk_hashes, load, payload, store
+from tests.sidecar.test_tiers import CHUNK_BYTES, NS, SMALL_HOST, chunk_hashes, load, payload, store
 
 pytestmark = pytest.mark.slow
 

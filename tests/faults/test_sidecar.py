@@ -19,12 +19,12 @@ from typing import Any, Callable
 import posix_ipc
 import pytest
 
-from lmkv_mp import protocol as P
+from lmkv_mp.wire import protocol as P
 from lmkv_mp.memory import shm_name_for
 
 from tests.conftest import BIN, CLIENT_DEFAULTS, Procs, SidecarHandle, clean_env, log_text, stats, wait_for
 from tests.faults.common import N, assert_no_leaks, lmkv_stats, load_and_check, ns_info, spec
-from tests.procs import kvproc as K
+from tests.helpers import kvproc as K
 
 pytestmark = pytest.mark.slow
 TIMEOUT = CLIENT_DEFAULTS["timeout"]

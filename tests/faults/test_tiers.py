@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import SidecarHandle, stats, wait_for
 from tests.faults.common import assert_no_leaks
-from tests.test_tiers import (CHUNK_BYTES, NS, chunk_hashes, disk_dir, disk_flags, load, payload, quiet,  # noqa: F401
+from tests.sidecar.test_tiers import (CHUNK_BYTES, NS, chunk_hashes, disk_dir, disk_flags, load, payload, quiet,  # noqa: F401
                               remote_flags, store)
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def persistent_redis() -> Iterator[Any]:
     """A redis-server that logs every write to its append-only file before answering, so
     what it took before a SIGKILL is there after the restart (and a value cut off mid-way
     is what it has to cope with)."""
-    from tests.redisproc import RedisServer, require_redis_server
+    from tests.helpers.redisproc import RedisServer, require_redis_server
 
     require_redis_server()
     with RedisServer("--appendonly", "yes", "--appendfsync", "always") as server:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from lmkv_mp.client import SidecarClient
+from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.integration.plan import LoadJob
 from lmkv_mp.integration.vllm_worker import WorkerSide
 from tests.conftest import client_config
 from tests.gpu.test_cuda_path_gpu import on_gpu
-from tests.test_vllm_worker import BPC, NS, blocks, plan
+from tests.integration.test_vllm_worker import BPC, NS, blocks, plan
 
 
 def main(run_dir: Path, hashes: bytes, out: Path) -> int:

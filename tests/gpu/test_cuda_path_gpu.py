@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from lmkv_mp.integration.plan import LoadJob, StoreJob
-from lmkv_mp.keys import chain_hashes
-from lmkv_mp.transfer import PagedKV
+from lmkv_mp.wire.keys import chain_hashes
+from lmkv_mp.engine.paged import PagedKV
 # bench/gpu_check.py runs tests/gpu with --noconftest: the fixtures come in by name.
 from tests.conftest import SidecarHandle, procs, sidecar  # noqa: F401
-from tests.test_vllm_worker import BLOCK, BPC, CHUNK, NB, NS, blocks, cache, plan, worker
+from tests.integration.test_vllm_worker import BLOCK, BPC, CHUNK, NB, NS, blocks, cache, plan, worker
 
 pytestmark = [
     pytest.mark.gpu,

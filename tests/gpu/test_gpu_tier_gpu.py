@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from lmkv_mp.integration.plan import StoreJob
-from lmkv_mp.keys import chain_hashes
+from lmkv_mp.wire.keys import chain_hashes
 # bench/gpu_check.py runs tests/gpu with --noconftest: the fixtures come in by name.
 from tests.conftest import SidecarHandle, clean_env, procs, sidecar  # noqa: F401
 from tests.gpu.test_cuda_path_gpu import load, on_gpu, same
-from tests.test_vllm_worker import BPC, CHUNK, NS, blocks, cache, plan, worker
+from tests.integration.test_vllm_worker import BPC, CHUNK, NS, blocks, cache, plan, worker
 
 pytestmark = [
     pytest.mark.gpu,

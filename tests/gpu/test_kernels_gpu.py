@@ -15,11 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmkv_mp import kernels
-from lmkv_mp.kernels import KernelCopier
-from lmkv_mp.transfer import PagedKV
-from tests.test_kernels import PartRecipe, documented_gather, recipes
-from tests.test_transfer import CHUNKS, LAYOUTS, NB, block, fill, make, new_slot, same
+from lmkv_mp.engine import kernels
+from lmkv_mp.engine.kernels import KernelCopier
+from lmkv_mp.engine.paged import PagedKV
+from tests.engine.test_kernels import PartRecipe, documented_gather, recipes
+from tests.engine.test_paged import CHUNKS, LAYOUTS, NB, block, fill, make, new_slot, same
 
 pytestmark = [
     pytest.mark.gpu,
