@@ -15,9 +15,17 @@ It is a best-effort cache: a failed or impossible load is reported to vLLM as a 
 error and recomputed, so the connector switches ``kv_load_failure_policy`` to
 ``recompute`` (vLLM's default ``fail`` would turn a cache miss into a user-visible error).
 
-Supported: vLLM 0.32 (the ``(vllm_config, role, kv_cache_config)`` constructor), models
-with one KV cache group (full attention or MLA). Hybrid models are declined with one log
-line: the connector then does nothing and the engine runs as if it were absent.
+Supported: vLLM 0.32 and 0.33 (the ``(vllm_config, role, kv_cache_config)`` constructor;
+0.33's sleep-mode hooks and cache hit sources), models with one KV cache group (full
+attention, MLA, and sliding-window layers where vLLM allocates them in full, as it does on
+CPU and whenever its hybrid KV manager is off). Per request, what changes KV bytes besides
+the tokens is in the key or the request is declined (``request_keys.py``). Declined per
+engine, with one log line (the connector then does nothing and the engine runs as if it
+were absent): several KV cache groups (vLLM's hybrid manager; ``SupportsHMA`` is not
+implemented), sliding-window or chunked-local specs that free blocks, Mamba/linear
+attention state, pipeline parallelism and decode or prefill context parallelism. Per rank:
+a KV cache layout it cannot read, e.g. kernel blocks smaller than the manager's blocks;
+that rank fails every load planned for it (recomputed) and reports it, so no request waits.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from lmkv_mp.config import CLIENT_SETTINGS, load_client_config
 from lmkv_mp.integration.plan import StepPlan, rank_namespaces
 from lmkv_mp.integration.vllm_scheduler import SchedulerSide
 from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, make_stats
-from lmkv_mp.integration.vllm_worker import WorkerSide
+from lmkv_mp.integration.vllm_worker import DeclinedRank, WorkerSide
 from lmkv_mp.wire.keys import Namespace
 from lmkv_mp.wire.protocol import NamespaceInfo
 from lmkv_mp.engine.paged import PagedKV, slot_checksum
@@ -89,7 +97,7 @@ class LMKVConnector(KVConnectorBase_V1):
         self._client_config = load_client_config(overrides=overrides)
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
-        self._declined = self._check_supported(kv_cache_config)
+        self._declined = self._check_supported(vllm_config, kv_cache_config)
         if self._declined:
             log.warning("lmkv: connector disabled: %s", self._declined)
             return
@@ -120,15 +128,29 @@ class LMKVConnector(KVConnectorBase_V1):
     # -- setup ----------------------------------------------------------------------------
 
     @staticmethod
-    def _check_supported(kv_cache_config: Any) -> str:
+    def _check_supported(vllm_config: Any, kv_cache_config: Any) -> str:
+        """Why this engine cannot be served byte-exactly, or "" (ARCHITECTURE §3)."""
+        pc = vllm_config.parallel_config
+        for name in ("pipeline_parallel_size", "decode_context_parallel_size", "prefill_context_parallel_size"):
+            if getattr(pc, name, 1) > 1:
+                # PP stages hold different layers under one TP rank's namespace; context
+                # parallelism shards a block's tokens over ranks.
+                return f"{name}={getattr(pc, name)} is not supported"
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
-            return f"hybrid model with {len(groups)} KV cache groups is not supported"
+            return (f"{len(groups)} KV cache groups (vLLM's hybrid KV cache manager) are not supported: "
+                    "lmkv caches one group (run vLLM with --disable-hybrid-kv-cache-manager to serve this model)")
         spec = groups[0].kv_cache_spec
-        if getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
-            return f"{type(spec).__name__} with a window is not supported"
+        kind = type(spec).__name__
         if not hasattr(spec, "num_kv_heads") or not hasattr(spec, "head_size"):
-            return f"KV cache spec {type(spec).__name__} is not an attention spec"
+            return f"KV cache spec {kind} is not an attention spec (state, not per-token KV)"
+        # A FullAttentionSpec keeps every block of every layer, also for layers with a
+        # sliding window (vLLM promotes them so when its hybrid manager is off); a spec of
+        # its own (SlidingWindowSpec, ChunkedLocalAttentionSpec) frees blocks out of the window.
+        if kind not in ("FullAttentionSpec", "MLAAttentionSpec"):
+            return f"KV cache spec {kind} is not supported (only FullAttentionSpec and MLAAttentionSpec)"
+        if getattr(spec, "attention_chunk_size", None):
+            return f"{kind} with chunked local attention is not supported"
         return ""
 
     def _namespaces(self, vllm_config: Any, kv_cache_config: Any, chunk_tokens: int, tp_size: int,
@@ -139,7 +161,16 @@ class LMKVConnector(KVConnectorBase_V1):
         layout = (f"vllm-{vllm.__version__}|{getattr(kv_cache_config, 'kv_cache_layout', None)}|"
                   f"{type(spec).__name__}|hv{getattr(spec, 'head_size_v', spec.head_size)}|"
                   f"q{getattr(getattr(spec, 'kv_quant_mode', None), 'name', '')}|page{spec.page_size_bytes}")
-        return rank_namespaces(model=str(mc.model), revision=str(mc.revision or ""), dtype=str(spec.dtype),
+        if getattr(spec, "sliding_window", None):
+            layout += f"|sw{spec.sliding_window}"
+        model = str(mc.model)
+        spec_decode = getattr(vllm_config, "speculative_config", None)
+        if spec_decode is not None:
+            # A draft model's layers are registered with the target's: its identity changes
+            # their bytes (EAGLE, MTP, a draft model).
+            draft = getattr(getattr(spec_decode, "draft_model_config", None), "model", None) or spec_decode.model
+            model += f"+spec:{spec_decode.method}:{draft}:{spec_decode.num_speculative_tokens}"
+        return rank_namespaces(model=model, revision=str(mc.revision or ""), dtype=str(spec.dtype),
                                num_layers=len(self._layer_names), kv_heads=spec.num_kv_heads,
                                head_size=spec.head_size, block_size=self._block_size, layout=layout,
                                chunk_tokens=chunk_tokens, tp_size=tp_size, mla=mla, tenant=tenant)
@@ -155,26 +186,58 @@ class LMKVConnector(KVConnectorBase_V1):
             return
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        tensors = [kv_caches[name] for name in self._layer_names if name in kv_caches]
-        if len(tensors) != len(self._layer_names):
-            self._declined = "registered KV caches do not match the KV cache group's layers"
-            log.warning("lmkv: connector disabled on this rank: %s", self._declined)
+        paged = self._read_layout(kv_caches)
+        if isinstance(paged, str):
+            reason = paged
+            # The scheduler may still plan loads of chunks other engines stored: this rank
+            # answers each as failed (recomputed), so no request waits for it.
+            log.warning("lmkv: connector disabled on this rank: %s", reason)
+            self._worker = DeclinedRank(reason)
+            self._client.close()
             return
-        num_blocks = self._kv_cache_config.num_blocks
-        # vLLM puts the block dimension first in most layouts; when a cache's other sizes
-        # happen to equal num_blocks, that is the one to pick rather than a guess.
-        block_dim = 0 if all(t.shape[0] == num_blocks for t in tensors) else None
-        try:
-            paged = PagedKV(tensors, num_blocks=num_blocks, block_dim=block_dim)
-        except (ValueError, TypeError) as e:
-            self._declined = f"cannot read the KV cache layout: {e}"
-            log.warning("lmkv: connector disabled on this rank: %s", self._declined)
-            return
-        expected = self._spec.page_size_bytes * len(tensors)
+        expected = self._spec.page_size_bytes * len(self._layer_names)
         # The checksum is used while the sidecar runs --verify on (its HELLO says so).
         self._worker = WorkerSide(self._client, paged, get_tensor_model_parallel_rank(), expected,
                                   checksum=slot_checksum)
         self._client.connect()
+
+    def _read_layout(self, kv_caches: dict[str, "torch.Tensor"]) -> PagedKV | str:
+        """The registered caches as a PagedKV, or why this rank cannot read them."""
+        tensors = [kv_caches[name] for name in self._layer_names if name in kv_caches]
+        if len(tensors) != len(self._layer_names):
+            return "registered KV caches do not match the KV cache group's layers"
+        num_blocks = self._kv_cache_config.num_blocks
+        dims = [set(t.shape) for t in tensors]
+        if any(num_blocks not in d for d in dims):
+            split = sorted({n // num_blocks for d in dims for n in d if n > num_blocks and n % num_blocks == 0})
+            if split:
+                return (f"the KV cache holds {num_blocks} x {split[0]} kernel blocks, not {num_blocks} blocks "
+                        f"(the attention backend's kernel block size is below vLLM's block size "
+                        f"{self._block_size}): lmkv does not read split blocks")
+        # vLLM puts the block dimension first in most layouts; when a cache's other sizes
+        # happen to equal num_blocks, that is the one to pick rather than a guess.
+        block_dim = 0 if all(t.shape[0] == num_blocks for t in tensors) else None
+        try:
+            return PagedKV(tensors, num_blocks=num_blocks, block_dim=block_dim)
+        except (ValueError, TypeError) as e:
+            return f"cannot read the KV cache layout: {e}"
+
+    # -- sleep mode (vLLM 0.33) -----------------------------------------------------------
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        return True
+
+    def unregister_kv_caches(self) -> None:
+        """Before vLLM releases the KV cache memory: no copy of this rank may touch it until
+        :meth:`restore_kv_caches`. Jobs in flight finish first; jobs planned meanwhile fail
+        (loads are recomputed) or store nothing."""
+        if self._worker is not None:
+            self._worker.pause("the KV cache is released (sleep mode)")
+
+    def restore_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.resume()
 
     def _plan(self) -> StepPlan | None:
         if not self.has_connector_metadata():
@@ -260,3 +323,22 @@ class LMKVConnector(KVConnectorBase_V1):
         if self._sched is None:
             return False, None
         return self._sched.request_finished(request), None
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
+        """vLLM 0.33: the tokens loaded for ``request`` by the tier that supplied them: the GPU
+        tier's copies on every rank's device (``device``), else the host pool (``host``; a
+        chunk promoted from disk or Redis is loaded from the host pool too)."""
+        if self._sched is None or num_external_tokens <= 0:
+            return {}
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        device = min(self._sched.device_tokens(request), num_external_tokens)
+        sources = {CacheHitSource.DEVICE: device, CacheHitSource.HOST: num_external_tokens - device}
+        return {k: v for k, v in sources.items() if v}
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's ``reset_prefix_cache(reset_connector=True)`` (after a weight update): see
+        :meth:`SchedulerSide.reset`. The workers need nothing: keys come from the scheduler."""
+        if self._sched is None:
+            return None if self._declined else True
+        return self._sched.reset()

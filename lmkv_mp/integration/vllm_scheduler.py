@@ -27,6 +27,7 @@ from typing import Any
 from lmkv_mp.engine.client import LookupResult, SidecarClient
 from lmkv_mp.config import DEFAULT_PREFETCH_TIMEOUT
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
+from lmkv_mp.integration.request_keys import AdapterDigests, new_epoch, request_key
 from lmkv_mp.wire.keys import HASH_BYTES, Namespace, chain_hashes
 
 log = logging.getLogger("lmkv.vllm")
@@ -48,6 +49,8 @@ class _Req:
     load_planned: bool = False
     prefetch_deadline: float = 0.0      # set at the first LOOKUP that reported pending chunks
     last_ask: float = 0.0
+    load: bool = True                   # False: never loaded (declined, or vLLM's skip_reading_prefix_cache)
+    device_tokens: int = 0              # of the planned load, tokens every rank reads from a GPU tier copy
 
 
 class SchedulerSide:
@@ -63,6 +66,9 @@ class SchedulerSide:
         self._loads: list[LoadJob] = []
         self._stores: list[StoreJob] = []
         self._awaiting_load: dict[str, int] = {}      # req id -> lease to release on finished_recving
+        self.epoch = b""                              # reset(): a fresh one, so no older key is hit again
+        self.adapters = AdapterDigests()
+        self._declines_logged: set[str] = set()
         self.stats = {"lookups": 0, "lookup_tokens": 0, "hit_tokens": 0, "claimed_tokens": 0, "load_jobs": 0,
                       "store_chunks": 0}
         self._stats_taken: dict[str, int] = {}
@@ -74,15 +80,39 @@ class SchedulerSide:
         st = self._reqs.get(request.request_id)
         if st is None:
             assert self.client.hello is not None
-            st = _Req(request, chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
-                                            (request.cache_salt or "").encode()))
+            key = request_key(request, self.chunk_tokens, self.epoch, self.adapters)
+            if key.declined:
+                self._log_decline(key.declined)
+                st = _Req(request, b"", load=False)
+            else:
+                st = _Req(request, chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
+                                                key.salt, extras=key.extras),
+                          load=not getattr(request, "skip_reading_prefix_cache", False))
             self._reqs[request.request_id] = st
         return st
+
+    def _log_decline(self, reason: str) -> None:
+        """One line per reason per engine (a bounded set: reasons name adapters at most)."""
+        if reason not in self._declines_logged and len(self._declines_logged) < 64:
+            self._declines_logged.add(reason)
+            log.info("lmkv: not caching requests with %s (they run as without lmkv)", reason)
+
+    def reset(self) -> bool:
+        """vLLM's ``reset_cache``: weights may have changed. From now on this engine's keys
+        come from a new epoch in the chain seed, so nothing stored before is ever hit again
+        here. Other engines keep their keys: their weights did not change with this one's."""
+        self.epoch = new_epoch()
+        for st in self._reqs.values():
+            st.load = False  # hashed under the old epoch: their stores are never looked up again
+        log.info("lmkv: cache reset: keys of a new epoch from now on")
+        return True
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self.client.hello is None and not self.client.connect():
             return 0, False
         st = self._state(request)
+        if not st.load:
+            return 0, False
         # Never the last prompt token: the engine must compute at least one.
         max_chunks = (len(request.prompt_token_ids) - 1) // self.chunk_tokens
         # Answer repeated calls from the cached lookup, but never claim tokens without a
@@ -132,11 +162,19 @@ class SchedulerSide:
                       [g[c0:c1].tolist() for g in st.lookup.gpu_regions],
                       [o[c0:c1].tolist() for o in st.lookup.gpu_offsets])
         self._loads.append(job)
+        gpu = st.lookup.gpu_regions
+        st.device_tokens = sum(min(local + num_external_tokens, (c + 1) * self.chunk_tokens) - max(local, c * self.chunk_tokens)
+                               for c in range(c0, c1) if gpu and all(g[c] for g in gpu))
         self._awaiting_load[request.request_id] = st.lookup.lease_id
         st.lookup = LookupResult(st.lookup.hits, 0, (), (), st.lookup.boot_id)  # lease now owned by the load
         st.load_planned = True
         self.stats["claimed_tokens"] += num_external_tokens
         self.stats["load_jobs"] += 1
+
+    def device_tokens(self, request: Any) -> int:
+        """Of the load planned for ``request``, the tokens read from GPU tier copies."""
+        st = self._reqs.get(request.request_id)
+        return st.device_tokens if st is not None else 0
 
     def _drop_lease(self, st: _Req) -> None:
         if st.lookup is not None and st.lookup.lease_id:

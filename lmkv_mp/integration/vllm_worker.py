@@ -59,6 +59,7 @@ class WorkerSide:
         self.tp_rank = tp_rank
         self.checksum = checksum
         self.disabled = ""
+        self.paused = ""                         # why copies wait for resume() (sleep mode), or ""
         self._cuda: CudaHostPath | None = None
         actual = paged.chunk_bytes(1)
         if expected_block_bytes is not None and actual != expected_block_bytes:
@@ -176,7 +177,7 @@ class WorkerSide:
             self._recved.add(job.req_id)
 
     def _try_load(self, plan: StepPlan, job: LoadJob, after: Any) -> bool:
-        if self.disabled:
+        if self.disabled or self.paused:
             return False
         host = self.client.host_tensor()  # connects first if this rank has not yet
         # A fresh boot id: a restart since the lookup ended the lease that protects the slots.
@@ -265,7 +266,7 @@ class WorkerSide:
                 self._saving[job.req_id] = self._saving.get(job.req_id, 1) - 1
 
     def _try_store(self, plan: StepPlan, job: StoreJob, after: Any) -> None:
-        if self.disabled:
+        if self.disabled or self.paused:
             return
         ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
         bpc = plan.blocks_per_chunk
@@ -313,9 +314,73 @@ class WorkerSide:
             self.stats["store_skipped"] += len(res.status) - len(written)
             self.stats["store_chunks"] += committed
 
+    def pause(self, reason: str) -> None:
+        """Copy nothing until :meth:`resume` (vLLM's sleep mode releases the KV cache memory):
+        jobs in flight finish first; jobs submitted meanwhile fail their loads and store
+        nothing, as on a disabled rank."""
+        self.paused = reason
+        self.wait_for_inflight()
+
+    def resume(self) -> None:
+        self.paused = ""
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._copy_threads.close()
         if self._cuda is not None:
             self._cuda.close()  # unpins the host pool before the client unmaps it
         self.client.close()
+
+
+class DeclinedRank:
+    """A rank that cannot read its KV cache (a layout it does not know). It copies nothing
+    and answers each job the scheduler planned at once, so that no request waits for it:
+    a load fails (vLLM recomputes its blocks), a store is done (nothing was stored)."""
+
+    def __init__(self, reason: str) -> None:
+        self.disabled = reason
+        self._lock = threading.Lock()
+        self._recved: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._saving: set[str] = set()
+        self._failures = 0
+
+    def submit_loads(self, plan: StepPlan) -> None:
+        with self._lock:
+            for job in plan.loads:
+                self._load_errors.update(job.block_ids)
+                self._recved.add(job.req_id)
+                self._failures += 1
+
+    def submit_stores(self, plan: StepPlan) -> None:
+        with self._lock:
+            self._saving.update(job.req_id for job in plan.stores)
+
+    def finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        with self._lock:
+            sending = self._saving & set(finished_req_ids)
+            self._saving -= sending
+            recving, self._recved = self._recved, set()
+        return sending or None, recving or None
+
+    def load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def take_stats(self) -> dict[str, Any]:
+        with self._lock:
+            failures, self._failures = self._failures, 0
+        return {"load_jobs": failures, "load_failures": failures} if failures else {}
+
+    def wait_for_inflight(self) -> None:
+        return
+
+    def pause(self, reason: str) -> None:
+        return
+
+    def resume(self) -> None:
+        return
+
+    def close(self) -> None:
+        return

@@ -17,7 +17,7 @@ import hashlib
 import logging
 import struct
 from dataclasses import asdict, dataclass
-from typing import NewType, Sequence
+from typing import Mapping, NewType, Sequence
 
 import msgpack
 import numpy as np
@@ -52,13 +52,18 @@ def chain_hashes(
     key: bytes,
     salt: bytes = b"",
     max_chunks: int | None = None,
+    extras: Mapping[int, bytes] | None = None,
 ) -> bytes:
     """The chain hashes of the full chunks of ``tokens``, concatenated (16 bytes each).
 
     ``h_{-1} = H(seed || salt)``, ``h_i = H(h_{i-1} || D(tokens_i as little-endian int32))``
     where ``H`` is keyed BLAKE2b-128 and ``D`` unkeyed BLAKE2b-256.
-    ``salt`` is a per-request cache salt (vLLM's ``cache_salt``): prompts with different
-    salts never share a key. ``max_chunks`` stops early (the caller only needs a prefix).
+    ``salt`` is a per-request seed (vLLM's ``cache_salt``, a LoRA adapter's identity, ...):
+    prompts with different salts never share a key. ``max_chunks`` stops early (the caller
+    only needs a prefix). ``extras[i]`` is what else chunk i's KV depends on besides its tokens
+    (the hashes of the images its placeholder tokens stand for): that chunk's digest becomes
+    ``D(D(tokens_i) || extras[i])``, so it and every later chunk differ; chunks without
+    extras hash as they would without any.
     """
     if isinstance(tokens, (list, tuple)):
         # vLLM's prompt_token_ids. Every id is checked, as the numpy path does, not just the
@@ -81,14 +86,18 @@ def chain_hashes(
         raw = arr[: n * chunk_tokens].astype("<i4").tobytes()
     step = chunk_tokens * 4
     first = hashlib.blake2b(_CHAIN_SEED + salt, digest_size=HASH_BYTES, key=key).digest()
-    if _chain:
+    extras = {i: e for i, e in (extras or {}).items() if i < n}
+    if _chain and not extras:
         return _chain.chain(raw, step, n, key, first, HASH_BYTES)
-    _warn_python_once()
+    if not extras:
+        _warn_python_once()
     prev = first
     out = bytearray(n * HASH_BYTES)
     view = memoryview(raw)
     for i in range(n):
         digest = hashlib.blake2b(view[i * step : (i + 1) * step], digest_size=32).digest()
+        if i in extras:
+            digest = hashlib.blake2b(digest + extras[i], digest_size=32).digest()
         prev = hashlib.blake2b(prev + digest, digest_size=HASH_BYTES, key=key).digest()
         out[i * HASH_BYTES : (i + 1) * HASH_BYTES] = prev
     return bytes(out)
