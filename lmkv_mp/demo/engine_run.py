@@ -8,6 +8,10 @@ user's vLLM would, with or without the lmkv connector. SPEC::
      "max_model_len": 4096, "block_size": 32, "max_tokens": 8, "log_stats": false,
      "turns": [[{"prompt_token_ids": [...], "cache_salt": "..."}, ...], ...]}
 
+Optional: ``"lora": {"max_lora_rank": 8}`` enables LoRA, and a prompt's ``"lora": [name,
+id, path]`` runs it under that adapter; ``"prompt_embeds": true`` enables prompt
+embeddings, and a prompt ``{"embeds": [seed, length, hidden]}`` is random embeddings.
+
 Every turn is one ``generate`` call; its outputs (token ids, logprobs, num_cached_tokens)
 and its wall time are recorded. With ``log_stats`` vLLM keeps its stats (as a server
 does), and the connector's ``vllm:lmkv_*`` series are recorded too. With ``--serve`` instead of OUT.json the engine stays up
@@ -45,6 +49,10 @@ def make_llm(spec: dict[str, Any]) -> Any:
                               tensor_parallel_size=spec.get("tp", 1), disable_log_stats=not spec.get("log_stats"))
     if spec.get("tp", 1) > 1:
         kw["distributed_executor_backend"] = "mp"
+    if spec.get("lora"):
+        kw.update(enable_lora=True, max_loras=2, max_lora_rank=spec["lora"].get("max_lora_rank", 8))
+    if spec.get("prompt_embeds"):
+        kw["enable_prompt_embeds"] = True
     if spec.get("lmkv") is not None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="LMKVConnector", kv_connector_module_path="lmkv_mp.integration.vllm",
@@ -65,15 +73,34 @@ def generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int) -> dict[s
     from vllm import SamplingParams
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=1, ignore_eos=True)
+    inputs, loras = zip(*(_engine_input(p) for p in prompts))
     t = time.perf_counter()
-    outs = llm.generate(prompts, sp, use_tqdm=False)
+    outs = llm.generate(list(inputs), sp, use_tqdm=False,
+                        **({"lora_request": list(loras)} if any(loras) else {}))
     wall = time.perf_counter() - t
     return {"wall_s": wall, "outputs": [{
-        "prompt_len": len(o.prompt_token_ids),
+        "prompt_len": len(o.prompt_token_ids) if o.prompt_token_ids is not None else None,
         "num_cached_tokens": o.num_cached_tokens,
         "token_ids": list(o.outputs[0].token_ids),
         "logprobs": [d[tid].logprob for tid, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)],
     } for o in outs]}
+
+
+def _engine_input(prompt: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """A spec prompt as vLLM's input and its LoRARequest (or None)."""
+    prompt = dict(prompt)
+    lora = prompt.pop("lora", None)
+    if "embeds" in prompt:
+        import torch
+
+        seed, length, hidden = prompt.pop("embeds")
+        prompt["prompt_embeds"] = torch.randn(length, hidden, generator=torch.Generator().manual_seed(seed)).to(
+            torch.bfloat16)
+    if lora is None:
+        return prompt, None
+    from vllm.lora.request import LoRARequest
+
+    return prompt, LoRARequest(lora[0], lora[1], lora[2])
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -85,6 +85,57 @@ def build_tiny_llama(
     return out
 
 
+def build_tiny_gemma2(path: str | os.PathLike[str], hidden_size: int = 64, num_layers: int = 2,
+                      sliding_window: int = 128, seed: int = 0, max_position: int = 4096) -> str:
+    """A random ``Gemma2ForCausalLM``: its layers alternate sliding-window (``sliding_window``
+    tokens) and full attention, as the real Gemma 2 does. Same conventions as
+    :func:`build_tiny_llama` (head size 32, bfloat16, no tokenizer)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    out = os.fspath(path)
+    os.makedirs(out, exist_ok=True)
+    config = Gemma2Config(vocab_size=512, hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                          num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                          max_position_embeddings=max_position, sliding_window=sliding_window,
+                          query_pre_attn_scalar=32, initializer_range=0.3, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_lora_adapter(path: str | os.PathLike[str], base: str, rank: int = 8, seed: int = 0) -> str:
+    """A random LoRA adapter (PEFT's files) on the q/k/v/o projections of a model from
+    :func:`build_tiny_llama` (its defaults), with non-zero A and B so that it changes the
+    KV of every layer."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base)
+    q_out, kv_out = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"q_proj": (cfg.hidden_size, q_out), "k_proj": (cfg.hidden_size, kv_out),
+              "v_proj": (cfg.hidden_size, kv_out), "o_proj": (q_out, cfg.hidden_size)}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(cfg.num_hidden_layers):
+        for name, (fan_in, fan_out) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) * 0.3
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.3
+    out = os.fspath(path)
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+                   "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": base,
+                   "target_modules": list(shapes), "modules_to_save": None}, f)
+    return out
+
+
 if __name__ == "__main__":
     import sys
 
