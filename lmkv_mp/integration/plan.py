@@ -57,6 +57,7 @@ class StepPlan:
     loads: list[LoadJob] = field(default_factory=list)
     stores: list[StoreJob] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    rank_layouts: list[str] = field(default_factory=list)  # per TP rank: the slot layout its namespace is for
 
     @property
     def blocks_per_chunk(self) -> int:

@@ -23,21 +23,25 @@ the tokens is in the key or the request is declined (``request_keys.py``). Decli
 engine, with one log line (the connector then does nothing and the engine runs as if it
 were absent): several KV cache groups (vLLM's hybrid manager; ``SupportsHMA`` is not
 implemented), sliding-window or chunked-local specs that free blocks, Mamba/linear
-attention state, pipeline parallelism and decode or prefill context parallelism. Per rank:
-a KV cache layout it cannot read, e.g. kernel blocks smaller than the manager's blocks;
-that rank fails every load planned for it (recomputed) and reports it, so no request waits.
+attention state, pipeline parallelism and decode or prefill context parallelism,
+speculative decoding with draft layers (EAGLE, MTP, a draft model; n-gram and suffix
+decoding have none). Per rank: a KV cache layout it
+cannot read; that rank fails every load planned for it (recomputed) and answers its stores
+at once, so no request waits. Kernel blocks smaller than vLLM's blocks are read as runs of
+kernel blocks (their layout is in the namespace).
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import vllm
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                               KVConnectorRole)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorHandshakeMetadata,
+                                                               KVConnectorMetadata, KVConnectorRole)
 
 from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.config import CLIENT_SETTINGS, load_client_config
@@ -77,9 +81,27 @@ if "kv_cache_config" not in inspect.signature(KVConnectorBase_V1.__init__).param
                       f"argument (vLLM 0.32); this vLLM is {vllm.__version__}")
 
 
+def _split_blocks(t: "torch.Tensor", num_blocks: int) -> "torch.Tensor | str":
+    """``t`` with its dimension of ``num_blocks x R`` kernel blocks viewed as ``(num_blocks, R)``,
+    or why it cannot be."""
+    dims = [d for d, n in enumerate(t.shape) if n > num_blocks and n % num_blocks == 0]
+    if len(dims) != 1:
+        return f"cannot find the block dimension of a KV cache of shape {tuple(t.shape)} for {num_blocks} blocks"
+    d = dims[0]
+    return t.unflatten(d, (num_blocks, t.shape[d] // num_blocks))
+
+
 @dataclass
 class LMKVConnectorMetadata(KVConnectorMetadata):
     plan: StepPlan | None
+
+
+@dataclass
+class LMKVRankLayout(KVConnectorHandshakeMetadata):
+    """What a rank tells the scheduler once its KV cache is registered: the layout of the
+    bytes its slots hold (``PagedKV.layout_fingerprint``), or "" where it declined."""
+
+    layout: str
 
 
 class LMKVConnector(KVConnectorBase_V1):
@@ -112,18 +134,39 @@ class LMKVConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             if not chunk_tokens:
                 chunk_tokens = self._client.hello.chunk_tokens if self._client.connect() else DEFAULT_CHUNK_TOKENS
-            chunk_tokens = max(1, -(-chunk_tokens // self._block_size)) * self._block_size
-            namespaces = self._namespaces(vllm_config, kv_cache_config, chunk_tokens, tp_size, str(extra.get("lmkv.tenant", "")))
-            # Declared with their chunk size now, so that the sidecar can promote this model's
-            # chunks from its disk or remote tier before any rank here has stored one (the
-            # ranks check their caches hold exactly this many bytes per block).
-            chunk_bytes = self._spec.page_size_bytes * len(self._layer_names) * (chunk_tokens // self._block_size)
-            self._client.declare([NamespaceInfo(ns.id, chunk_bytes, ns.display_name) for ns in namespaces])
-            self._sched = SchedulerSide(self._client, namespaces, chunk_tokens, self._block_size,
-                                        self._client_config.prefetch_timeout)
-            log.info("lmkv: scheduler connected=%s endpoint=%s chunk_tokens=%d namespaces=%s",
-                     self._client.available, self._client_config.endpoint, chunk_tokens,
-                     [ns.display_name for ns in namespaces])
+            self._chunk_tokens = max(1, -(-chunk_tokens // self._block_size)) * self._block_size
+            self._tenant = str(extra.get("lmkv.tenant", ""))
+            self._tp_size = tp_size
+            # The scheduler side starts once every rank has said what its slots hold
+            # (set_xfer_handshake_metadata, before the engine takes requests).
+
+    def _start_scheduler(self, rank_layouts: list[str]) -> None:
+        """Namespaces from the engine config and the ranks' layouts, declared with their
+        chunk size now, so that the sidecar can promote this model's chunks from its disk
+        or remote tier before any rank here has stored one."""
+        vllm_config, chunk_tokens = self._vllm_config, self._chunk_tokens
+        namespaces = self._namespaces(vllm_config, self._kv_cache_config, chunk_tokens, self._tp_size, self._tenant,
+                                      rank_layouts)
+        chunk_bytes = self._spec.page_size_bytes * len(self._layer_names) * (chunk_tokens // self._block_size)
+        self._client.declare([NamespaceInfo(ns.id, chunk_bytes, ns.display_name) for ns in namespaces])
+        self._sched = SchedulerSide(self._client, namespaces, chunk_tokens, self._block_size,
+                                    self._client_config.prefetch_timeout, rank_layouts)
+        log.info("lmkv: scheduler connected=%s endpoint=%s chunk_tokens=%d namespaces=%s",
+                 self._client.available, self._client_config.endpoint, chunk_tokens,
+                 [ns.display_name for ns in namespaces])
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:
+        """Every rank's :class:`LMKVRankLayout`, by TP rank (vLLM collects them from the
+        workers after they registered their caches). Two engines whose ranks hold other
+        slot bytes (another attention backend, another layout) get other namespaces."""
+        if self._declined or self._role != KVConnectorRole.SCHEDULER or self._sched is not None:
+            return
+        layouts = [getattr(metadata.get(r), "layout", "") for r in range(self._tp_size)]
+        missing = [r for r, lay in enumerate(layouts) if not lay]
+        if missing:
+            log.warning("lmkv: connector disabled: TP rank(s) %s cannot read their KV cache", missing)
+            return
+        self._start_scheduler(layouts)
 
     # -- setup ----------------------------------------------------------------------------
 
@@ -136,10 +179,18 @@ class LMKVConnector(KVConnectorBase_V1):
                 # PP stages hold different layers under one TP rank's namespace; context
                 # parallelism shards a block's tokens over ranks.
                 return f"{name}={getattr(pc, name)} is not supported"
+        spec_decode = getattr(vllm_config, "speculative_config", None)
+        if spec_decode is not None and spec_decode.method not in ("ngram", "suffix"):
+            # EAGLE/MTP draft layers share the target's group, and the draft KV of a chunk's
+            # last position depends on the token after it (vLLM drops that block from its
+            # own hits); a draft model's layers are untested here.
+            return f"speculative decoding with {spec_decode.method} (draft layers in the KV cache) is not supported"
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             return (f"{len(groups)} KV cache groups (vLLM's hybrid KV cache manager) are not supported: "
                     "lmkv caches one group (run vLLM with --disable-hybrid-kv-cache-manager to serve this model)")
+        if not getattr(groups[0], "enable_kv_transfer", True):
+            return "the KV cache group is marked not for transfer"
         spec = groups[0].kv_cache_spec
         kind = type(spec).__name__
         if not hasattr(spec, "num_kv_heads") or not hasattr(spec, "head_size"):
@@ -154,7 +205,7 @@ class LMKVConnector(KVConnectorBase_V1):
         return ""
 
     def _namespaces(self, vllm_config: Any, kv_cache_config: Any, chunk_tokens: int, tp_size: int,
-                    tenant: str) -> list[Namespace]:
+                    tenant: str, rank_layouts: list[str]) -> list[Namespace]:
         mc = vllm_config.model_config
         spec = self._spec
         mla = type(spec).__name__.startswith("MLA")
@@ -163,13 +214,10 @@ class LMKVConnector(KVConnectorBase_V1):
                   f"q{getattr(getattr(spec, 'kv_quant_mode', None), 'name', '')}|page{spec.page_size_bytes}")
         if getattr(spec, "sliding_window", None):
             layout += f"|sw{spec.sliding_window}"
+        # What the ranks' slots hold: the config alone does not name the attention backend,
+        # whose KV cache shape decides the slot bytes.
+        layout += "|ranks:" + hashlib.blake2b("\n".join(rank_layouts).encode(), digest_size=8).hexdigest()
         model = str(mc.model)
-        spec_decode = getattr(vllm_config, "speculative_config", None)
-        if spec_decode is not None:
-            # A draft model's layers are registered with the target's: its identity changes
-            # their bytes (EAGLE, MTP, a draft model).
-            draft = getattr(getattr(spec_decode, "draft_model_config", None), "model", None) or spec_decode.model
-            model += f"+spec:{spec_decode.method}:{draft}:{spec_decode.num_speculative_tokens}"
         return rank_namespaces(model=model, revision=str(mc.revision or ""), dtype=str(spec.dtype),
                                num_layers=len(self._layer_names), kv_heads=spec.num_kv_heads,
                                head_size=spec.head_size, block_size=self._block_size, layout=layout,
@@ -197,9 +245,15 @@ class LMKVConnector(KVConnectorBase_V1):
             return
         expected = self._spec.page_size_bytes * len(self._layer_names)
         # The checksum is used while the sidecar runs --verify on (its HELLO says so).
-        self._worker = WorkerSide(self._client, paged, get_tensor_model_parallel_rank(), expected,
-                                  checksum=slot_checksum)
+        self._tp_rank = get_tensor_model_parallel_rank()
+        self._worker = WorkerSide(self._client, paged, self._tp_rank, expected, checksum=slot_checksum)
+        self._layout = paged.layout_fingerprint() if not self._worker.disabled else ""
         self._client.connect()
+
+    def get_handshake_metadata(self) -> LMKVRankLayout | None:
+        if self._declined or self._role != KVConnectorRole.WORKER:
+            return None
+        return LMKVRankLayout(getattr(self, "_layout", ""))
 
     def _read_layout(self, kv_caches: dict[str, "torch.Tensor"]) -> PagedKV | str:
         """The registered caches as a PagedKV, or why this rank cannot read them."""
@@ -207,13 +261,15 @@ class LMKVConnector(KVConnectorBase_V1):
         if len(tensors) != len(self._layer_names):
             return "registered KV caches do not match the KV cache group's layers"
         num_blocks = self._kv_cache_config.num_blocks
-        dims = [set(t.shape) for t in tensors]
-        if any(num_blocks not in d for d in dims):
-            split = sorted({n // num_blocks for d in dims for n in d if n > num_blocks and n % num_blocks == 0})
-            if split:
-                return (f"the KV cache holds {num_blocks} x {split[0]} kernel blocks, not {num_blocks} blocks "
-                        f"(the attention backend's kernel block size is below vLLM's block size "
-                        f"{self._block_size}): lmkv does not read split blocks")
+        if any(num_blocks not in t.shape for t in tensors):
+            # The attention backend's kernel blocks are smaller than vLLM's blocks: the cache
+            # holds num_blocks x R of them. Each block is then R kernel blocks in a row; the
+            # layout fingerprint (in the namespace) shows the split, so a split cache never
+            # shares slots with an unsplit one.
+            split = [_split_blocks(t, num_blocks) for t in tensors]
+            if any(isinstance(t, str) for t in split):
+                return next(t for t in split if isinstance(t, str))
+            tensors = split
         # vLLM puts the block dimension first in most layouts; when a cache's other sizes
         # happen to equal num_blocks, that is the one to pick rather than a guess.
         block_dim = 0 if all(t.shape[0] == num_blocks for t in tensors) else None
@@ -243,7 +299,15 @@ class LMKVConnector(KVConnectorBase_V1):
         if not self.has_connector_metadata():
             return None
         meta = self._get_connector_metadata()
-        return meta.plan if isinstance(meta, LMKVConnectorMetadata) else None
+        plan = meta.plan if isinstance(meta, LMKVConnectorMetadata) else None
+        if (plan is not None and isinstance(self._worker, WorkerSide)
+                and plan.rank_layouts[self._tp_rank:self._tp_rank + 1] != [self._layout]):
+            # Keys the scheduler made for other slot bytes than this rank's: never copy.
+            reason = "the scheduler's namespaces were made for another KV cache layout than this rank's"
+            log.warning("lmkv: connector disabled on this rank: %s", reason)
+            self._worker.close()
+            self._worker = DeclinedRank(reason)
+        return plan
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
         if self._worker is not None:

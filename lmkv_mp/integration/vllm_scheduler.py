@@ -55,8 +55,9 @@ class _Req:
 
 class SchedulerSide:
     def __init__(self, client: SidecarClient, namespaces: list[Namespace], chunk_tokens: int, block_size: int,
-                 prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT) -> None:
+                 prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT, rank_layouts: list[str] | None = None) -> None:
         self.client = client
+        self.rank_layouts = list(rank_layouts or [])
         self.prefetch_timeout = prefetch_timeout
         self.namespaces = namespaces
         self.ns_ids = [ns.id for ns in namespaces]
@@ -216,7 +217,7 @@ class SchedulerSide:
                 st.block_ids.extend(new_ids[0])
             self._plan_store(st, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0))
         plan = StepPlan(self.chunk_tokens, self.block_size, self.ns_ids, [ns.display_name for ns in self.namespaces],
-                        self._loads, self._stores, preempted)
+                        self._loads, self._stores, preempted, self.rank_layouts)
         self._loads, self._stores = [], []
         return plan
 

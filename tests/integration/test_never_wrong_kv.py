@@ -171,8 +171,9 @@ def test_loaded_tokens_are_reported_by_the_tier_that_holds_them(side: tuple) -> 
 # -- engine-wide declines -------------------------------------------------------------------
 
 
-def config(**parallel: int) -> Any:
-    return SimpleNamespace(parallel_config=SimpleNamespace(**parallel))
+def config(spec_method: str | None = None, **parallel: int) -> Any:
+    return SimpleNamespace(parallel_config=SimpleNamespace(**parallel),
+                           speculative_config=SimpleNamespace(method=spec_method) if spec_method else None)
 
 
 def kv_config(*specs: Any) -> Any:
@@ -193,6 +194,15 @@ def test_pipeline_and_context_parallelism_are_declined(parallel: dict[str, int],
 
     assert reason in LMKVConnector._check_supported(config(**parallel), kv_config(spec("FullAttentionSpec")))
     assert LMKVConnector._check_supported(config(tensor_parallel_size=2), kv_config(spec("FullAttentionSpec"))) == ""
+
+
+@pytest.mark.parametrize("method, served", [("eagle", False), ("eagle3", False), ("mtp", False),
+                                            ("draft_model", False), ("ngram", True), ("suffix", True)])
+def test_speculative_decoding_with_draft_layers_is_declined(method: str, served: bool) -> None:
+    from lmkv_mp.integration.vllm import LMKVConnector
+
+    got = LMKVConnector._check_supported(config(method), kv_config(spec("FullAttentionSpec")))
+    assert (got == "") is served, got
 
 
 @pytest.mark.parametrize("specs, served", [
@@ -226,16 +236,25 @@ def test_a_rank_that_declined_answers_every_planned_job() -> None:
     assert rank.take_stats() == {"load_jobs": 1, "load_failures": 1}
 
 
-def test_a_rank_with_split_kernel_blocks_declines_by_name() -> None:
+def test_split_kernel_blocks_are_read_as_runs_of_kernel_blocks() -> None:
+    """An attention backend whose kernel block (16) is below vLLM's block (64) gets a cache
+    of num_blocks x 4 kernel blocks: block b is kernel blocks 4b..4b+3, and the layout in the
+    namespace tells it from an unsplit cache."""
     pytest.importorskip("vllm")
     from lmkv_mp.integration.vllm import LMKVConnector
 
     conn = LMKVConnector.__new__(LMKVConnector)
     conn._layer_names, conn._block_size = ["l0"], 64
     conn._kv_cache_config = SimpleNamespace(num_blocks=10)
-    got = conn._read_layout({"l0": torch.zeros(40, 16, 2, 32)})   # 10 blocks of 64 as 40 of 16
-    assert isinstance(got, str) and "10 x 4 kernel blocks" in got
-    assert not isinstance(conn._read_layout({"l0": torch.zeros(10, 64, 2, 32)}), str)
+    split = torch.arange(40 * 16 * 2 * 32, dtype=torch.int16).view(40, 16, 2, 32)
+    paged = conn._read_layout({"l0": split})
+    assert not isinstance(paged, str), paged
+    slot = torch.empty(paged.chunk_bytes(1), dtype=torch.uint8)
+    paged.gather([3], slot)
+    assert torch.equal(slot.view(torch.int16), split[12:16].flatten())
+    unsplit = conn._read_layout({"l0": torch.zeros(10, 64, 2, 32, dtype=torch.int16)})
+    assert unsplit.layout_fingerprint() != paged.layout_fingerprint()
+    assert isinstance(conn._read_layout({"l0": torch.zeros(40, 20, 2, 32)}), str)  # two candidate dims
 
 
 def test_while_paused_for_sleep_no_copy_touches_the_cache(sidecar: Callable[..., SidecarHandle]) -> None:
@@ -258,3 +277,48 @@ def test_while_paused_for_sleep_no_copy_touches_the_cache(sidecar: Callable[...,
     w.wait_for_inflight()
     assert key.lookup([NS], hashes_).hits == 1
     w.close()
+
+
+# -- the ranks' layouts ---------------------------------------------------------------------
+
+
+def bare_connector() -> Any:
+    from lmkv_mp.integration.vllm import LMKVConnector
+
+    conn = LMKVConnector.__new__(LMKVConnector)
+    conn._spec = type("FullAttentionSpec", (), {"num_kv_heads": 2, "head_size": 32, "dtype": "bf16",
+                                                "page_size_bytes": 8192})()
+    conn._layer_names, conn._block_size = ["l0", "l1"], BLOCK
+    return conn
+
+
+def test_ranks_whose_slots_hold_other_bytes_get_other_namespaces() -> None:
+    """Two attention backends can lay out the same model's KV cache differently (K/V first
+    or blocks first) with the same config: the ranks' layouts are in the namespace."""
+    pytest.importorskip("vllm")
+    conn = bare_connector()
+    cfg = SimpleNamespace(model_config=SimpleNamespace(model="m", revision=None), speculative_config=None)
+    kv = SimpleNamespace(kv_cache_layout="NHD")
+    ids = [[ns.id for ns in conn._namespaces(cfg, kv, CHUNK, 2, "", layouts)]
+           for layouts in (["a", "a"], ["b", "b"], ["a", "a"])]
+    assert ids[0] == ids[2] and not set(ids[0]) & set(ids[1])
+
+
+def test_a_rank_told_to_use_keys_made_for_another_layout_copies_nothing(sidecar: Callable[..., SidecarHandle]) -> None:
+    pytest.importorskip("vllm")
+    from lmkv_mp.integration.vllm import LMKVConnectorMetadata
+
+    handle = sidecar()
+    conn = bare_connector()
+    paged = cache(6)
+    conn._worker, conn._tp_rank, conn._layout = worker(handle, paged), 0, paged.layout_fingerprint()
+    job = LoadJob("l", b"boot", [[0]], [], [2, 3], 0)
+    conn._connector_metadata = LMKVConnectorMetadata(StepPlan(CHUNK, BLOCK, [NS], ["t"], [job],
+                                                              rank_layouts=[conn._layout]))
+    assert conn._plan() is not None and not isinstance(conn._worker, DeclinedRank)
+    conn._connector_metadata = LMKVConnectorMetadata(StepPlan(CHUNK, BLOCK, [NS], ["t"], [job],
+                                                              rank_layouts=["another layout"]))
+    switched = conn._plan()
+    conn._worker.submit_loads(switched)
+    assert isinstance(conn._worker, DeclinedRank)
+    assert conn._worker.finished(set()) == (None, {"l"}) and conn._worker.load_errors() == {2, 3}
