@@ -121,8 +121,7 @@ class CudaHostPath:
         checked before anything is copied."""
         # Every chunk's ids first (in range, distinct across the load, fitting the chunk): a
         # bad one must not leave half a load behind. The slots are checked at each scatter.
-        for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total, _ in chunks]):
-            pass
+        self.paged.check_scatters([(None, ids, first, total) for _, ids, first, total, _ in chunks])
         with self._queued(host, nbytes, after) as staging:
             for off, block_ids, first, total, gpu_slot in chunks:
                 if gpu_slot is None:
