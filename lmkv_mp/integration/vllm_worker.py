@@ -67,9 +67,7 @@ class WorkerSide:
         elif paged.device.type == "cuda":
             try:
                 self._cuda = CudaHostPath(paged)
-                client.device = device_uuid(self._cuda.device)
-                if client.hello is not None:
-                    client.declare([])  # re-HELLO: the sidecar learns the device
+                client.set_device(device_uuid(self._cuda.device))  # the sidecar gives GPU tier slots on this device
             except (RuntimeError, ValueError) as e:
                 self.disabled = f"the GPU copy path could not start on {paged.device} ({e}): lmkv disabled on this rank"
         elif paged.device.type != "cpu":
@@ -290,8 +288,7 @@ class WorkerSide:
             # A GPU slot this rank cannot fill would be published holding garbage: store
             # nothing this time, and ask for host slots only from now on.
             self.client.release(res.lease_id)
-            self.client.device = b""
-            self.client.declare([])
+            self.client.set_device(b"")
             return
         chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i]), g) for i, g in zip(writable, gpu)]
         try:
