@@ -186,7 +186,7 @@ class WorkerSide:
         self._drop_stale_regions()
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)
-        rank = 0 if len(job.offsets) == 1 else self.tp_rank
+        rank = self._rank_index(len(job.offsets))
         offsets = job.offsets[rank]
         sums = job.checksums[rank] if job.checksums else []
         gpu = self._gpu_slots(job.gpu_regions[rank] if job.gpu_regions else [],
@@ -241,8 +241,17 @@ class WorkerSide:
             out.append(region[off:off + nbytes] if region is not None and off + nbytes <= region.numel() else None)
         return out
 
+    def _rank_index(self, entries: int) -> int:
+        """This rank's index in a list of ``entries`` per-rank entries (a plan's namespaces,
+        a load's offsets): 0 where one entry serves all ranks (one rank, or MLA, whose ranks
+        hold identical bytes under one namespace), else the rank's own."""
+        return 0 if entries == 1 else self.tp_rank
+
+    def _namespace(self, plan: StepPlan) -> bytes:
+        return plan.namespaces[self._rank_index(len(plan.namespaces))]
+
     def _report_corrupt(self, plan: StepPlan, job: LoadJob, i: int, expected: int) -> None:
-        ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
+        ns = self._namespace(plan)
         h = job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES]
         dropped = self.client.report_corrupt(ns, h, [expected]) if len(h) == HASH_BYTES else 0
         log.warning("lmkv: chunk %d of %s failed its checksum after the copy: recomputing (sidecar dropped %d)",
@@ -265,7 +274,7 @@ class WorkerSide:
     def _try_store(self, plan: StepPlan, job: StoreJob, after: Any) -> None:
         if self.disabled:
             return
-        ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
+        ns = self._namespace(plan)
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)
         if ns not in self._declared:
