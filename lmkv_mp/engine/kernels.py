@@ -39,7 +39,7 @@ from lmkv_mp.memory import cuda_api
 from lmkv_mp.engine.copy_threads import CopyThreads
 from lmkv_mp.engine.paged import BlockIds, CheckedChunk, LayerSpec, PagedKV
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmkv.kernels")
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 OPS = ("gather", "scatter")

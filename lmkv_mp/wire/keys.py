@@ -27,7 +27,7 @@ try:  # built by pip install (setup.py); optional, so a box without a C compiler
 except ImportError:
     _chain = None
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmkv.keys")
 _warned_python = False
 
 HASH_BYTES = 16
