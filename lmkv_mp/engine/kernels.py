@@ -2,8 +2,8 @@
 
 :class:`KernelCopier` wraps a :class:`~lmkv_mp.engine.paged.PagedKV` and has its ``gather`` /
 ``scatter`` methods and contract: every part of a chunk moves in one kernel launch, on the
-current torch stream, and the slot bytes are exactly those of the torch reference in
-``transfer.py`` (a chunk stored by a CPU worker loads in a CUDA worker and back). Where the
+current torch stream, and the slot bytes are exactly those of the torch reference
+(``paged.py``: a chunk stored by a CPU worker loads in a CUDA worker and back). Where the
 kernels do not apply (the cache is not on a CUDA device, cuda-python or NVRTC is missing, no
 GPU, a compile error, a layout beyond :data:`MAX_DIMS` dims) it calls the torch path, and the
 first such fallback on a CUDA cache logs one line saying why.
@@ -381,7 +381,7 @@ def _fallback_once(reason: str) -> None:
         if reason in _logged:
             return
         _logged.add(reason)
-    log.warning("lmkv_mp: CUDA copy kernels not used (%s); copies take the torch path (transfer.py)", reason)
+    log.warning("lmkv_mp: CUDA copy kernels not used (%s); copies take the torch path (paged.py)", reason)
 
 
 class KernelCopier:
