@@ -86,11 +86,9 @@ class LayerSpec:
 
 @dataclass(frozen=True, slots=True)
 class CheckedChunk:
-    """One chunk of a copy that passed :meth:`PagedKV.check_gathers` or
-    :meth:`PagedKV.check_scatters`: the copy moves blocks ``ids`` of the cache to or from
-    blocks ``first .. first + n`` of ``slot``, a chunk of ``total`` blocks (a gather fills
-    all of them). ``idx`` is ``ids`` as an int64 tensor on the cache's device, the index
-    the copies read."""
+    """A chunk that passed :meth:`PagedKV.check_gathers` or ``check_scatters``: blocks ``ids``
+    of the cache move to or from blocks ``first .. first + n`` of ``slot``, a chunk of
+    ``total`` blocks; ``idx`` is ``ids`` as int64 on the cache's device (what copies read)."""
 
     slot: torch.Tensor | None
     idx: torch.Tensor
@@ -228,11 +226,9 @@ class PagedKV:
         self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks], threads)
 
     def check_gathers(self, chunks: Sequence[tuple[BlockIds, torch.Tensor]]) -> list[CheckedChunk]:
-        """The checks of :meth:`gather_many`, for any copier of this cache (the CUDA kernels
-        too): each ``(ids, slot)``'s ids are integers in ``[0, num_blocks)`` (they may
-        repeat) and its slot fits ``len(ids)`` blocks. Raises (``TypeError``,
-        ``ValueError``) at the first bad chunk, so a copier that checks first copies nothing
-        of a bad request."""
+        """A gather of each ``(ids, slot)`` checked, for any copier of this cache: ids in ``[0,
+        num_blocks)`` (repeats allowed), a slot of ``len(ids)`` blocks. Raises at the first
+        bad chunk, so a caller that checks first copies nothing of a bad request."""
         out = []
         for block_ids, slot in chunks:
             idx, ids = self._ids(block_ids, distinct=False)
@@ -242,12 +238,10 @@ class PagedKV:
 
     def check_scatters(self, chunks: Sequence[tuple[torch.Tensor | None, BlockIds, int, int | None]]
                        ) -> list[CheckedChunk]:
-        """The checks of a scatter of each ``(slot, ids, first, total)`` (:meth:`scatter`'s
-        arguments; ``total`` None: ``first + len(ids)``): the ids are integers in ``[0,
-        num_blocks)`` and distinct across all chunks (one load never writes a block twice),
-        blocks ``first .. first + len(ids)`` fit ``total``, and the slot fits ``total``
-        blocks. A slot of None is not checked (a copier that fills it later checks it then).
-        Raises at the first bad chunk."""
+        """The same for a scatter of each ``(slot, ids, first, total)`` (``total`` None:
+        ``first + len(ids)``): ids also distinct across all chunks (a load writes a block
+        once), blocks ``first .. first + len(ids)`` within ``total``, a slot of ``total``
+        blocks (None: left to the copier that fills it)."""
         seen: set[int] = set()
         out = []
         for slot, block_ids, first, total in chunks:
