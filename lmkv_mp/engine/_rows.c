@@ -1,15 +1,15 @@
-/* Block-row copies of transfer.py's CPU path in C, with streaming (non-temporal) stores.
+/* Block-row copies of paged.py's CPU path in C, with streaming (non-temporal) stores.
  *
  * A part whose blocks are each one contiguous run of bytes (the block dimension first)
  * moves block by block. torch's index_select does that with memcpy per block, whose
  * ordinary stores first read every destination line into the cache; for rows of tens of
- * KiB that is below glibc's non-temporal threshold, so a store into the host pool ran at
- * two thirds of a plain memcpy of the same bytes (bench/datapath.py, 2 vCPU EPYC: 0.65x).
- * Streaming stores skip that read: 0.92x store and 1.02x load in the same bench. The
- * destination is not read again soon (a slot waits for another process; a loaded block
- * for the next forward pass), so bypassing the cache costs nothing.
+ * KiB that is below glibc's non-temporal threshold, so a store into the host pool ran
+ * well below a plain memcpy of the same bytes (bench/datapath.py; README, Performance).
+ * Streaming stores skip that read and bring it close to memcpy. The destination is not
+ * read again soon (a slot waits for another process; a loaded block for the next forward
+ * pass), so bypassing the cache costs nothing.
  *
- * copy_rows takes raw addresses: transfer.py calls it only after checking ids, shapes
+ * copy_rows takes raw addresses: paged.py calls it only after checking ids, shapes
  * and slot sizes, exactly as for its torch ops (this module is private). It releases the
  * GIL, so lmkv.copy_threads' helpers copy in parallel. Without SSE2 (not x86-64) it is
  * memcpy per row: the same bytes, without the streaming stores.
@@ -86,7 +86,7 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "lmkv_mp.engine._rows",
-    "Block-row copies with streaming stores for transfer.py's CPU path.", -1, methods,
+    "Block-row copies with streaming stores for paged.py's CPU path.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

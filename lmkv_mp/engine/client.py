@@ -167,6 +167,18 @@ class SidecarClient:
             self._registered = False
         return self.connect()
 
+    def set_device(self, device: bytes) -> bool:
+        """Name this client's CUDA device (its uuid; ``b""``: none) to the sidecar, which
+        gives GPU tier slots only on the device a client names. A client that has said
+        HELLO says it again now; one that has not names it in its first. False when that
+        HELLO failed (the client then re-HELLOs on its own once the sidecar answers)."""
+        with self._lock:
+            self.device = device
+            if self.hello is None:
+                return True
+            self._registered = False
+        return self.connect()
+
     # -- data path: never raise -----------------------------------------------------------
 
     def lookup(self, namespaces: Sequence[bytes], hashes: bytes, pin: bool = False) -> LookupResult:

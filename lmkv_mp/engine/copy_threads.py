@@ -1,8 +1,8 @@
 """Threads for the worker's CPU copies, each running torch on one thread.
 
 The connector's job thread copies alone by default; ``lmkv.copy_threads`` N adds N-1
-helpers that share each chunk's per-part copies (:class:`CopyThreads`, used by
-``transfer.PagedKV``). Either way the threads must not change the thread count the
+helpers that share each chunk's per-part copies (:class:`CopyThreads`, held by
+``copy_path.CpuPath`` and used by ``paged.PagedKV``). Either way the threads must not change the thread count the
 engine's own threads get (:func:`one_torch_thread_pool`).
 """
 

@@ -43,19 +43,17 @@ from typing import Any
 
 import torch
 
+from lmkv_mp.engine.copy_path import LoadChunk, StoreChunk
 from lmkv_mp.engine.kernels import KernelCopier
+from lmkv_mp.engine.paged import PagedKV
 from lmkv_mp.memory.gpu import GpuMapping
 from lmkv_mp.memory.region import RegionError
 from lmkv_mp.wire.protocol import RegionInfo
-from lmkv_mp.engine.paged import BlockIds, PagedKV
 
 log = logging.getLogger("lmkv.vllm")
 
 # cudaHostRegisterPortable: the pages count as pinned for every CUDA context of the process.
 _REGISTER_PORTABLE = 1
-
-GpuSlot = torch.Tensor
-"""A chunk's slot in a mapped GPU tier region (a 1-D uint8 view of ``chunk bytes``)."""
 
 
 def device_uuid(device: torch.device) -> bytes:
@@ -67,11 +65,10 @@ def device_uuid(device: torch.device) -> bytes:
 
 
 class CudaHostPath:
-    """Store and load of whole chunks between a CUDA :class:`PagedKV` and host-tier slots.
+    """The :class:`~lmkv_mp.engine.copy_path.CopyPath` of a KV cache on a CUDA device.
 
-    Use from one thread (the rank's copy thread) except :meth:`engine_event`, which the
-    engine thread calls. ``cudart`` is torch's CUDA runtime module (``torch.cuda.cudart()``)
-    unless given; ``copier`` is built from ``paged`` unless given.
+    ``cudart`` is torch's CUDA runtime module (``torch.cuda.cudart()``) unless given;
+    ``copier`` is built from ``paged`` unless given.
     """
 
     def __init__(self, paged: PagedKV, *, copier: KernelCopier | None = None, cudart: Any = None) -> None:
@@ -82,6 +79,7 @@ class CudaHostPath:
         self.paged = paged
         self.device = torch.device("cuda", paged.device.index if paged.device.index is not None
                                    else torch.cuda.current_device())
+        self.device_uuid = device_uuid(self.device)
         self.copier = copier or KernelCopier(paged)
         self._cudart = cudart
         self._stream: torch.cuda.Stream | None = None
@@ -101,28 +99,26 @@ class CudaHostPath:
 
     # -- copy thread ------------------------------------------------------------------------
 
-    def store(self, host: torch.Tensor, chunks: Sequence[tuple[BlockIds, int, GpuSlot | None]], nbytes: int,
+    def store(self, host: torch.Tensor, chunks: Sequence[StoreChunk], nbytes: int,
               after: torch.cuda.Event | None) -> None:
-        """Gather each ``(block_ids, offset, gpu_slot)`` into ``host[offset:offset + nbytes]``
-        and, where ``gpu_slot`` is given, into that GPU tier slot too; returns once every byte
-        is in place. Raises on any failure, after every copy it queued has ended."""
+        """Gather each chunk into the staging slot, or into its GPU slot where given (the GPU
+        tier copy then costs no extra pass), and DMA that to ``host[offset:offset + nbytes]``;
+        returns once every byte is in place. Raises on any failure, after every copy it
+        queued has ended."""
         with self._queued(host, nbytes, after) as staging:
             for block_ids, off, gpu_slot in chunks:
                 slot = staging if gpu_slot is None else gpu_slot
                 self.copier.gather(block_ids, slot)
                 host[off:off + nbytes].copy_(slot, non_blocking=True)
 
-    def load(self, host: torch.Tensor, chunks: Sequence[tuple[int, BlockIds, int, int, GpuSlot | None]],
-             nbytes: int, after: torch.cuda.Event | None) -> None:
-        """For each ``(offset, block_ids, first, total, gpu_slot)``: scatter the chunk's blocks
-        ``first .. first + len(block_ids)`` of ``total`` into ``block_ids``, from ``gpu_slot``
-        (a GPU tier copy on this device) where given, else from ``host[offset:offset + nbytes]``
-        through the staging slot; returns once the blocks hold their bytes. The ids are
-        checked before anything is copied."""
+    def load(self, host: torch.Tensor, chunks: Sequence[LoadChunk], nbytes: int,
+             after: torch.cuda.Event | None) -> None:
+        """Scatter each chunk into its blocks from its GPU slot (device to device) where
+        given, else from ``host[offset:offset + nbytes]`` through the staging slot; returns
+        once the blocks hold their bytes. The ids are checked before anything is copied."""
         # Every chunk's ids first (in range, distinct across the load, fitting the chunk): a
         # bad one must not leave half a load behind. The slots are checked at each scatter.
-        for _ in self.paged._scatter_parts([(None, ids, first, total) for _, ids, first, total, _ in chunks]):
-            pass
+        self.paged.check_scatters([(None, ids, first, total) for _, ids, first, total, _ in chunks])
         with self._queued(host, nbytes, after) as staging:
             for off, block_ids, first, total, gpu_slot in chunks:
                 if gpu_slot is None:

@@ -2,8 +2,8 @@
 
 :class:`KernelCopier` wraps a :class:`~lmkv_mp.engine.paged.PagedKV` and has its ``gather`` /
 ``scatter`` methods and contract: every part of a chunk moves in one kernel launch, on the
-current torch stream, and the slot bytes are exactly those of the torch reference in
-``transfer.py`` (a chunk stored by a CPU worker loads in a CUDA worker and back). Where the
+current torch stream, and the slot bytes are exactly those of the torch reference
+(``paged.py``: a chunk stored by a CPU worker loads in a CUDA worker and back). Where the
 kernels do not apply (the cache is not on a CUDA device, cuda-python or NVRTC is missing, no
 GPU, a compile error, a layout beyond :data:`MAX_DIMS` dims) it calls the torch path, and the
 first such fallback on a CUDA cache logs one line saying why.
@@ -37,9 +37,9 @@ import torch
 
 from lmkv_mp.memory import cuda_api
 from lmkv_mp.engine.copy_threads import CopyThreads
-from lmkv_mp.engine.paged import BlockIds, LayerSpec, PagedKV
+from lmkv_mp.engine.paged import BlockIds, CheckedChunk, LayerSpec, PagedKV
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmkv.kernels")
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 OPS = ("gather", "scatter")
@@ -381,7 +381,7 @@ def _fallback_once(reason: str) -> None:
         if reason in _logged:
             return
         _logged.add(reason)
-    log.warning("lmkv_mp: CUDA copy kernels not used (%s); copies take the torch path (transfer.py)", reason)
+    log.warning("lmkv_mp: CUDA copy kernels not used (%s); copies take the torch path (paged.py)", reason)
 
 
 class KernelCopier:
@@ -433,14 +433,9 @@ class KernelCopier:
         if self._kernels is None:
             self.paged.gather_many(chunks, threads)
             return
-        jobs = []
-        for block_ids, slot in chunks:
-            idx, ids = self.paged._ids(block_ids, distinct=False)
-            self.paged._check_slot(slot, len(ids))
-            jobs.append((idx, slot, len(ids)))
-        for idx, slot, n in jobs:
-            if n:
-                self._launch("gather", idx, slot, n, 0, n)
+        for c in self.paged.check_gathers(chunks):
+            if c.n:
+                self._launch("gather", c)
 
     def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]], threads: CopyThreads | None = None
                      ) -> None:
@@ -451,16 +446,13 @@ class KernelCopier:
             self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks])
 
     def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> None:
-        jobs = []
-        for slot, idx, _ids, first, n, total in self.paged._scatter_parts(chunks):
-            self.paged._check_slot(slot, total)
-            jobs.append((idx, slot, n, first, total))
-        for idx, slot, n, first, total in jobs:
-            if n:
-                self._launch("scatter", idx, slot, n, first, total)
+        for c in self.paged.check_scatters(chunks):
+            if c.n:
+                self._launch("scatter", c)
 
-    def _launch(self, op: str, idx: torch.Tensor, slot: torch.Tensor, n: int, first: int, total: int) -> None:
-        assert self._kernels is not None
+    def _launch(self, op: str, chunk: CheckedChunk) -> None:
+        assert self._kernels is not None and chunk.slot is not None
         args, grid = launch_args(self.plan, parts=self._parts.data_ptr(), tile_part=self._tile_part.data_ptr(),
-                                 ids=idx.data_ptr(), slot=slot.data_ptr(), n=n, first=first, total=total)
+                                 ids=chunk.idx.data_ptr(), slot=chunk.slot.data_ptr(), n=chunk.n,
+                                 first=chunk.first, total=chunk.total)
         self._kernels.launch(op, args, grid, self._kernels.stream())

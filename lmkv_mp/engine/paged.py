@@ -31,22 +31,24 @@ dimension and the alignment allow, since the CPU index kernels cost per element)
 fixed-size dtype works and NaN payloads survive. One call per part per chunk, no per-block
 Python loop: on a CPU, a part whose blocks are each one run of bytes (block dim first) moves
 through ``_rows.copy_rows`` (C: memcpy per block with streaming stores, which skip reading
-each destination line before writing it; lmkv_mp/engine/_rows.c says why), else through torch: a
+each destination line before writing it; ``_rows.c`` says why), else through torch: a
 strided ``copy_`` when the ids are one ascending run, else ``index_select`` (contiguous
 block-first parts) or advanced indexing (other layouts) to gather, and ``index_copy_`` to
-scatter. Everything is checked before the first byte moves.
+scatter. Everything is checked before the first byte moves (:meth:`PagedKV.check_gathers`,
+:meth:`PagedKV.check_scatters`: the CUDA copiers check with them too).
 
-A :class:`~lmkv_mp.engine.copy_threads.CopyThreads` splits one gather or scatter's per-part copies over several threads
-(``copy_threads`` of the connector, default 1): on a host with cores to spare a second
-thread lifts a load from one core's memcpy rate towards the memory bus's; on a host whose
-cores the engine keeps busy it makes copies wait for a core, so it is off by default.
+A :class:`~lmkv_mp.engine.copy_threads.CopyThreads` splits one gather or scatter's per-part
+copies over several threads (``copy_threads`` of the connector, default 1): on a host with
+cores to spare a second thread lifts a load from one core's memcpy rate towards the memory
+bus's; on a host whose cores the engine keeps busy it makes copies wait for a core, so it is
+off by default.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +82,23 @@ class LayerSpec:
     dtype: torch.dtype
     block_dim: int
     block_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedChunk:
+    """A chunk that passed :meth:`PagedKV.check_gathers` or ``check_scatters``: blocks ``ids``
+    of the cache move to or from blocks ``first .. first + n`` of ``slot``, a chunk of
+    ``total`` blocks; ``idx`` is ``ids`` as int64 on the cache's device (what copies read)."""
+
+    slot: torch.Tensor | None
+    idx: torch.Tensor
+    ids: tuple[int, ...]
+    first: int
+    total: int
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +213,9 @@ class PagedKV:
         """``gather(ids, slot)`` for each ``(ids, slot)``. Every chunk is checked before any
         is copied, so a bad one leaves all slots untouched. ``threads`` splits the copies."""
         ops = []
-        for block_ids, slot in chunks:
-            idx, ids = self._ids(block_ids, distinct=False)
-            start, n = _run_start(ids), len(ids)
-            ops.extend((idx, start, n, *part) for part in self._plan(slot, n, for_gather=True))
+        for c in self.check_gathers(chunks):
+            start = _run_start(c.ids)
+            ops.extend((c.idx, start, c.n, *part) for part in self._plan(c.slot, c.n, for_gather=True))
         self._runner(threads)(_gather_ops, ops)
 
     def scatter_many(self, chunks: Sequence[tuple[torch.Tensor, BlockIds]], threads: CopyThreads | None = None
@@ -207,11 +225,25 @@ class PagedKV:
         chunks: one load never writes a block twice. ``threads`` splits the copies."""
         self._scatter([(slot, block_ids, 0, None) for slot, block_ids in chunks], threads)
 
-    def _scatter_parts(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]]) -> Iterator[tuple]:
-        """Checked ``(slot, idx, ids, first, n, total)`` per chunk of a scatter: the block ids
-        are valid and distinct across all chunks, and blocks ``first..first+n`` fit ``total``
-        (the CPU path and the CUDA kernels share these checks)."""
+    def check_gathers(self, chunks: Sequence[tuple[BlockIds, torch.Tensor]]) -> list[CheckedChunk]:
+        """A gather of each ``(ids, slot)`` checked, for any copier of this cache: ids in ``[0,
+        num_blocks)`` (repeats allowed), a slot of ``len(ids)`` blocks. Raises at the first
+        bad chunk, so a caller that checks first copies nothing of a bad request."""
+        out = []
+        for block_ids, slot in chunks:
+            idx, ids = self._ids(block_ids, distinct=False)
+            self._check_slot(slot, len(ids))
+            out.append(CheckedChunk(slot, idx, ids, 0, len(ids)))
+        return out
+
+    def check_scatters(self, chunks: Sequence[tuple[torch.Tensor | None, BlockIds, int, int | None]]
+                       ) -> list[CheckedChunk]:
+        """The same for a scatter of each ``(slot, ids, first, total)`` (``total`` None:
+        ``first + len(ids)``): ids also distinct across all chunks (a load writes a block
+        once), blocks ``first .. first + len(ids)`` within ``total``, a slot of ``total``
+        blocks (None: left to the copier that fills it)."""
         seen: set[int] = set()
+        out = []
         for slot, block_ids, first, total in chunks:
             idx, ids = self._ids(block_ids, distinct=True)
             if not seen.isdisjoint(ids):
@@ -221,16 +253,19 @@ class PagedKV:
             total = first + n if total is None else total
             if first < 0 or total < first + n:
                 raise ValueError(f"scatter of blocks {first}..{first + n} does not fit a chunk of {total} blocks")
-            yield slot, idx, ids, first, n, total
+            if slot is not None:
+                self._check_slot(slot, total)
+            out.append(CheckedChunk(slot, idx, ids, first, total))
+        return out
 
     def _scatter(self, chunks: Sequence[tuple[torch.Tensor, BlockIds, int, int | None]],
                  threads: CopyThreads | None = None) -> None:
         ops = []
-        for slot, idx, ids, first, n, total in self._scatter_parts(chunks):
-            start = _run_start(ids)
-            for block_dim, part, src, _, row_copy in self._plan(slot, total, for_gather=False):
-                ops.append((idx, start, n, block_dim, part, src if n == total else src.narrow(block_dim, first, n),
-                            row_copy))
+        for c in self.check_scatters(chunks):
+            start, n = _run_start(c.ids), c.n
+            for block_dim, part, src, _, row_copy in self._plan(c.slot, c.total, for_gather=False):
+                ops.append((c.idx, start, n, block_dim, part,
+                            src if n == c.total else src.narrow(block_dim, c.first, n), row_copy))
         self._runner(threads)(_scatter_ops, ops)
 
     def _runner(self, threads: CopyThreads | None) -> Callable[[Callable[[list], None], list], None]:
@@ -238,7 +273,7 @@ class PagedKV:
         ops queue on the caller's stream, which the caller synchronises)."""
         return threads.run if threads is not None and self.device.type == "cpu" else _run_here
 
-    def _ids(self, block_ids: BlockIds, *, distinct: bool) -> tuple[torch.Tensor, list[int]]:
+    def _ids(self, block_ids: BlockIds, *, distinct: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Block ids as an int64 tensor on the parts' device and as a list, range-checked:
         an id out of range would make the index kernels read or write outside the cache."""
         if isinstance(block_ids, torch.Tensor):
@@ -263,22 +298,22 @@ class PagedKV:
                 raise ValueError("block ids to scatter into must be distinct; one block cannot hold two blocks' KV")
         if idx is None:
             idx = torch.tensor(ids, dtype=torch.int64)
-        return (idx if self.device.type == "cpu" else idx.to(self.device, non_blocking=True)), ids
+        return (idx if self.device.type == "cpu" else idx.to(self.device, non_blocking=True)), tuple(ids)
 
     def _plan(self, slot: torch.Tensor, blocks: int, *, for_gather: bool
               ) -> list[tuple[int, torch.Tensor, torch.Tensor, bool, tuple[int, int] | None]]:
-        """Check ``slot`` for a chunk of ``blocks`` blocks and pair each part with its slot
-        region: ``(block_dim, part_view, region_view, rows, row_copy)``, both views of one
-        element type; ``rows`` says the part is contiguous with blocks first; ``row_copy`` is
-        ``(row_stride, block_bytes)`` where the C row copy (``_rows``) moves this part.
+        """Pair each part with its region of ``slot``, a chunk of ``blocks`` blocks that
+        passed the ``check_*`` methods: ``(block_dim, part_view, region_view, rows,
+        row_copy)``, both views of one element type; ``rows`` says the part is contiguous
+        with blocks first; ``row_copy`` is ``(row_stride, block_bytes)`` where the C row copy
+        (``_rows``) moves this part.
 
-        Measured on CPU (torch 2.13): index_select copies whole rows (memcpy, parallel over
-        ids) only from a contiguous source with dim 0; from a strided source it is ~300x
-        slower than advanced indexing, and for dim > 0 it runs on one thread. Advanced
-        indexing and index_copy_ are element-wise kernels that cost per element, so they
-        get the widest type the alignment allows; the row copy is ~10% faster on 1-2 byte
-        types than on 8-16 byte ones, so it gets the narrowest."""
-        self._check_slot(slot, blocks)
+        On a CPU, index_select copies whole rows (memcpy, parallel over ids) only from a
+        contiguous source along dim 0; from a strided source it is far slower than advanced
+        indexing, and along dim > 0 it runs on one thread. Advanced indexing and index_copy_
+        are element-wise kernels that cost per element, so they get the widest type the
+        alignment allows; the row copy runs faster on narrow types than on wide ones, so it
+        gets the narrowest."""
         if blocks == 0:
             return []
         start, addr = slot.storage_offset(), slot.data_ptr()
@@ -294,7 +329,8 @@ class PagedKV:
             offsets.append(off)
             off += nbytes * blocks
         # Consecutive parts with one region shape (usually all layers) get their regions
-        # from one view and one unbind: 32 Python-level views cost ~5% of a 32 MiB copy.
+        # from one view and one unbind: a Python-level view per part costs a visible share
+        # of a whole chunk's copy.
         regions: list[torch.Tensor] = []
         i = 0
         while i < len(chosen):
@@ -370,11 +406,11 @@ def slot_checksum(slot: torch.Tensor) -> int:
     return checksum(slot.numpy())
 
 
-def _run_start(ids: list[int]) -> int | None:
+def _run_start(ids: tuple[int, ...]) -> int | None:
     """The first id if ``ids`` are consecutive and ascending, else None. A run is one
-    strided copy, measured 5-12% faster than the index kernels (fresh caches hand out
-    consecutive blocks)."""
-    if ids and ids[-1] - ids[0] == len(ids) - 1 and ids == list(range(ids[0], ids[0] + len(ids))):
+    strided copy, faster than the index kernels (and fresh caches hand out consecutive
+    blocks)."""
+    if ids and ids[-1] - ids[0] == len(ids) - 1 and ids == tuple(range(ids[0], ids[0] + len(ids))):
         return ids[0]
     return None
 

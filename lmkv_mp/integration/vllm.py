@@ -45,6 +45,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
 
 from lmkv_mp.engine.client import SidecarClient
 from lmkv_mp.config import CLIENT_SETTINGS, load_client_config
+from lmkv_mp.config.common import DEFAULT_CHUNK_TOKENS
 from lmkv_mp.integration.plan import StepPlan, rank_namespaces
 from lmkv_mp.integration.vllm_scheduler import SchedulerSide
 from lmkv_mp.integration.vllm_stats import LMKVConnectorStats, LMKVPromMetrics, make_stats
@@ -73,8 +74,6 @@ def _log_through_vllm() -> None:
 
 
 _log_through_vllm()
-
-DEFAULT_CHUNK_TOKENS = 256
 
 if "kv_cache_config" not in inspect.signature(KVConnectorBase_V1.__init__).parameters:
     raise ImportError(f"lmkv_mp's connector needs vLLM's v1 connector API with a kv_cache_config constructor "

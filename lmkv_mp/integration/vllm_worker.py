@@ -15,13 +15,15 @@ the LOOKUP gave. After, not before: bytes that change between the check and the 
 would pass unseen, while bytes that change after the copy only cost a needless recompute.
 A mismatch fails the load (recompute) and is reported to the sidecar, which drops the chunk.
 
-On a GPU the copies go through :class:`~lmkv_mp.engine.cuda_path.CudaHostPath` (a staging slot in
+The copies go through the rank's one :class:`~lmkv_mp.engine.copy_path.CopyPath`, chosen at
+registration: on a GPU :class:`~lmkv_mp.engine.cuda_path.CudaHostPath` (a staging slot in
 device memory and DMA to the pinned host pool, on a side stream that starts after the work
-the engine had queued when the job was submitted); on a CPU straight between the cache and
-the slot. A CUDA rank tells the sidecar its device in HELLO; where the sidecar has a GPU
-tier region there, stores also fill the GPU slots RESERVE hands out and loads read the
-chunks that have a copy there device to device. A GPU slot the rank cannot fill is never
-committed: the store is dropped and the rank stops asking for GPU slots.
+the engine had queued when the job was submitted); on a CPU
+:class:`~lmkv_mp.engine.copy_path.CpuPath`, straight between the cache and the slot. A CUDA
+rank tells the sidecar its device in HELLO; where the sidecar has a GPU tier region there,
+stores also fill the GPU slots RESERVE hands out and loads read the chunks that have a copy
+there device to device. A GPU slot the rank cannot fill is never committed: the store is
+dropped and the rank stops asking for GPU slots.
 
 Blocks a job reads stay valid until the job ends: vLLM keeps a running request's blocks,
 ``request_finished`` delays the free of requests with stores, and ``handle_preemptions``
@@ -39,53 +41,60 @@ from typing import Any, Callable
 import torch
 
 from lmkv_mp.engine.client import SidecarClient
+from lmkv_mp.engine.copy_path import CopyPath, CpuPath, LoadChunk, StoreChunk
+from lmkv_mp.engine.copy_threads import one_torch_thread_pool
+from lmkv_mp.engine.cuda_path import CudaHostPath
+from lmkv_mp.engine.paged import PagedKV, slot_checksum
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.wire.keys import HASH_BYTES
 from lmkv_mp.wire.protocol import NamespaceInfo
-from lmkv_mp.engine.copy_threads import CopyThreads, one_torch_thread_pool
-from lmkv_mp.engine.cuda_path import CudaHostPath, device_uuid
-from lmkv_mp.engine.paged import PagedKV, slot_checksum
 
 log = logging.getLogger("lmkv.vllm")
 
 
 class WorkerSide:
-    """``checksum`` hashes one slot; it is used only while the sidecar runs ``--verify on``."""
+    """One rank's copies. ``checksum`` hashes one slot; it is used only while the sidecar
+    runs ``--verify on``. ``path`` copies between ``paged`` and the slots; without it the
+    rank picks the one for the cache's device (:class:`CpuPath` with the client's
+    ``copy_threads``, or :class:`CudaHostPath`). The rank closes its path. A disabled rank
+    (``disabled`` says why) has none and copies nothing."""
 
     def __init__(self, client: SidecarClient, paged: PagedKV, tp_rank: int, expected_block_bytes: int | None,
-                 checksum: Callable[[torch.Tensor], int] = slot_checksum) -> None:
+                 checksum: Callable[[torch.Tensor], int] = slot_checksum, *, path: CopyPath | None = None) -> None:
         self.client = client
         self.paged = paged
         self.tp_rank = tp_rank
         self.checksum = checksum
         self.disabled = ""
         self.paused = ""                         # why copies wait for resume() (sleep mode), or ""
-        self._cuda: CudaHostPath | None = None
+        self.path: CopyPath | None = None
         actual = paged.chunk_bytes(1)
         if expected_block_bytes is not None and actual != expected_block_bytes:
             self.disabled = (f"registered KV cache holds {actual} bytes per block, the KV spec says "
                              f"{expected_block_bytes}: unknown layout, lmkv disabled on this rank")
+            if path is not None:
+                path.close()
+        elif path is not None:
+            self.path = path
+        elif paged.device.type == "cpu":
+            self.path = CpuPath(paged, client.config.copy_threads)
         elif paged.device.type == "cuda":
             try:
-                self._cuda = CudaHostPath(paged)
-                client.device = device_uuid(self._cuda.device)
-                if client.hello is not None:
-                    client.declare([])  # re-HELLO: the sidecar learns the device
+                self.path = CudaHostPath(paged)
             except (RuntimeError, ValueError) as e:
                 self.disabled = f"the GPU copy path could not start on {paged.device} ({e}): lmkv disabled on this rank"
-        elif paged.device.type != "cpu":
+        else:
             self.disabled = (f"the KV cache is on {paged.device}, a device lmkv cannot copy from (CPU and CUDA "
                              "only): lmkv disabled on this rank (the engine runs as without it)")
         if self.disabled:
             log.warning("lmkv: %s", self.disabled)
+        elif self.path is not None and self.path.device_uuid:
+            client.set_device(self.path.device_uuid)  # the sidecar gives GPU tier slots on this device
         # One torch thread for the copies: the engine's own threads own the cores, and a
         # multi-threaded copy then stalls waiting for a second core (measured: 5 ms copies
         # taking 0.1-1.6 s on a busy 2-core host). Set in that thread alone, not for the
         # engine's threads (one_torch_thread_pool).
         self._pool = one_torch_thread_pool(1, "lmkv-copy")
-        # Helpers that share each chunk's copy with that thread, where configured
-        # (copy_threads > 1): for hosts with cores the engine leaves idle. 1: no helpers.
-        self._copy_threads = CopyThreads(client.config.copy_threads)
         self._lock = threading.Lock()
         self._inflight: list[Future[None]] = []
         self._saving: dict[str, int] = {}        # req id -> store jobs not yet done
@@ -120,7 +129,7 @@ class WorkerSide:
 
     def _submit(self, fn: Callable, plan: StepPlan, job: LoadJob | StoreJob) -> None:
         # On a GPU the job starts after the work the engine has queued so far (cuda_path.py).
-        after = self._cuda.engine_event() if self._cuda is not None and not self.disabled else None
+        after = self.path.engine_event() if self.path is not None else None
         fut = self._pool.submit(fn, plan, job, after)
         with self._lock:
             self._inflight = [f for f in self._inflight if not f.done()]
@@ -177,7 +186,8 @@ class WorkerSide:
             self._recved.add(job.req_id)
 
     def _try_load(self, plan: StepPlan, job: LoadJob, after: Any) -> bool:
-        if self.disabled or self.paused:
+        path = self.path
+        if path is None or self.paused:  # disabled, or the cache is released
             return False
         host = self.client.host_tensor()  # connects first if this rank has not yet
         # A fresh boot id: a restart since the lookup ended the lease that protects the slots.
@@ -189,7 +199,7 @@ class WorkerSide:
         self._drop_stale_regions()
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)
-        rank = 0 if len(job.offsets) == 1 else self.tp_rank
+        rank = self._rank_index(len(job.offsets))
         offsets = job.offsets[rank]
         sums = job.checksums[rank] if job.checksums else []
         gpu = self._gpu_slots(job.gpu_regions[rank] if job.gpu_regions else [],
@@ -197,13 +207,9 @@ class WorkerSide:
         chunks, pos = [], 0
         for i, off in enumerate(offsets):
             first = job.skip_blocks if i == 0 else 0
-            chunks.append((off, job.block_ids[pos:pos + bpc - first], first, bpc, gpu[i]))
+            chunks.append(LoadChunk(off, job.block_ids[pos:pos + bpc - first], first, bpc, gpu[i]))
             pos += bpc - first
-        if self._cuda is not None:
-            self._cuda.load(host, chunks, nbytes, after)
-        else:
-            for off, ids, first, total, _ in chunks:
-                self.paged.scatter(host[off:off + nbytes], ids, first=first, total=total, threads=self._copy_threads)
+        path.load(host, chunks, nbytes, after)
         for i, s in enumerate(sums):
             if self.checksum(host[offsets[i]:offsets[i] + nbytes]) != s:
                 self._report_corrupt(plan, job, i, s)
@@ -225,13 +231,13 @@ class WorkerSide:
         """Let go of GPU tier regions the sidecar no longer announces (it restarted): once
         per job, before it maps any, when no copy of an earlier job uses them."""
         hello = self.client.hello
-        if self._cuda is not None and hello is not None:
-            self._cuda.drop_stale_regions([r.uuid for r in hello.regions])
+        if self.path is not None and hello is not None:
+            self.path.drop_stale_regions([r.uuid for r in hello.regions])
 
     def _gpu_slots(self, regions: list[int], offsets: list[int], chunks: Any, nbytes: int) -> list[Any]:
         """For each chunk index in ``chunks``: its GPU tier slot as a device tensor, where
         ``regions`` names a region on this rank's device that it can map, else None."""
-        if not regions or self._cuda is None:
+        if not regions or self.path is None:
             return [None for _ in chunks]
         mapped: dict[int, Any] = {0: None}   # region id -> its tensor (None: not usable here)
         out = []
@@ -239,13 +245,22 @@ class WorkerSide:
             rid = regions[i]
             if rid not in mapped:
                 info = self.client.gpu_region(rid)
-                mapped[rid] = self._cuda.gpu_region(info) if info is not None else None
+                mapped[rid] = self.path.gpu_region(info) if info is not None else None
             region, off = mapped[rid], offsets[i]
             out.append(region[off:off + nbytes] if region is not None and off + nbytes <= region.numel() else None)
         return out
 
+    def _rank_index(self, entries: int) -> int:
+        """This rank's index in a list of ``entries`` per-rank entries (a plan's namespaces,
+        a load's offsets): 0 where one entry serves all ranks (one rank, or MLA, whose ranks
+        hold identical bytes under one namespace), else the rank's own."""
+        return 0 if entries == 1 else self.tp_rank
+
+    def _namespace(self, plan: StepPlan) -> bytes:
+        return plan.namespaces[self._rank_index(len(plan.namespaces))]
+
     def _report_corrupt(self, plan: StepPlan, job: LoadJob, i: int, expected: int) -> None:
-        ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
+        ns = self._namespace(plan)
         h = job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES]
         dropped = self.client.report_corrupt(ns, h, [expected]) if len(h) == HASH_BYTES else 0
         log.warning("lmkv: chunk %d of %s failed its checksum after the copy: recomputing (sidecar dropped %d)",
@@ -266,9 +281,10 @@ class WorkerSide:
                 self._saving[job.req_id] = self._saving.get(job.req_id, 1) - 1
 
     def _try_store(self, plan: StepPlan, job: StoreJob, after: Any) -> None:
-        if self.disabled or self.paused:
+        path = self.path
+        if path is None or self.paused:  # disabled, or the cache is released
             return
-        ns = plan.namespaces[self.tp_rank] if len(plan.namespaces) > 1 else plan.namespaces[0]
+        ns = self._namespace(plan)
         bpc = plan.blocks_per_chunk
         nbytes = self.paged.chunk_bytes(bpc)
         if ns not in self._declared:
@@ -291,20 +307,16 @@ class WorkerSide:
             # A GPU slot this rank cannot fill would be published holding garbage: store
             # nothing this time, and ask for host slots only from now on.
             self.client.release(res.lease_id)
-            self.client.device = b""
-            self.client.declare([])
+            self.client.set_device(b"")
             return
-        chunks = [(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i]), g) for i, g in zip(writable, gpu)]
+        chunks = [StoreChunk(job.block_ids[i * bpc:(i + 1) * bpc], int(res.offsets[i]), g)
+                  for i, g in zip(writable, gpu)]
         try:
-            if self._cuda is not None:
-                self._cuda.store(host, chunks, nbytes, after)
-            else:
-                for ids, off, _ in chunks:
-                    self.paged.gather(ids, host[off:off + nbytes], self._copy_threads)
+            path.store(host, chunks, nbytes, after)
         except BaseException:
             # Nothing is committed; give the slots back now rather than when this client goes
             # (a write lease lives until released or its owner is reaped). No copy into them
-            # is still in flight: CudaHostPath.store drains its stream before it raises.
+            # is still in flight: a CopyPath's store ends its copies before it raises.
             self.client.release(res.lease_id)
             raise
         written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in writable]
@@ -326,9 +338,8 @@ class WorkerSide:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._copy_threads.close()
-        if self._cuda is not None:
-            self._cuda.close()  # unpins the host pool before the client unmaps it
+        if self.path is not None:
+            self.path.close()  # unpins the host pool before the client unmaps it
         self.client.close()
 
 

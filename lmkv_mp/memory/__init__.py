@@ -1,4 +1,5 @@
-"""Cache memory: regions (shm/file), the slab allocator and the persisted slot table."""
+"""Cache memory both sides map: host regions (shm/file), GPU tier regions and their handle
+socket, the slab allocator, the persisted slot table, and cuda-python loaded on first use."""
 
 from lmkv_mp.memory.allocator import SlabAllocator, SlotId
 from lmkv_mp.memory.pool import HostPool, Record, SlotState, pool_uuid

@@ -27,7 +27,7 @@ try:  # built by pip install (setup.py); optional, so a box without a C compiler
 except ImportError:
     _chain = None
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("lmkv.keys")
 _warned_python = False
 
 HASH_BYTES = 16
@@ -67,7 +67,7 @@ def chain_hashes(
     """
     if isinstance(tokens, (list, tuple)):
         # vLLM's prompt_token_ids. Every id is checked, as the numpy path does, not just the
-        # hashed ones. For 32k tokens: C 0.1 ms, struct.pack 0.55 ms, numpy 2.5 ms (here).
+        # hashed ones. A list packs fastest in C, then with struct.pack; numpy is slowest.
         n = _chunks_wanted(len(tokens), chunk_tokens, max_chunks)
         try:
             raw = _chain.pack_tokens(tokens) if _chain else struct.pack(f"<{len(tokens)}i", *tokens)

@@ -279,3 +279,16 @@ def test_hello_carries_role_and_pid(run_dir: Path, fake: Callable[[Handler], Fak
         assert c.connect()
     hello = next(m for m in srv.received if isinstance(m, P.Hello))
     assert hello.pid == os.getpid() and hello.role == "worker"
+
+
+def test_set_device_re_hellos_a_connected_client_and_waits_for_the_first_hello_otherwise(
+        run_dir: Path, fake: Callable[[Handler], FakeSidecar]) -> None:
+    """The sidecar gives GPU tier slots only on the device a HELLO names: a worker that learns
+    its device (or gives up its GPU slots) after connecting must say HELLO again."""
+    srv = fake(hits_by_size(lambda: srv))
+    with SidecarClient(client_config(run_dir, timeout=2), heartbeat=False, role="worker") as c:
+        assert c.set_device(b"d" * 16) and srv.count(P.Hello) == 0, "not connected: nothing sent yet"
+        assert c.connect()
+        assert c.set_device(b"")
+        hellos = [m for m in srv.received if isinstance(m, P.Hello)]
+        assert [h.device for h in hellos] == [b"d" * 16, b""] and c.device == b""

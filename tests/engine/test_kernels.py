@@ -359,7 +359,7 @@ def test_without_a_gpu_the_copier_takes_the_torch_path_and_says_so_once(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(kernels, "_loaded", {})
     monkeypatch.setattr(kernels, "_logged", set())
-    caplog.set_level(logging.WARNING, logger="lmkv_mp.engine.kernels")
+    caplog.set_level(logging.WARNING, logger="lmkv.kernels")
     fakes = [_FakeCudaCache(), _FakeCudaCache()]
     copiers = [KernelCopier(f) for f in fakes]  # type: ignore[arg-type]
     assert not any(c.uses_kernels for c in copiers)

@@ -292,6 +292,26 @@ def test_wrong_slots_are_refused() -> None:
         paged.gather([0], bytearray(n))  # type: ignore[arg-type]
 
 
+def test_the_checks_copiers_share_say_what_a_copy_moves_and_refuse_before_it() -> None:
+    """check_gathers / check_scatters are what the CUDA copiers run before their first
+    launch: the checked chunks name the ids, their index tensor and the slot's blocks."""
+    paged = make("cpu-views", torch.bfloat16, seed=16)
+    slot = new_slot(paged, 3)
+    (g,) = paged.check_gathers([([7, 2, 2], slot)])
+    assert (g.slot is slot, g.ids, g.idx.tolist(), g.first, g.n, g.total) == (True, (7, 2, 2), [7, 2, 2], 0, 3, 3)
+    a, b = paged.check_scatters([(slot, [5, 6], 1, 3), (None, torch.tensor([9]), 0, None)])
+    assert (a.ids, a.first, a.n, a.total) == ((5, 6), 1, 2, 3)
+    assert (b.slot, b.ids, b.total) == (None, (9,), 1), "a slot of None is left to the copier"
+    with pytest.raises(ValueError, match="two chunks"):
+        paged.check_scatters([(None, [4], 0, None), (None, [4], 0, None)])
+    with pytest.raises(ValueError, match="does not fit"):
+        paged.check_scatters([(None, [4, 5], 2, 3)])
+    with pytest.raises(ValueError, match="bytes"):
+        paged.check_scatters([(slot, [4], 0, None)])
+    with pytest.raises(ValueError, match="block ids"):
+        paged.check_gathers([([NB], new_slot(paged, 1))])
+
+
 def test_a_bad_chunk_in_a_batch_leaves_everything_untouched() -> None:
     paged = make("cpu-views", torch.bfloat16, seed=15)
     good, short = new_slot(paged, 1), torch.empty(paged.chunk_bytes(1) - 1, dtype=torch.uint8)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from lmkv_mp.engine.client import SidecarClient
+from lmkv_mp.engine.cuda_path import CudaHostPath
 from lmkv_mp.integration.plan import LoadJob
 from lmkv_mp.integration.vllm_worker import WorkerSide
 from tests.conftest import client_config
@@ -37,8 +38,8 @@ def main(run_dir: Path, hashes: bytes, out: Path) -> int:
         if w.load_errors() or w.stats["load_chunks"] != n:
             print(f"load failed: {w.stats}", file=sys.stderr)
             return 1
-        assert w._cuda is not None
-        torch.save({"mapped": len(w._cuda._gpu_maps), "blocks": [b.cpu() for b in blocks(paged, dst)]}, out)
+        assert isinstance(w.path, CudaHostPath)
+        torch.save({"mapped": len(w.path._gpu_maps), "blocks": [b.cpu() for b in blocks(paged, dst)]}, out)
         key.release(found.lease_id)
         return 0
     finally:

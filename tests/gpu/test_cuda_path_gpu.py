@@ -10,6 +10,7 @@ from typing import Callable
 import pytest
 import torch
 
+from lmkv_mp.engine.cuda_path import CudaHostPath
 from lmkv_mp.integration.plan import LoadJob, StoreJob
 from lmkv_mp.wire.keys import chain_hashes
 from lmkv_mp.engine.paged import PagedKV
@@ -96,9 +97,9 @@ def test_host_pool_is_pinned_while_used_and_unpinned_at_close(handle: SidecarHan
     w.wait_for_inflight()
     host = w.client.host_tensor()
     assert host is not None and host.is_pinned()
-    assert w._cuda is not None and host.data_ptr() in w._cuda._pinned
+    assert isinstance(w.path, CudaHostPath) and host.data_ptr() in w.path._pinned
     view = host[:16].clone()  # the mapping stays mapped while this test holds ``host``
-    w._cuda.close()
+    w.path.close()
     assert not host.is_pinned() and torch.equal(host[:16], view)
     w.close()
 

@@ -17,6 +17,7 @@ from typing import Callable
 import pytest
 import torch
 
+from lmkv_mp.engine.cuda_path import CudaHostPath
 from lmkv_mp.integration.plan import StoreJob
 from lmkv_mp.wire.keys import chain_hashes
 # bench/gpu_check.py runs tests/gpu with --noconftest: the fixtures come in by name.
@@ -54,8 +55,8 @@ def test_two_worker_processes_share_chunks_through_the_gpu_tier(handle: SidecarH
 
     found = key.lookup([NS], hashes, pin=True)
     assert found.hits == 3 and found.gpu_regions[0].tolist() == [1, 1, 1], "every chunk has a GPU copy"
-    assert w._cuda is not None and len(w._cuda._gpu_maps) == 1, "the writer mapped the region"
-    (mapping,) = w._cuda._gpu_maps.values()
+    assert isinstance(w.path, CudaHostPath) and len(w.path._gpu_maps) == 1, "the writer mapped the region"
+    (mapping,) = w.path._gpu_maps.values()
     host = w.client.host_tensor()
     assert host is not None
     nbytes = src.chunk_bytes(BPC)

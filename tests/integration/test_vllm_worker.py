@@ -13,6 +13,7 @@ import torch
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.integration.vllm_worker import WorkerSide
 from lmkv_mp.wire.keys import chain_hashes
+from lmkv_mp.engine.copy_path import CpuPath
 from lmkv_mp.engine.paged import PagedKV
 from tests.conftest import SidecarHandle
 
@@ -51,7 +52,7 @@ def test_store_then_load_into_other_blocks(handle: SidecarHandle, copy_threads: 
     """Also with lmkv.copy_threads = 2: each chunk's copy split over two threads."""
     a, b = cache(1), cache(2)
     wa = worker(handle, a, copy_threads=copy_threads)
-    assert (wa._copy_threads.total if wa._copy_threads else 1) == copy_threads
+    assert isinstance(wa.path, CpuPath) and wa.path.threads.total == copy_threads
     tokens = list(range(3 * CHUNK))
     key = handle.client("scheduler")
     assert key.connect()

@@ -3,10 +3,10 @@ copy it reads, and that a GPU slot it cannot fill is never published.
 
 Two stand-ins replace what needs a device: the sidecar's GPU regions (test_server_gpu's
 StandInRegion: no device allocation) and the rank's :class:`~lmkv_mp.engine.cuda_path.CudaHostPath`
-(:class:`CpuPath` below: the same contract, with CPU tensors for the mapped regions and the
-torch reference for the copies). The sidecar is the real one, serving on its loop in a
-thread; the worker is the real :class:`WorkerSide` over a real client. CudaHostPath itself
-runs in tests/gpu/test_cuda_path_gpu.py, on a GPU only.
+(:class:`StandInGpuPath` below: a :class:`~lmkv_mp.engine.copy_path.CopyPath` on a device, with
+CPU tensors for the mapped regions and the package's CPU copies). The sidecar is the real one,
+serving on its loop in a thread; the worker is the real :class:`WorkerSide` over a real client,
+built with that path. CudaHostPath itself runs in tests/gpu/test_cuda_path_gpu.py, on a GPU only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from lmkv_mp.engine.client import SidecarClient
+from lmkv_mp.engine.copy_path import CpuPath, LoadChunk
+from lmkv_mp.engine.paged import PagedKV
 from lmkv_mp.config import load_sidecar_config
 from lmkv_mp.integration.plan import LoadJob, StoreJob
 from lmkv_mp.integration.vllm_worker import WorkerSide
@@ -35,20 +37,19 @@ from tests.integration.test_vllm_worker import BPC, CHUNK, NS, blocks, cache, pl
 MiB = 1 << 20
 
 
-class CpuPath:
-    """CudaHostPath's contract on CPU tensors: ``regions`` stand for this rank's mappings of
-    the sidecar's GPU regions (by region uuid); ``loaded_from`` records each chunk's source."""
+class StandInGpuPath(CpuPath):
+    """A copy path on the CUDA device ``device`` (by uuid), with CPU tensors for the regions
+    it maps (by region uuid; none where not ``mappable``); ``loaded_from`` records where each
+    loaded chunk came from."""
 
-    def __init__(self, paged: Any, mappable: bool = True) -> None:
-        self.paged = paged
+    def __init__(self, paged: PagedKV, device: bytes, mappable: bool = True) -> None:
+        super().__init__(paged)
+        self.device_uuid = device
         self.mappable = mappable
         self.regions: dict[bytes, torch.Tensor] = {}
         self.loaded_from: list[str] = []
         self.dropped = 0
         self.announced: list[bytes] = []
-
-    def engine_event(self) -> None:
-        return None
 
     def drop_stale_regions(self, announced: Sequence[bytes]) -> int:
         self.announced = list(announced)
@@ -65,20 +66,9 @@ class CpuPath:
             return None
         return self.regions.setdefault(info.uuid, torch.zeros(info.size, dtype=torch.uint8))
 
-    def store(self, host: torch.Tensor, chunks: Any, nbytes: int, after: Any) -> None:
-        for ids, off, gpu_slot in chunks:
-            self.paged.gather(ids, host[off:off + nbytes])
-            if gpu_slot is not None:
-                gpu_slot.copy_(host[off:off + nbytes])
-
-    def load(self, host: torch.Tensor, chunks: Any, nbytes: int, after: Any) -> None:
-        for off, ids, first, total, gpu_slot in chunks:
-            self.loaded_from.append("host" if gpu_slot is None else "gpu")
-            src = host[off:off + nbytes] if gpu_slot is None else gpu_slot
-            self.paged.scatter(src, ids, first=first, total=total)
-
-    def close(self) -> None:
-        pass
+    def load(self, host: torch.Tensor, chunks: Sequence[LoadChunk], nbytes: int, after: Any = None) -> None:
+        self.loaded_from.extend("host" if c.gpu_slot is None else "gpu" for c in chunks)
+        super().load(host, chunks, nbytes, after)
 
 
 class Served:
@@ -129,14 +119,16 @@ def restartable(monkeypatch: pytest.MonkeyPatch) -> Iterator[Served]:
         shutil.rmtree(s.run_dir, ignore_errors=True)
 
 
-def cuda_rank(run_dir: Path, paged: Any, device: bytes, clients: list, mappable: bool = True) -> WorkerSide:
-    """A WorkerSide as a CUDA rank on ``device`` sets itself up, with CpuPath for CudaHostPath."""
+def cuda_rank(run_dir: Path, paged: PagedKV, device: bytes, clients: list, mappable: bool = True) -> WorkerSide:
+    """A WorkerSide as a CUDA rank on ``device`` sets itself up, with StandInGpuPath for CudaHostPath."""
     client = SidecarClient(client_config(run_dir), role="worker")
     clients.append(client)
-    side = WorkerSide(client, paged, 0, paged.chunk_bytes(1))
-    side._cuda = CpuPath(paged, mappable)  # type: ignore[assignment]
-    client.device = device
-    return side
+    return WorkerSide(client, paged, 0, paged.chunk_bytes(1), path=StandInGpuPath(paged, device, mappable))
+
+
+def stand_in(side: WorkerSide) -> StandInGpuPath:
+    assert isinstance(side.path, StandInGpuPath)
+    return side.path
 
 
 @pytest.fixture
@@ -162,7 +154,7 @@ def test_a_cuda_rank_fills_its_gpu_slots_and_a_rank_on_that_device_loads_from_th
     found = sched.lookup([NS], hashes, pin=True)
     assert found.hits == 2 and found.gpu_regions[0].tolist() == [1, 1], "copies in device 0's region (id 1)"
     host = wa.client.host_tensor()
-    (mapped,) = wa._cuda.regions.values()  # type: ignore[union-attr]
+    (mapped,) = stand_in(wa).regions.values()
     nbytes = a.chunk_bytes(BPC)
     for off, goff in zip(found.offsets[0].tolist(), found.gpu_offsets[0].tolist()):
         assert torch.equal(mapped[goff:goff + nbytes], host[off:off + nbytes]), "the copy holds the chunk's bytes"
@@ -170,15 +162,15 @@ def test_a_cuda_rank_fills_its_gpu_slots_and_a_rank_on_that_device_loads_from_th
     job = LoadJob("r2", found.boot_id, [found.offsets[0].tolist()], [], list(range(10, 10 + 2 * BPC)), 0,
                   hashes, found.lease_id, [found.gpu_regions[0].tolist()], [found.gpu_offsets[0].tolist()])
     wb = cuda_rank(served, b, DEV0, clients)
-    wb._cuda.regions = wa._cuda.regions  # type: ignore[union-attr]  # one device: one region
+    stand_in(wb).regions = stand_in(wa).regions  # one device: one region
     wc = cuda_rank(served, c, DEV1, clients)
     for w in (wb, wc):
         w.client.connect()
         w.submit_loads(plan(loads=[job]))
         w.wait_for_inflight()
         assert w.load_errors() == set()
-    assert wb._cuda.loaded_from == ["gpu", "gpu"], "same device: device to device"  # type: ignore[union-attr]
-    assert wc._cuda.loaded_from == ["host", "host"], "another device: through the host tier"  # type: ignore[union-attr]
+    assert stand_in(wb).loaded_from == ["gpu", "gpu"], "same device: device to device"
+    assert stand_in(wc).loaded_from == ["host", "host"], "another device: through the host tier"
     for w in (b, c):
         for got, want in zip(blocks(w, list(range(10, 10 + 2 * BPC))), blocks(a, list(range(2 * BPC)))):
             assert torch.equal(got.view(torch.int16), want.view(torch.int16))
@@ -216,7 +208,7 @@ def test_after_a_sidecar_restart_a_rank_lets_go_of_the_old_regions_at_its_next_j
     key = sched.hello.hash_key
     wa.submit_stores(plan(stores=[StoreJob("r1", chain_hashes(list(range(CHUNK)), CHUNK, key), list(range(BPC)))]))
     wa.wait_for_inflight()
-    old = set(wa._cuda.regions)  # type: ignore[union-attr]
+    old = set(stand_in(wa).regions)
     assert len(old) == 1 and wa.stats["store_chunks"] == 1
     restartable.restart()
     hashes = chain_hashes(list(range(100, 100 + CHUNK)), CHUNK, key)
@@ -226,5 +218,5 @@ def test_after_a_sidecar_restart_a_rank_lets_go_of_the_old_regions_at_its_next_j
         if wa.stats["store_chunks"] == 2:
             break
     assert wa.stats["store_chunks"] == 2
-    assert wa._cuda.dropped == 1 and not old & set(wa._cuda.regions)  # type: ignore[union-attr]
-    assert len(wa._cuda.regions) == 1, "the new sidecar's region is mapped"  # type: ignore[union-attr]
+    assert stand_in(wa).dropped == 1 and not old & set(stand_in(wa).regions)
+    assert len(stand_in(wa).regions) == 1, "the new sidecar's region is mapped"
