@@ -77,7 +77,7 @@ _log_through_vllm()
 
 if "kv_cache_config" not in inspect.signature(KVConnectorBase_V1.__init__).parameters:
     raise ImportError(f"lmkv_mp's connector needs vLLM's v1 connector API with a kv_cache_config constructor "
-                      f"argument (vLLM 0.32); this vLLM is {vllm.__version__}")
+                      f"argument (vLLM 0.32 or 0.33); this vLLM is {vllm.__version__}")
 
 
 def _split_blocks(t: "torch.Tensor", num_blocks: int) -> "torch.Tensor | str":
