@@ -18,6 +18,7 @@ from lmkv_mp.config.common import (
     default_run_dir,
     default_stats_endpoint,
     endpoint_problem,
+    parse_bool,
     parse_int,
     parse_path,
     read_token,
@@ -33,6 +34,8 @@ class ClientConfig:
     once and the client probes it every ``retry_interval``. All durations are > 0. The
     auth token is left out of repr(). ``copy_threads`` (1..64) is how many threads a worker
     splits each chunk's copy over (copy_threads.CopyThreads): 1 unless cores are to spare.
+    ``store_output``: at the end of a request, the full chunks of its answer (prompt and
+    output tokens) are stored too, so the next turn of a conversation finds them.
     """
 
     endpoint: str
@@ -42,6 +45,7 @@ class ClientConfig:
     auth_token: bytes | None = field(repr=False)
     prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT
     copy_threads: int = 1
+    store_output: bool = True
 
 
 # Override key (e.g. from vLLM's kv_connector_extra_config) -> its environment twin.
@@ -52,6 +56,7 @@ CLIENT_SETTINGS: Mapping[str, str] = {
     "retry_interval": "LMKV_CLIENT_RETRY",
     "prefetch_timeout": "LMKV_PREFETCH_TIMEOUT",
     "copy_threads": "LMKV_COPY_THREADS",
+    "store_output": "LMKV_STORE_OUTPUT",
 }
 _CLIENT_DURATION_DEFAULTS: Mapping[str, float] = {
     "timeout": DEFAULT_CLIENT_TIMEOUT,
@@ -126,6 +131,15 @@ def load_client_config(
             raise ConfigError("copy_threads", CLIENT_SETTINGS["copy_threads"],
                               f"{_show(copy_threads)} is not a thread count; use a whole number from 1 to 64") from None
 
+    store_output = raw("store_output")
+    if store_output is None:
+        store_output = True
+    elif not isinstance(store_output, bool):
+        try:
+            store_output = parse_bool(str(store_output))
+        except ValueError as e:
+            raise ConfigError("store_output", CLIENT_SETTINGS["store_output"], str(e)) from None
+
     token_file = env.get("LMKV_TOKEN_FILE") or None
     try:
         auth_token = read_token(token_file) if token_file else None
@@ -140,6 +154,7 @@ def load_client_config(
         auth_token=auth_token,
         prefetch_timeout=duration("prefetch_timeout"),
         copy_threads=copy_threads,
+        store_output=store_output,
     )
 
 

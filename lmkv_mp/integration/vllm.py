@@ -148,10 +148,13 @@ class LMKVConnector(KVConnectorBase_V1):
                                       rank_layouts)
         chunk_bytes = self._spec.page_size_bytes * len(self._layer_names) * (chunk_tokens // self._block_size)
         self._client.declare([NamespaceInfo(ns.id, chunk_bytes, ns.display_name) for ns in namespaces])
+        role = self._kv_transfer_config.kv_role
         self._sched = SchedulerSide(self._client, namespaces, chunk_tokens, self._block_size,
-                                    self._client_config.prefetch_timeout, rank_layouts)
-        log.info("lmkv: scheduler connected=%s endpoint=%s chunk_tokens=%d namespaces=%s",
-                 self._client.available, self._client_config.endpoint, chunk_tokens,
+                                    self._client_config.prefetch_timeout, rank_layouts,
+                                    loads=role != "kv_producer", stores=role != "kv_consumer",
+                                    store_output=self._client_config.store_output)
+        log.info("lmkv: scheduler connected=%s endpoint=%s kv_role=%s chunk_tokens=%d namespaces=%s",
+                 self._client.available, self._client_config.endpoint, role, chunk_tokens,
                  [ns.display_name for ns in namespaces])
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, Any]) -> None:

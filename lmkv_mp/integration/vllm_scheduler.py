@@ -27,7 +27,7 @@ from typing import Any
 from lmkv_mp.engine.client import LookupResult, SidecarClient
 from lmkv_mp.config import DEFAULT_PREFETCH_TIMEOUT
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
-from lmkv_mp.integration.request_keys import AdapterDigests, new_epoch, request_key
+from lmkv_mp.integration.request_keys import AdapterDigests, RequestKey, new_epoch, request_key
 from lmkv_mp.wire.keys import HASH_BYTES, Namespace, chain_hashes
 
 log = logging.getLogger("lmkv.vllm")
@@ -50,13 +50,18 @@ class _Req:
     prefetch_deadline: float = 0.0      # set at the first LOOKUP that reported pending chunks
     last_ask: float = 0.0
     load: bool = True                   # False: never loaded (declined, or vLLM's skip_reading_prefix_cache)
+    key: RequestKey | None = None       # its seed and extras (None: declined), to hash its answer at the end
     device_tokens: int = 0              # of the planned load, tokens every rank reads from a GPU tier copy
 
 
 class SchedulerSide:
     def __init__(self, client: SidecarClient, namespaces: list[Namespace], chunk_tokens: int, block_size: int,
-                 prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT, rank_layouts: list[str] | None = None) -> None:
+                 prefetch_timeout: float = DEFAULT_PREFETCH_TIMEOUT, rank_layouts: list[str] | None = None, *,
+                 loads: bool = True, stores: bool = True, store_output: bool = True) -> None:
+        """``loads``/``stores``: what this engine's ``kv_role`` allows (a producer never
+        loads, a consumer never stores); ``store_output``: store each request's answer too."""
         self.client = client
+        self.loads, self.stores, self.store_output = loads, stores, store_output
         self.rank_layouts = list(rank_layouts or [])
         self.prefetch_timeout = prefetch_timeout
         self.namespaces = namespaces
@@ -88,7 +93,7 @@ class SchedulerSide:
             else:
                 st = _Req(request, chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
                                                 key.salt, extras=key.extras),
-                          load=not getattr(request, "skip_reading_prefix_cache", False))
+                          load=self.loads and not getattr(request, "skip_reading_prefix_cache", False), key=key)
             self._reqs[request.request_id] = st
         return st
 
@@ -222,7 +227,11 @@ class SchedulerSide:
         return plan
 
     def _plan_store(self, st: _Req, computed_tokens: int) -> None:
+        if not self.stores:
+            return
         n_full = len(st.hashes) // HASH_BYTES
+        if computed_tokens // self.chunk_tokens > n_full and self.store_output:
+            n_full = self._hash_answer(st, computed_tokens // self.chunk_tokens)
         done = min(computed_tokens // self.chunk_tokens, n_full)
         bpc = self.chunk_tokens // self.block_size
         if done <= st.stored_chunks or len(st.block_ids) < done * bpc:
@@ -233,6 +242,18 @@ class SchedulerSide:
         self.stats["store_chunks"] += done - c0
         st.stored_chunks = done
         st.saving = True
+
+    def _hash_answer(self, st: _Req, chunks: int) -> int:
+        """Extend the request's chain over the output tokens of its first ``chunks`` chunks
+        (the chain covers the token sequence, whoever produced it), so that each chunk of
+        the answer is stored once, in the step that computes its last token; the next turn
+        of the conversation then finds it, on any instance. Returns the chunks hashed."""
+        tokens = getattr(st.request, "all_token_ids", None)
+        if st.key is None or tokens is None or self.client.hello is None or len(tokens) < chunks * self.chunk_tokens:
+            return len(st.hashes) // HASH_BYTES
+        st.hashes = chain_hashes(list(tokens[:chunks * self.chunk_tokens]), self.chunk_tokens,
+                                 self.client.hello.hash_key, st.key.salt, extras=st.key.extras)
+        return chunks
 
     # -- completion -----------------------------------------------------------------------
 
