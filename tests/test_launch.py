@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -466,3 +467,23 @@ def test_serve_fails_when_the_sidecar_cannot_start(serve: Callable[..., Serve]) 
 def test_serve_usage() -> None:
     r = subprocess.run([str(SERVE)], check=False, capture_output=True, text=True, env=clean_env(), timeout=30)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+# ---- prefill/decode: serve-pd.sh and pd_proxy.py (the live test is tests/e2e/test_pd.py) -----
+
+
+def test_serve_pd_sh_parses_and_runs_both_roles_through_serve_sh() -> None:
+    script = LAUNCH / "serve-pd.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert os.access(script, os.X_OK), "launch/serve-pd.sh must be executable"
+    text = script.read_text()
+    assert "kv_producer" in text and "kv_consumer" in text and '"$here/serve.sh"' in text
+    if shutil.which("shellcheck") is not None:
+        r = subprocess.run(["shellcheck", "-x", str(script)], check=False, capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_pd_proxy_help_names_its_instances() -> None:
+    r = subprocess.run([sys.executable, str(LAUNCH / "pd_proxy.py"), "--help"], check=True, capture_output=True,
+                       text=True, timeout=60)
+    assert "--prefill" in r.stdout and "--decode" in r.stdout and "--prefill-timeout" in r.stdout

@@ -136,6 +136,31 @@ def build_lora_adapter(path: str | os.PathLike[str], base: str, rank: int = 8, s
     return out
 
 
+def add_word_tokenizer(path: str | os.PathLike[str], vocab_size: int = 512) -> str:
+    """Give a model directory a tokenizer built offline (``tokenizers``' word-level model),
+    so that vLLM's OpenAI server takes text: ids 0..2 are <pad>, <s>, </s> and id ``i`` above
+    is the word ``w<i>``, so :func:`words` of token ids is a prompt of exactly those ids."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = os.fspath(path)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<pad>", "bos_token": "<s>",
+                   "eos_token": "</s>", "unk_token": "<pad>", "add_bos_token": False,
+                   "model_max_length": 1 << 20}, f)
+    return out
+
+
+def words(token_ids: list[int]) -> str:
+    """The text :func:`add_word_tokenizer`'s tokenizer encodes to exactly ``token_ids`` (ids >= 3)."""
+    return " ".join(f"w{i}" for i in token_ids)
+
+
 if __name__ == "__main__":
     import sys
 
