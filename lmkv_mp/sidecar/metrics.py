@@ -29,7 +29,7 @@ from prometheus_client.utils import floatToGoString
 
 from lmkv_mp import __version__
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
-from lmkv_mp.wire.protocol import ErrorCode, Op
+from lmkv_mp.wire.protocol import ErrorCode, Op, Role
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
@@ -43,9 +43,10 @@ TIER_KEYS = ("used_bytes", "capacity_bytes", "entries", "entries_by_state", "hit
 """Per-tier snapshot keys the Prometheus view reads (``entries_by_state`` maps a state to a
 count; where it is absent, all ``entries`` count as committed)."""
 
-CLIENT_ROLES = ("scheduler", "worker", "admin", "client")
-"""Roles reported as themselves; any other role a client names is counted as ``other``
-(the role is client-supplied text: it must not mint label values)."""
+CLIENT_ROLES = tuple(role.value for role in Role)
+"""Roles reported as themselves (every :class:`~lmkv_mp.wire.protocol.Role`); any other
+role a snapshot names (one from another version) is counted as ``other``: it must not mint
+label values."""
 
 OP_NAMES = tuple(op.name for op in Op) + ("INVALID",)
 """``op`` label values: every op, and INVALID for a request whose op byte names none."""

@@ -362,10 +362,10 @@ class Sidecar:
             self.counters.loads += pinned.hits
             self.counters.loaded_bytes += pinned.hits * nbytes
         return P.LookupReply(msg.req_id, self.boot_id, pinned.hits, pinned.lease_id,
-                             [P.pack_u64(o) for o in pinned.offsets],
-                             [P.pack_u64(c) for c in pinned.checksums] if self.cfg.verify else [],
+                             [P.U64Array(o) for o in pinned.offsets],
+                             [P.U64Array(c) for c in pinned.checksums] if self.cfg.verify else [],
                              self._prefetch(msg, pinned.hits, n), [bytes(r) for r in pinned.gpu_regions],
-                             [P.pack_u64(o) for o in pinned.gpu_offsets])
+                             [P.U64Array(o) for o in pinned.gpu_offsets])
 
     def _prefetch(self, msg: P.Lookup, hits: int, n: int) -> int:
         """Start promoting the chunks after the host hits from lower tiers; how many may come."""
@@ -388,8 +388,8 @@ class Sidecar:
                                   f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
         self._check_quota(client)
         r = self.index.reserve(client.client_id, msg.namespace, msg.hashes, self._share_bytes(), client.gpu_region)
-        return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.pack_u64(r.offsets),
-                              bytes(r.gpu_regions), P.pack_u64(r.gpu_offsets) if r.gpu_offsets else b"")
+        return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.U64Array(r.offsets),
+                              bytes(r.gpu_regions), P.U64Array(r.gpu_offsets))
 
     def _share_bytes(self) -> int:
         """Slot bytes one client may hold in write leases, and apart in read pins."""
@@ -397,7 +397,7 @@ class Sidecar:
 
     def _commit(self, ident: bytes, msg: P.Commit) -> P.CommitReply:
         client = self._client(ident)
-        sums = P.unpack_u64(msg.checksums).tolist() if msg.checksums else None
+        sums = msg.checksums.tolist() if msg.checksums else None
         if self.cfg.verify and sums is None:
             # A chunk without a checksum could never be verified on load: not stored. The
             # lease ends here, so its slots come back now rather than when the client goes.
@@ -436,7 +436,7 @@ class Sidecar:
                                   "a CORRUPT report against")
         if len(msg.hashes) > MAX_CORRUPT_PER_REPORT * 16:
             raise P.ProtocolError(P.ErrorCode.TOO_LARGE, f"CORRUPT names at most {MAX_CORRUPT_PER_REPORT} chunks")
-        n = self.index.drop_corrupt(msg.namespace, msg.hashes, P.unpack_u64(msg.checksums).tolist())
+        n = self.index.drop_corrupt(msg.namespace, msg.hashes, msg.checksums.tolist())
         if n:
             self.counters.errors[P.ErrorCode.CORRUPT.name] += n
             log.warning("error: %d chunk(s) of namespace %s failed their checksum on load (client %d): dropped",
@@ -477,7 +477,7 @@ class Sidecar:
     def snapshot(self) -> dict:
         roles: dict[str, int] = {}
         for c in self.clients.values():
-            roles[c.role] = roles.get(c.role, 0) + 1
+            roles[c.role.value] = roles.get(c.role.value, 0) + 1
         snap = snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names, info=self._info())
         snap["evicted_dirty"] = self.index.counters.evicted_dirty
         snap["corrupt_chunks"] = self.index.counters.corrupt

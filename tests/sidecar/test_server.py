@@ -147,7 +147,7 @@ def test_store_lookup_pin_release(sc: Harness) -> None:
     sc.hello(b"w1", NS_A)
     sc.hello(b"sched", role="scheduler")
     res = sc.store(b"w1", NS_A, hashes(1, 2, 3))
-    offsets = P.unpack_u64(res.offsets).tolist()
+    offsets = res.offsets.tolist()
     assert len(set(offsets)) == 3
 
     assert sc.lookup(b"sched", [NS_A], hashes(1, 2, 3, 4)).hits == 3
@@ -157,7 +157,7 @@ def test_store_lookup_pin_release(sc: Harness) -> None:
 
     pinned = sc.lookup(b"sched", [NS_A], hashes(1, 2, 3), pin=True)
     assert pinned.hits == 3 and pinned.lease_id
-    assert P.unpack_u64(pinned.offsets[0]).tolist() == offsets
+    assert pinned.offsets[0].tolist() == offsets
     assert pinned.gpu_regions == [] and pinned.gpu_offsets == [], "no GPU tier: no GPU copies"
     assert sc.stats()["leases"] == {"read": 1, "write": 0}
 
@@ -185,8 +185,8 @@ def test_lookup_counts_chunks_committed_in_every_namespace(sc: Harness) -> None:
     sc.store(b"r1", NS_B, hashes(1, 2))
     assert sc.lookup(b"r0", [NS_A, NS_B], hashes(1, 2, 3)).hits == 2
     pinned = sc.lookup(b"r0", [NS_A, NS_B], hashes(1, 2, 3), pin=True)
-    assert pinned.hits == 2 and [len(P.unpack_u64(o)) for o in pinned.offsets] == [2, 2]
-    assert not set(P.unpack_u64(pinned.offsets[0])) & set(P.unpack_u64(pinned.offsets[1]))
+    assert pinned.hits == 2 and [len(o) for o in pinned.offsets] == [2, 2]
+    assert not set(pinned.offsets[0]) & set(pinned.offsets[1])
 
 
 def test_writing_chunks_are_invisible_and_busy_for_other_writers(sc: Harness) -> None:
@@ -246,14 +246,14 @@ def test_a_stopped_writers_slots_are_parked_until_its_stale_commit(sc: Harness) 
     hello_as(sc, b"w1", os.getpid())
     r = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1, 2)))
     assert isinstance(r, P.ReserveReply)
-    mine = set(P.unpack_u64(r.offsets).tolist())
+    mine = set(r.offsets.tolist())
     sc.server.reap(time.monotonic() + 5)
     s = sc.stats()
     assert s["parked_slots"] == 2 and s["leases"] == {"read": 0, "write": 0}
     hello_as(sc, b"w2", os.getpid() + 10**7)   # no such process
     other = sc.ok(b"w2", P.Reserve(2, NS_A, hashes(1, 2)))
     assert isinstance(other, P.ReserveReply) and list(other.status) == [P.SlotStatus.WRITE] * 2
-    assert not mine & set(P.unpack_u64(other.offsets).tolist()), "the parked slots are nobody else's"
+    assert not mine & set(other.offsets.tolist()), "the parked slots are nobody else's"
     used = sc.stats()["tiers"]["host"]["used_bytes"]
 
     hello_as(sc, b"w1", os.getpid())          # continued: re-registers, then its stale COMMIT
@@ -366,7 +366,7 @@ def test_warm_restart_keeps_committed_chunks_only(sc: Harness) -> None:
     res = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(3, 4)))  # never committed
     assert isinstance(res, P.ReserveReply)
     old_boot = sc.server.boot_id
-    offsets = P.unpack_u64(sc.lookup(b"w1", [NS_A], hashes(1, 2), pin=True).offsets[0]).tolist()
+    offsets = sc.lookup(b"w1", [NS_A], hashes(1, 2), pin=True).offsets[0].tolist()
 
     sc.restart()
     assert sc.server.boot_id != old_boot
@@ -375,7 +375,7 @@ def test_warm_restart_keeps_committed_chunks_only(sc: Harness) -> None:
     sc.error(b"w1", P.Lookup(2, [NS_A], hashes(1)), P.ErrorCode.NOT_REGISTERED)
     sc.hello(b"w1", NS_A)
     pinned = sc.lookup(b"w1", [NS_A], hashes(1, 2, 3, 4), pin=True)
-    assert pinned.hits == 2 and P.unpack_u64(pinned.offsets[0]).tolist() == offsets
+    assert pinned.hits == 2 and pinned.offsets[0].tolist() == offsets
     r = sc.ok(b"w1", P.Reserve(3, NS_A, hashes(3, 4)))
     assert isinstance(r, P.ReserveReply) and list(r.status) == [P.SlotStatus.WRITE] * 2
 
@@ -414,7 +414,7 @@ def test_verify_needs_a_checksum_per_chunk_at_commit(verifying: Harness) -> None
     c = h.ok(b"w1", P.Commit(5, r.lease_id, hashes(1, 2), P.pack_u64([11, 22])))  # type: ignore[union-attr]
     assert c.committed == 2  # type: ignore[union-attr]
     pinned = h.lookup(b"w1", [NS_A], hashes(1, 2), pin=True)
-    assert [P.unpack_u64(x).tolist() for x in pinned.checksums] == [[11, 22]]
+    assert [x.tolist() for x in pinned.checksums] == [[11, 22]]
 
 
 def test_a_reported_corrupt_chunk_is_dropped_and_counted(verifying: Harness) -> None:
