@@ -27,7 +27,7 @@ from lmkv_mp.sidecar.clients import ClientState, ParkedWrites
 from lmkv_mp.config import SidecarConfig
 from lmkv_mp.sidecar.gpu_tier import GpuTier
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
-from lmkv_mp.wire.keys import split_hashes
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.sidecar.index.leases import LeaseError
 from lmkv_mp.memory import RegionError
 from lmkv_mp.sidecar.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
@@ -346,16 +346,16 @@ class Sidecar:
                             self.cfg.lease_timeout, self.cfg.heartbeat_interval, regions, self.cfg.verify)
 
     def _lookup(self, ident: bytes, msg: P.Lookup) -> P.LookupReply:
-        n = len(msg.hashes) // 16
+        hashes = HashList(msg.hashes)
         self.counters.lookups += 1
-        self.counters.lookup_chunks += n
+        self.counters.lookup_chunks += len(hashes)
         if not msg.pin:
-            hits = self.index.lookup(msg.namespaces, msg.hashes)
+            hits = self.index.lookup(msg.namespaces, hashes)
             self._count_hits(msg.namespaces, hits)
-            return P.LookupReply(msg.req_id, self.boot_id, hits, pending=self._prefetch(msg, hits, n))
+            return P.LookupReply(msg.req_id, self.boot_id, hits, pending=self._prefetch(msg.namespaces, hashes, hits))
         client = self._client(ident)
         self._check_quota(client)
-        pinned = self.index.pin(client.client_id, msg.namespaces, msg.hashes, self._share_bytes())
+        pinned = self.index.pin(client.client_id, msg.namespaces, hashes, self._share_bytes())
         self._count_hits(msg.namespaces, pinned.hits)
         for ns in msg.namespaces:
             nbytes = self.index.chunk_bytes(ns) or 0
@@ -364,15 +364,15 @@ class Sidecar:
         return P.LookupReply(msg.req_id, self.boot_id, pinned.hits, pinned.lease_id,
                              [P.U64Array(o) for o in pinned.offsets],
                              [P.U64Array(c) for c in pinned.checksums] if self.cfg.verify else [],
-                             self._prefetch(msg, pinned.hits, n), [bytes(r) for r in pinned.gpu_regions],
-                             [P.U64Array(o) for o in pinned.gpu_offsets])
+                             self._prefetch(msg.namespaces, hashes, pinned.hits),
+                             [bytes(r) for r in pinned.gpu_regions], [P.U64Array(o) for o in pinned.gpu_offsets])
 
-    def _prefetch(self, msg: P.Lookup, hits: int, n: int) -> int:
+    def _prefetch(self, namespaces: list[bytes], hashes: HashList, hits: int) -> int:
         """Start promoting the chunks after the host hits from lower tiers; how many may come."""
-        if self.tiers is None or hits >= n or not msg.namespaces:
+        if self.tiers is None or hits >= len(hashes) or not namespaces:
             return 0
-        pending = self.tiers.prefetch(msg.namespaces, split_hashes(msg.hashes), hits)
-        log.debug("lookup: %d of %d chunks hit, %d pending", hits, n, pending)
+        pending = self.tiers.prefetch(namespaces, hashes.split(), hits)
+        log.debug("lookup: %d of %d chunks hit, %d pending", hits, len(hashes), pending)
         return pending
 
     def _count_hits(self, namespaces: list[bytes], hits: int) -> None:
@@ -387,7 +387,8 @@ class Sidecar:
             raise P.ProtocolError(P.ErrorCode.UNKNOWN_NAMESPACE,
                                   f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
         self._check_quota(client)
-        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes, self._share_bytes(), client.gpu_region)
+        r = self.index.reserve(client.client_id, msg.namespace, HashList(msg.hashes), self._share_bytes(),
+                               client.gpu_region)
         return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.U64Array(r.offsets),
                               bytes(r.gpu_regions), P.U64Array(r.gpu_offsets))
 
@@ -408,7 +409,7 @@ class Sidecar:
             raise P.ProtocolError(P.ErrorCode.BAD_REQUEST, "this sidecar runs --verify on: COMMIT must list the "
                                   "chunks written with one checksum each; nothing was stored")
         try:
-            done = self.index.commit_entries(client.client_id, msg.lease_id, msg.hashes, sums)
+            done = self.index.commit_entries(client.client_id, msg.lease_id, HashList(msg.hashes), sums)
         except LeaseError as e:
             raise self._stale_lease(client, msg.lease_id, e) from None
         n = len(done)
@@ -434,9 +435,10 @@ class Sidecar:
         if not self.cfg.verify:
             raise P.ProtocolError(P.ErrorCode.BAD_REQUEST, "this sidecar runs --verify off: no checksums to check "
                                   "a CORRUPT report against")
-        if len(msg.hashes) > MAX_CORRUPT_PER_REPORT * 16:
+        hashes = HashList(msg.hashes)
+        if len(hashes) > MAX_CORRUPT_PER_REPORT:
             raise P.ProtocolError(P.ErrorCode.TOO_LARGE, f"CORRUPT names at most {MAX_CORRUPT_PER_REPORT} chunks")
-        n = self.index.drop_corrupt(msg.namespace, msg.hashes, msg.checksums.tolist())
+        n = self.index.drop_corrupt(msg.namespace, hashes, msg.checksums)
         if n:
             self.counters.errors[P.ErrorCode.CORRUPT.name] += n
             log.warning("error: %d chunk(s) of namespace %s failed their checksum on load (client %d): dropped",

@@ -25,11 +25,12 @@ leases themselves, and the per-owner quota accounts, are kept by ``lmkv_mp.sidec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from lmkv_mp.sidecar.index.committed import CLEAN_SCAN, CommittedEntries
 from lmkv_mp.sidecar.index.entry import Entry, EntryState
 from lmkv_mp.sidecar.index.gpu_copies import GpuCopies
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.wire.keys import HASH_BYTES
 from lmkv_mp.sidecar.index.leases import Lease, LeaseKind, LeaseTable, Owner
 from lmkv_mp.memory.allocator import SlotId, Span
@@ -152,13 +153,13 @@ class ChunkIndex:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:
+    def lookup(self, namespaces: list[bytes], hashes: HashList) -> int:
         """Leading chunks COMMITTED in every namespace. A plain lookup is a question, not a
         use: it leaves LRU order alone (a pinned lookup, i.e. a load, refreshes it)."""
         cols = self._committed.leading(namespaces, hashes, touch=False)
         return len(cols[0]) if cols else 0
 
-    def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes, max_pin_bytes: int | None = None) -> Pinned:
+    def pin(self, owner: Owner, namespaces: list[bytes], hashes: HashList, max_pin_bytes: int | None = None) -> Pinned:
         """Like :meth:`lookup`, and take a read lease on the hits (0 hits: no lease).
 
         ``max_pin_bytes`` bounds the slot bytes of the distinct chunks the owner holds
@@ -190,7 +191,7 @@ class ChunkIndex:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes, max_write_bytes: int | None = None,
+    def reserve(self, owner: Owner, namespace: bytes, hashes: HashList, max_write_bytes: int | None = None,
                 gpu_region: int = 0) -> Reserved:
         """Write slots for chunks not already present. After the first chunk that finds no
         space, later chunks get NO_SPACE too: a chain hash is useless without its prefix.
@@ -212,8 +213,7 @@ class ChunkIndex:
         held: list[Entry] = []
         victims: dict[int, list[Span]] = {}   # spans of other classes to evict, ranked once per RESERVE
         try:
-            for i in range(0, len(hashes), HASH_BYTES):
-                key = namespace + hashes[i:i + HASH_BYTES]
+            for key in hashes.keys(namespace):
                 e = self._entries.get(key)
                 if e is not None:
                     if e.state is EntryState.COMMITTED:
@@ -249,7 +249,7 @@ class ChunkIndex:
                 offsets.append(e.offset)
                 if gpu_region and self.gpu is not None and self.gpu.alloc(gpu_region, e):
                     if not gpu_regions:
-                        gpu_regions, gpu_offsets = [0] * (len(hashes) // HASH_BYTES), [0] * (len(hashes) // HASH_BYTES)
+                        gpu_regions, gpu_offsets = [0] * len(hashes), [0] * len(hashes)
                     gpu_regions[len(statuses) - 1] = e.gpu_region
                     gpu_offsets[len(statuses) - 1] = e.gpu_offset
         finally:
@@ -257,19 +257,20 @@ class ChunkIndex:
                 e.pins -= 1
         return Reserved(lease.id if lease else 0, statuses, offsets, gpu_regions, gpu_offsets)
 
-    def commit(self, owner: Owner, lease_id: int, hashes: bytes = b"", checksums: list[int] | None = None) -> int:
+    def commit(self, owner: Owner, lease_id: int, hashes: HashList = HashList(),
+               checksums: Sequence[int] | None = None) -> int:
         """Publish the listed chunks of a write lease (all when ``hashes`` is empty); the lease
         ends and its unlisted chunks are freed. Returns how many became COMMITTED."""
         return len(self.commit_entries(owner, lease_id, hashes, checksums))
 
-    def commit_entries(self, owner: Owner, lease_id: int, hashes: bytes = b"",
-                       checksums: list[int] | None = None) -> list[Entry]:
-        """:meth:`commit`, returning the entries that became COMMITTED (for write-through)."""
+    def commit_entries(self, owner: Owner, lease_id: int, hashes: HashList = HashList(),
+                       checksums: Sequence[int] | None = None) -> list[Entry]:
+        """:meth:`commit`, returning the entries that became COMMITTED (for write-through).
+        ``checksums``: none, or one per listed hash."""
         lease = self.leases.take(owner, lease_id, LeaseKind.WRITE)
         wanted: dict[bytes, int] | None = None
         if hashes:
-            sums = checksums or [0] * (len(hashes) // HASH_BYTES)
-            wanted = {hashes[i:i + HASH_BYTES]: sums[i // HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)}
+            wanted = dict(zip(hashes, checksums or [0] * len(hashes), strict=True))
         done: list[Entry] = []
         for e in lease.entries:
             h = e.key[HASH_BYTES:]
@@ -389,7 +390,7 @@ class ChunkIndex:
         self.leases.forget(owner)
         return n
 
-    def drop_corrupt(self, namespace: bytes, hashes: bytes, checksums: list[int]) -> int:
+    def drop_corrupt(self, namespace: bytes, hashes: HashList, checksums: Sequence[int]) -> int:
         """Drop the COMMITTED entries a loader found corrupt: those of ``hashes`` in
         ``namespace`` that still carry the checksum it was given (a late report about an
         entry rewritten since drops nothing) and, with :attr:`checksum_at` set, whose bytes
@@ -397,9 +398,9 @@ class ChunkIndex:
         Pinned ones vanish from lookups now and are freed when unpinned, as cleared ones.
         Returns how many were dropped."""
         n = 0
-        for i in range(0, len(hashes), HASH_BYTES):
-            e = self._committed.get(namespace + hashes[i:i + HASH_BYTES])
-            if e is None or e.checksum != checksums[i // HASH_BYTES]:
+        for key, expected in zip(hashes.keys(namespace), checksums, strict=True):
+            e = self._committed.get(key)
+            if e is None or e.checksum != expected:
                 continue
             if self.checksum_at is not None and self.checksum_at(e.offset, e.length) == e.checksum:
                 continue
