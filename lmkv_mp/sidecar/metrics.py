@@ -20,7 +20,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -30,6 +30,11 @@ from prometheus_client.utils import floatToGoString
 from lmkv_mp import __version__
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
 from lmkv_mp.wire.protocol import ErrorCode, Op, Role
+
+if TYPE_CHECKING:
+    from lmkv_mp.sidecar.clients import ClientState
+    from lmkv_mp.sidecar.gpu_tier import GpuTier
+    from lmkv_mp.sidecar.tiers.hierarchy import TierHierarchy
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
@@ -127,34 +132,28 @@ def host_tier(counters: SidecarCounters, index: ChunkIndex) -> dict[str, Any]:
     }
 
 
-def snapshot(boot_id: bytes, counters: SidecarCounters, index: ChunkIndex, clients: dict[str, int],
-             ns_names: dict[bytes, str], *, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def snapshot(boot_id: bytes, counters: SidecarCounters, index: ChunkIndex, clients: Iterable[ClientState],
+             ns_names: dict[bytes, str], *, info: dict[str, Any] | None = None, host_pool_linked: bool = True,
+             lower: TierHierarchy | None = None, gpu: GpuTier | None = None) -> dict[str, Any]:
     """The stats map (msgpack- and JSON-able; a new object each call). ``snapshot["tiers"]``
-    holds ``host``; the server adds lower tiers beside it, with the keys of
-    :data:`TIER_KEYS`. ``info``: extra top-level keys (endpoints).
-    Namespaces are listed in the order the sidecar learned their names (HELLO order), then
-    unnamed ones (restored from a warm restart) by id. Costs one pass over the index.
+    holds ``host``, then the ``lower`` tiers' and the ``gpu`` tier's regions, each with the
+    keys of :data:`TIER_KEYS`; ``clients`` are counted by role. ``info``: extra top-level
+    keys (endpoints). Namespaces are listed in the order the sidecar learned their names
+    (HELLO order), then unnamed ones (restored from a warm restart) by id. Costs one pass
+    over the index.
     """
     now = time.time()
-    by_ns = index.bytes_by_namespace()
-    order = list(ns_names) + sorted((set(by_ns) | set(counters.ns_hits)) - set(ns_names))
-    namespaces = []
-    for ns in order:
-        entries, nbytes = by_ns.get(ns, (0, 0))
-        hits = counters.ns_hits.get(ns, 0)
-        if entries or hits or ns in ns_names:
-            namespaces.append({"id": ns.hex(), "name": ns_names.get(ns, ns.hex()[:12]),
-                               "entries": entries, "bytes": nbytes, "hit_chunks": hits})
     ic = index.counters
-    return {
+    snap = {
         "version": __version__,
         "boot_id": boot_id.hex(),
         "boot_time": counters.started_at,
         "time": now,
         "uptime_s": round(now - counters.started_at, 3),
         **(info or {}),
-        "clients": dict(clients),
-        "tiers": {"host": host_tier(counters, index)},
+        "clients": dict(Counter(c.role.value for c in clients)),
+        "tiers": {"host": host_tier(counters, index), **(lower.stats() if lower is not None else {}),
+                  **(gpu.stats() if gpu is not None else {})},
         "leases": index.leases_by_kind(),
         "lookups": counters.lookups,
         "lookup_chunks": counters.lookup_chunks,
@@ -173,8 +172,30 @@ def snapshot(boot_id: bytes, counters: SidecarCounters, index: ChunkIndex, clien
             "buckets": list(LATENCY_BUCKETS),
             "ops": {op: {"counts": list(h.counts), "sum": h.total} for op, h in counters.latency.items()},
         },
-        "namespaces": namespaces,
+        "namespaces": _namespaces(counters, index, ns_names),
+        "evicted_dirty": ic.evicted_dirty,
+        "corrupt_chunks": ic.corrupt,
+        "quota_refused_chunks": ic.quota_refused,
+        "host_pool_linked": host_pool_linked,
+        "parked_slots": index.parked_slots(),
     }
+    if lower is not None:
+        snap["tier_movers"] = lower.activity()
+    return snap
+
+
+def _namespaces(counters: SidecarCounters, index: ChunkIndex, ns_names: dict[bytes, str]) -> list[dict[str, Any]]:
+    """``snapshot["namespaces"]``: every namespace named, holding entries or hit."""
+    by_ns = index.bytes_by_namespace()
+    order = list(ns_names) + sorted((set(by_ns) | set(counters.ns_hits)) - set(ns_names))
+    out = []
+    for ns in order:
+        entries, nbytes = by_ns.get(ns, (0, 0))
+        hits = counters.ns_hits.get(ns, 0)
+        if entries or hits or ns in ns_names:
+            out.append({"id": ns.hex(), "name": ns_names.get(ns, ns.hex()[:12]),
+                        "entries": entries, "bytes": nbytes, "hit_chunks": hits})
+    return out
 
 
 def quantile(hist: dict[str, Any], buckets: list[float], q: float) -> float | None:

@@ -22,7 +22,8 @@ import pytest
 from lmkv_mp.wire import protocol as P
 from lmkv_mp.config import load_sidecar_config
 from lmkv_mp.memory import shm_name_for
-from lmkv_mp.sidecar.server import MAX_LEASES_PER_CLIENT, Sidecar
+from lmkv_mp.sidecar.handlers import MAX_LEASES_PER_CLIENT
+from lmkv_mp.sidecar.server import Sidecar, may_precede_hello, register
 from lmkv_mp.sidecar.startup import StartupError
 
 from tests.conftest import unlink_shm
@@ -141,6 +142,29 @@ def test_requests_before_hello_are_not_registered(sc: Harness) -> None:
                 P.Release(6, 1), P.Ping(7)):
         sc.error(b"stranger", msg, P.ErrorCode.NOT_REGISTERED)
     sc.ok(b"stranger", P.Stats(8))  # stats need no HELLO
+
+
+@pytest.mark.parametrize("msg, stats_only, token, ok", [
+    (P.Hello(1, P.PROTOCOL_VERSION, "worker"), False, b"t", True),
+    (P.Stats(1), True, b"t", True),
+    (P.Stats(1), False, None, True),
+    (P.Stats(1), False, b"t", False),      # the snapshot names the node's models: HELLO with the token first
+    (P.Ping(1), False, None, False),
+    (P.Lookup(1, [NS_A], b""), False, None, False),
+])
+def test_what_may_come_before_hello(msg: P.Request, stats_only: bool, token: bytes | None, ok: bool) -> None:
+    assert may_precede_hello(msg, stats_only, token) is ok
+
+
+def test_the_loop_checks_its_handler_table_at_start(sc: Harness) -> None:
+    """Each op's handler must take the request type the op decodes to; a table that does
+    not (or misses an op) fails when the sidecar starts, not on the first such request."""
+    table = sc.server.handlers.table()
+    assert register(table) == table
+    with pytest.raises(TypeError, match="PING handler .* must take"):
+        register({**table, P.Op.PING: table[P.Op.STATS]})
+    with pytest.raises(TypeError, match="missing for .*CLEAR"):
+        register({op: h for op, h in table.items() if op is not P.Op.CLEAR})
 
 
 def test_store_lookup_pin_release(sc: Harness) -> None:
@@ -529,9 +553,9 @@ def test_a_full_namespace_table_forgets_the_namespaces_nothing_uses(sc: Harness,
     those that no connected client declares and no entry uses (models no longer served);
     one whose chunks are cached stays, and its chunks still hit; one a live client declared
     stays; with every namespace in use the HELLO is refused, as before."""
-    import lmkv_mp.sidecar.server as server
+    import lmkv_mp.sidecar.handlers as handlers
 
-    monkeypatch.setattr(server, "MAX_NAMESPACES", 3)
+    monkeypatch.setattr(handlers, "MAX_NAMESPACES", 3)
     ns = [bytes([i]) * 16 for i in range(1, 6)]
     sc.hello(b"w1", ns[0])
     sc.store(b"w1", ns[0], hashes(1, 2))
@@ -553,11 +577,11 @@ def test_a_full_namespace_table_forgets_the_namespaces_nothing_uses(sc: Harness,
 
 
 def test_namespaces_and_clients_are_bounded(sc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmkv_mp.sidecar.server as server
+    import lmkv_mp.sidecar.handlers as handlers
 
-    monkeypatch.setattr(server, "MAX_NAMESPACES_PER_CLIENT", 3)
-    monkeypatch.setattr(server, "MAX_NAMESPACES", 5)
-    monkeypatch.setattr(server, "MAX_CLIENTS", 3)
+    monkeypatch.setattr(handlers, "MAX_NAMESPACES_PER_CLIENT", 3)
+    monkeypatch.setattr(handlers, "MAX_NAMESPACES", 5)
+    monkeypatch.setattr(handlers, "MAX_CLIENTS", 3)
     ns = [bytes([i]) * 16 for i in range(1, 8)]
     sc.hello(b"c1", *ns[:3])
     sc.hello(b"c1", *ns[:3])  # the same ones again: nothing new
