@@ -277,104 +277,130 @@ class NamespaceLabels:
             return got
 
 
-def _tier(t: dict[str, Any], key: str) -> float:
-    return t.get(key) or 0
-
-
 def prometheus_families(snap: dict[str, Any], ns_labels: NamespaceLabels | None = None,
                         age: float = 0.0) -> list[Metric]:
     """The Prometheus metric families of one snapshot (ARCHITECTURE §9, README table)."""
-    out: list[Metric] = []
+    return [*_request_families(snap), *_tier_families(snap["tiers"]), *_client_families(snap),
+            *_namespace_families(snap["namespaces"], ns_labels), *_process_families(snap, age)]
 
-    def counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
-        out.append(CounterMetricFamily(name, doc, labels=list(labels)))
-        return out[-1]  # type: ignore[return-value]
 
-    def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
-        out.append(GaugeMetricFamily(name, doc, labels=list(labels)))
-        return out[-1]  # type: ignore[return-value]
+def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=list(labels))
 
-    requests = counter("lmkv_requests", "Requests served, by op and outcome (ok or error reply).", ["op", "status"])
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _request_families(snap: dict[str, Any]) -> list[Metric]:
+    """Requests by op and outcome, the loop's time per op, chunks asked for."""
+    requests = _counter("lmkv_requests", "Requests served, by op and outcome (ok or error reply).", ["op", "status"])
     for op in OP_NAMES:
         for status in ("ok", "error"):
             requests.add_metric([op, status], snap["requests"].get(f"{op}:{status}", 0))
-
     rs = snap["request_seconds"]
     bounds = [floatToGoString(b) for b in rs["buckets"]] + ["+Inf"]
     hist = HistogramMetricFamily("lmkv_request_seconds", "Time the sidecar's loop spent serving a request "
                                  "(decode to encoded reply), by op.", labels=["op"])
-    out.append(hist)
     for op in OP_NAMES:
         h = rs["ops"].get(op) or {"counts": [0] * len(bounds), "sum": 0.0}
         hist.add_metric([op], list(zip(bounds, itertools.accumulate(h["counts"]))), h["sum"])
+    lookup_chunks = _counter("lmkv_lookup_chunks", "Chunks asked for by LOOKUP requests.")
+    lookup_chunks.add_metric([], snap["lookup_chunks"])
+    return [requests, hist, lookup_chunks]
 
-    counter("lmkv_lookup_chunks", "Chunks asked for by LOOKUP requests.").add_metric([], snap["lookup_chunks"])
-    tiers: dict[str, dict[str, Any]] = snap["tiers"]
-    per_tier = (
-        (counter, "lmkv_hit_chunks", "Chunks LOOKUP found (leading hits), by the tier that held them.", "hit_chunks"),
-        (counter, "lmkv_stored_chunks", "Chunks written into a tier.", "stored_chunks"),
-        (counter, "lmkv_stored_bytes", "Bytes written into a tier.", "stored_bytes"),
-        (counter, "lmkv_loaded_chunks", "Chunks handed to readers (pinned LOOKUP) from a tier.", "loaded_chunks"),
-        (counter, "lmkv_loaded_bytes", "Bytes handed to readers (pinned LOOKUP) from a tier.", "loaded_bytes"),
-        (counter, "lmkv_evictions", "Entries evicted from a tier to make room.", "evictions"),
-        (counter, "lmkv_evicted_bytes", "Bytes evicted from a tier.", "evicted_bytes"),
-        (counter, "lmkv_prefetches", "Chunks prefetched into a tier from a lower one.", "prefetches"),
-        (counter, "lmkv_tier_errors", "Failed operations of a tier (I/O, remote store); each is a miss.", "errors"),
-        (counter, "lmkv_tier_corrupt", "Records a tier returned that failed verification (dropped, a miss).",
-         "corrupt"),
-        (gauge, "lmkv_tier_used_bytes", "Bytes of a tier in use.", "used_bytes"),
-        (gauge, "lmkv_tier_capacity_bytes", "Bytes a tier can hold.", "capacity_bytes"),
-    )
-    for make, name, doc, key in per_tier:
+
+_PER_TIER = (
+    (_counter, "lmkv_hit_chunks", "Chunks LOOKUP found (leading hits), by the tier that held them.", "hit_chunks"),
+    (_counter, "lmkv_stored_chunks", "Chunks written into a tier.", "stored_chunks"),
+    (_counter, "lmkv_stored_bytes", "Bytes written into a tier.", "stored_bytes"),
+    (_counter, "lmkv_loaded_chunks", "Chunks handed to readers (pinned LOOKUP) from a tier.", "loaded_chunks"),
+    (_counter, "lmkv_loaded_bytes", "Bytes handed to readers (pinned LOOKUP) from a tier.", "loaded_bytes"),
+    (_counter, "lmkv_evictions", "Entries evicted from a tier to make room.", "evictions"),
+    (_counter, "lmkv_evicted_bytes", "Bytes evicted from a tier.", "evicted_bytes"),
+    (_counter, "lmkv_prefetches", "Chunks prefetched into a tier from a lower one.", "prefetches"),
+    (_counter, "lmkv_tier_errors", "Failed operations of a tier (I/O, remote store); each is a miss.", "errors"),
+    (_counter, "lmkv_tier_corrupt", "Records a tier returned that failed verification (dropped, a miss).",
+     "corrupt"),
+    (_gauge, "lmkv_tier_used_bytes", "Bytes of a tier in use.", "used_bytes"),
+    (_gauge, "lmkv_tier_capacity_bytes", "Bytes a tier can hold.", "capacity_bytes"),
+)
+"""The ``tier``-labelled families: (kind, name, help, the TIER_KEYS key they read)."""
+
+
+def _tier_families(tiers: dict[str, dict[str, Any]]) -> list[Metric]:
+    """One series per tier of every :data:`_PER_TIER` family, and entries by tier and state."""
+    out: list[Metric] = []
+    for make, name, doc, key in _PER_TIER:
         fam = make(name, doc, ["tier"])
         for tier, t in tiers.items():
-            fam.add_metric([tier], _tier(t, key))
-    entries = gauge("lmkv_entries", "Entries in a tier, by state.", ["tier", "state"])
+            fam.add_metric([tier], t.get(key) or 0)
+        out.append(fam)
+    entries = _gauge("lmkv_entries", "Entries in a tier, by state.", ["tier", "state"])
     for tier, t in tiers.items():
-        for state, n in (t.get("entries_by_state") or {"committed": _tier(t, "entries")}).items():
+        for state, n in (t.get("entries_by_state") or {"committed": t.get("entries") or 0}).items():
             entries.add_metric([tier, state], n)
+    out.append(entries)
+    return out
 
-    leases = gauge("lmkv_leases", "Leases held by clients, by kind.", ["kind"])
+
+def _client_families(snap: dict[str, Any]) -> list[Metric]:
+    """What clients hold and get: leases by kind, clients by role, errors by code, writes
+    aborted."""
+    leases = _gauge("lmkv_leases", "Leases held by clients, by kind.", ["kind"])
     for kind, n in snap["leases"].items():
         leases.add_metric([kind], n)
-    clients = gauge("lmkv_clients", "Registered clients, by role.", ["role"])
+    clients = _gauge("lmkv_clients", "Registered clients, by role.", ["role"])
     roles = Counter({r: 0 for r in (*CLIENT_ROLES, "other")})
     for role, n in snap["clients"].items():
         roles[role if role in CLIENT_ROLES else "other"] += n
     for role, n in roles.items():
         clients.add_metric([role], n)
-    errors = counter("lmkv_errors", "Error replies, by error code.", ["code"])
+    errors = _counter("lmkv_errors", "Error replies, by error code.", ["code"])
     for code in ErrorCode:
         errors.add_metric([code.name], snap["errors_by_code"].get(code.name, 0))
-    counter("lmkv_aborted_writes", "Reserved chunks freed without a commit (writer gave up or died)."
-            ).add_metric([], snap["aborted_writes"])
+    aborted = _counter("lmkv_aborted_writes", "Reserved chunks freed without a commit (writer gave up or died).")
+    aborted.add_metric([], snap["aborted_writes"])
+    return [leases, clients, errors, aborted]
 
-    if ns_labels is not None and ns_labels.limit:
-        ns_hits: Counter[str] = Counter()
-        ns_entries: Counter[str] = Counter()
-        ns_bytes: Counter[str] = Counter()
-        for ns in snap["namespaces"]:
-            label = ns_labels.label(ns)
-            ns_hits[label] += ns["hit_chunks"]
-            ns_entries[label] += ns["entries"]
-            ns_bytes[label] += ns["bytes"]
-        ns_hits.setdefault(NamespaceLabels.OTHER, 0)
-        # The label is "model", not "namespace": Kubernetes scrape configs put the pod's
-        # namespace in a "namespace" label, which would rename this one.
-        fams = (counter("lmkv_namespace_hit_chunks", "Chunk hits per cache namespace, labelled with its "
-                        "readable name model[dtype,tp shard]; see --metrics-namespaces.", ["model"]),
-                gauge("lmkv_namespace_entries", "Committed entries per cache namespace.", ["model"]),
-                gauge("lmkv_namespace_bytes", "Committed bytes per cache namespace.", ["model"]))
-        for label in ns_hits:
-            for fam, values in zip(fams, (ns_hits, ns_entries, ns_bytes)):
-                fam.add_metric([label], values.get(label, 0))
 
-    gauge("lmkv_boot_timestamp_seconds", "When this sidecar process started (Unix time); boot_id names it.",
-          ["boot_id"]).add_metric([snap["boot_id"]], snap["boot_time"])
-    gauge("lmkv_build_info", "lmkv_mp version of the sidecar.", ["version"]).add_metric([snap["version"]], 1)
-    gauge("lmkv_snapshot_age_seconds", "Age of the snapshot these series come from (above a few "
-          "seconds: the control loop is stuck).").add_metric([], age)
-    return out
+def _namespace_families(namespaces: list[dict[str, Any]], ns_labels: NamespaceLabels | None) -> list[Metric]:
+    """Hits, entries and bytes per namespace under bounded ``model`` labels (none when
+    ``ns_labels`` is None or allows none)."""
+    if ns_labels is None or not ns_labels.limit:
+        return []
+    ns_hits: Counter[str] = Counter()
+    ns_entries: Counter[str] = Counter()
+    ns_bytes: Counter[str] = Counter()
+    for ns in namespaces:
+        label = ns_labels.label(ns)
+        ns_hits[label] += ns["hit_chunks"]
+        ns_entries[label] += ns["entries"]
+        ns_bytes[label] += ns["bytes"]
+    ns_hits.setdefault(NamespaceLabels.OTHER, 0)
+    # The label is "model", not "namespace": Kubernetes scrape configs put the pod's
+    # namespace in a "namespace" label, which would rename this one.
+    fams = [_counter("lmkv_namespace_hit_chunks", "Chunk hits per cache namespace, labelled with its "
+                     "readable name model[dtype,tp shard]; see --metrics-namespaces.", ["model"]),
+            _gauge("lmkv_namespace_entries", "Committed entries per cache namespace.", ["model"]),
+            _gauge("lmkv_namespace_bytes", "Committed bytes per cache namespace.", ["model"])]
+    for label in ns_hits:
+        for fam, values in zip(fams, (ns_hits, ns_entries, ns_bytes)):
+            fam.add_metric([label], values.get(label, 0))
+    return fams
+
+
+def _process_families(snap: dict[str, Any], age: float) -> list[Metric]:
+    """Which sidecar process and version these series come from, and how fresh they are."""
+    boot = _gauge("lmkv_boot_timestamp_seconds", "When this sidecar process started (Unix time); boot_id names it.",
+                  ["boot_id"])
+    boot.add_metric([snap["boot_id"]], snap["boot_time"])
+    build = _gauge("lmkv_build_info", "lmkv_mp version of the sidecar.", ["version"])
+    build.add_metric([snap["version"]], 1)
+    fresh = _gauge("lmkv_snapshot_age_seconds", "Age of the snapshot these series come from (above a few "
+                   "seconds: the control loop is stuck).")
+    fresh.add_metric([], age)
+    return [boot, build, fresh]
 
 
 class SnapshotCollector:

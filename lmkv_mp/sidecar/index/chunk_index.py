@@ -61,6 +61,23 @@ class Reserved:
 
 
 @dataclass(slots=True)
+class _ReserveRun:
+    """What one RESERVE carries from chunk to chunk."""
+
+    owner: Owner
+    namespace: bytes
+    chunk_bytes: int
+    slot_bytes: int
+    held_bytes: int                  # slot bytes in the owner's write leases, this RESERVE's so far included
+    max_write_bytes: int | None
+    lease: Lease | None = None       # taken with the first slot
+    full: bool = False               # a chunk found no space: every later one that needs a slot gets NO_SPACE
+    over_quota: bool = False         # ... because of the owner's write quota
+    held: list[Entry] = field(default_factory=list)   # PRESENT entries, pinned until the RESERVE returns
+    victims: dict[int, list[Span]] = field(default_factory=dict)   # other classes' spans, ranked once
+
+
+@dataclass(slots=True)
 class IndexCounters:
     evictions: int = 0
     evicted_bytes: int = 0
@@ -168,16 +185,10 @@ class ChunkIndex:
         pinned already costs nothing more: a scheduler pins a shared prefix once per request."""
         cols = self._committed.leading(namespaces, hashes)
         hits = len(cols[0]) if cols else 0
-        mine, used = self.leases.pinned(owner)
-        if hits and max_pin_bytes is not None and used + hits * sum(c[0].slot_bytes for c in cols) > max_pin_bytes:
-            room = max_pin_bytes - used       # near the share: count what is new, hit by hit
-            for i in range(hits):
-                room -= sum(col[i].slot_bytes for col in cols if col[i] not in mine)
-                if room < 0:
-                    self.counters.quota_refused += hits - i
-                    hits = i
-                    cols = [col[:i] for col in cols]
-                    break
+        room = self.leases.pin_room(owner, cols, max_pin_bytes) if hits and max_pin_bytes is not None else hits
+        if room < hits:
+            self.counters.quota_refused += hits - room
+            hits, cols = room, [col[:room] for col in cols]
         if not hits:
             return Pinned(0, 0, [[] for _ in namespaces], [[] for _ in namespaces])
         lease = self.leases.new(owner, LeaseKind.READ)
@@ -202,60 +213,59 @@ class ChunkIndex:
         chunk_bytes = self._ns_bytes.get(namespace)
         if chunk_bytes is None:
             raise ValueError(f"namespace {namespace.hex()} was never declared")
-        slot_bytes = self.pool.slot_bytes_for(chunk_bytes)
-        held_bytes = self.leases.write_bytes(owner)
+        run = _ReserveRun(owner, namespace, chunk_bytes, self.pool.slot_bytes_for(chunk_bytes),
+                          self.leases.write_bytes(owner), max_write_bytes)
         statuses: list[SlotStatus] = []
         offsets: list[int] = []
         gpu_regions: list[int] = []
         gpu_offsets: list[int] = []
-        lease: Lease | None = None
-        full = over_quota = False
-        held: list[Entry] = []
-        victims: dict[int, list[Span]] = {}   # spans of other classes to evict, ranked once per RESERVE
         try:
-            for key in hashes.keys(namespace):
-                e = self._entries.get(key)
-                if e is not None:
-                    if e.state is EntryState.COMMITTED:
-                        # The writer's prompt uses this prefix: the allocations for the chunks
-                        # that follow must not evict it (PRESENT would then be a lie and the
-                        # chunks written after it unreachable), so hold it until we return.
-                        self._committed.touch(e)
-                        e.pins += 1
-                        held.append(e)
-                    statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
-                    offsets.append(0)
-                    continue
-                if not full and max_write_bytes is not None and held_bytes + slot_bytes > max_write_bytes:
-                    full = over_quota = True
-                slot = None if full else self._alloc(chunk_bytes, victims)
-                if slot is None:
-                    full = True
-                    self.counters.quota_refused += over_quota
-                    statuses.append(SlotStatus.NO_SPACE)
-                    offsets.append(0)
-                    continue
-                held_bytes += slot_bytes
-                if lease is None:
-                    lease = self.leases.new(owner, LeaseKind.WRITE)
-                e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
-                          self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
-                self.pool.write_record(slot, SlotState.WRITING, namespace, key[HASH_BYTES:], chunk_bytes)
-                self._entries[key] = e
-                self._by_slot[slot] = e
-                lease.entries.append(e)
-                self.leases.add_write(lease, e.slot_bytes)
-                statuses.append(SlotStatus.WRITE)
-                offsets.append(e.offset)
-                if gpu_region and self.gpu is not None and self.gpu.alloc(gpu_region, e):
+            for i, key in enumerate(hashes.keys(namespace)):
+                status, e = self._reserve_chunk(run, key)
+                statuses.append(status)
+                offsets.append(e.offset if e is not None else 0)
+                if e is not None and gpu_region and self.gpu is not None and self.gpu.alloc(gpu_region, e):
                     if not gpu_regions:
                         gpu_regions, gpu_offsets = [0] * len(hashes), [0] * len(hashes)
-                    gpu_regions[len(statuses) - 1] = e.gpu_region
-                    gpu_offsets[len(statuses) - 1] = e.gpu_offset
+                    gpu_regions[i] = e.gpu_region
+                    gpu_offsets[i] = e.gpu_offset
         finally:
-            for e in held:
+            for e in run.held:
                 e.pins -= 1
-        return Reserved(lease.id if lease else 0, statuses, offsets, gpu_regions, gpu_offsets)
+        return Reserved(run.lease.id if run.lease else 0, statuses, offsets, gpu_regions, gpu_offsets)
+
+    def _reserve_chunk(self, run: _ReserveRun, key: bytes) -> tuple[SlotStatus, Entry | None]:
+        """One chunk of a RESERVE: PRESENT or BUSY for a key the index holds, else a new
+        WRITING entry in a slot of its own (WRITE, with the entry) or NO_SPACE."""
+        e = self._entries.get(key)
+        if e is not None:
+            if e.state is not EntryState.COMMITTED:
+                return SlotStatus.BUSY, None
+            # The writer's prompt uses this prefix: the allocations for the chunks that
+            # follow must not evict it (PRESENT would then be a lie and the chunks written
+            # after it unreachable), so hold it until the RESERVE returns.
+            self._committed.touch(e)
+            e.pins += 1
+            run.held.append(e)
+            return SlotStatus.PRESENT, None
+        if not run.full and run.max_write_bytes is not None and run.held_bytes + run.slot_bytes > run.max_write_bytes:
+            run.full = run.over_quota = True
+        slot = None if run.full else self._alloc(run.chunk_bytes, run.victims)
+        if slot is None:
+            run.full = True
+            self.counters.quota_refused += run.over_quota
+            return SlotStatus.NO_SPACE, None
+        run.held_bytes += run.slot_bytes
+        if run.lease is None:
+            run.lease = self.leases.new(run.owner, LeaseKind.WRITE)
+        e = Entry(key, slot, self.pool.offset(slot), run.chunk_bytes,
+                  self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
+        self.pool.write_record(slot, SlotState.WRITING, run.namespace, key[HASH_BYTES:], run.chunk_bytes)
+        self._entries[key] = e
+        self._by_slot[slot] = e
+        run.lease.entries.append(e)
+        self.leases.add_write(run.lease, e.slot_bytes)
+        return SlotStatus.WRITE, e
 
     def commit(self, owner: Owner, lease_id: int, hashes: HashList = HashList(),
                checksums: Sequence[int] | None = None) -> int:
