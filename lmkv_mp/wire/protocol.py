@@ -35,8 +35,8 @@ MAX_CHUNKS_PER_REQUEST = 65536
 MAX_NAMESPACES_PER_REQUEST = 256
 MAX_LEASES_PER_PING = 256
 MAX_KEYS_PER_LOOKUP = 1 << 18
-"""Namespaces × chunks one LOOKUP may ask about: the index walk is ~1 µs per key on the
-loop, so this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
+"""Namespaces × chunks one LOOKUP may ask about: the loop walks the index key by key, so
+this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
 DEVICE_UUID_BYTES = 16
 
 
