@@ -10,7 +10,6 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from lmkv_mp.config.common import (
     DEFAULT_CHUNK_TOKENS,
@@ -61,8 +60,6 @@ from lmkv_mp.config.units import (
     parse_duration,
     parse_size,
 )
-
-_T = TypeVar("_T")
 
 HOST_POOL_DIVISOR = 5  # 20% of MemAvailable
 HOST_POOL_CAP = 8 * GiB
@@ -215,108 +212,47 @@ def load_sidecar_config(
 
     Each setting comes from its flag, else its ``LMKV_*`` twin (``--host-pool-size`` ->
     ``LMKV_HOST_POOL_SIZE``), else its default; with no flags and no env everything has a
-    working default. Raises ConfigError (one line) on the first bad value, checked in field
-    order; unknown flags exit through argparse (SystemExit(2)). ``meminfo_path`` is read
-    only when no host pool size is given.
+    working default. Raises ConfigError (one line) on the first bad value: each setting is
+    parsed and checked on its own in field order, then the settings are checked against
+    each other. Unknown flags exit through argparse (SystemExit(2)). ``meminfo_path`` is
+    read only when no host pool size is given.
     """
     src = Sources(build_arg_parser().parse_args(list(argv)), env)
+    cfg = _parse_settings(src, env, meminfo_path)
+    _check_endpoints(cfg)
+    _check_sizes(src, cfg)
+    _check_gpu_tier(cfg)
+    _check_remote_clients(cfg)
+    return cfg
 
+
+def _parse_settings(src: Sources, env: Mapping[str, str], meminfo_path: str) -> SidecarConfig:
+    """Every setting from its flag, env twin or default, each checked on its own."""
     run_dir = src.parse("--run-dir", parse_path, default_run_dir(env))
     endpoint = _endpoint_setting(src, "--endpoint", default_endpoint(run_dir))
     stats_endpoint = _endpoint_setting(src, "--stats-endpoint", default_stats_endpoint(run_dir))
-    if stats_endpoint == endpoint:
-        raise flag_error("--stats-endpoint", f"{_show(stats_endpoint)} is also the --endpoint; use another")
     stats_publish_endpoint = _endpoint_setting(src, "--stats-publish-endpoint", default_stats_publish_endpoint(run_dir))
-    if stats_publish_endpoint in (endpoint, stats_endpoint):
-        raise flag_error("--stats-publish-endpoint", f"{_show(stats_publish_endpoint)} is also the "
-                     f"{'--endpoint' if stats_publish_endpoint == endpoint else '--stats-endpoint'}; use another")
     stats_interval = src.parse("--stats-interval", lambda t: parse_duration(t, allow_zero=True),
                                DEFAULT_STATS_INTERVAL)
-
-    if src.raw("--host-pool-size") is None:
-        host_pool_size = default_host_pool_size(meminfo_path)
-    else:
-        host_pool_size = src.parse("--host-pool-size", parse_size, 0)
+    host_pool_size = (default_host_pool_size(meminfo_path) if src.raw("--host-pool-size") is None
+                      else src.parse("--host-pool-size", parse_size, 0))
     host_pool_path = src.optional("--host-pool-path", parse_path)
-
     slab_size = src.parse("--slab-size", parse_size, DEFAULT_SLAB_SIZE)
     if slab_size % 4096 or slab_size < MiB:
         raise flag_error("--slab-size", f"{src.shown('--slab-size', format_size(slab_size))} must be a "
-                     "multiple of 4KiB and at least 1MiB; use e.g. 64MiB")
-    if host_pool_size < slab_size + POOL_TABLES_ALLOWANCE:
-        raise flag_error("--host-pool-size", f"{src.shown('--host-pool-size', format_size(host_pool_size))}"
-                     f" cannot hold one slab ({format_size(slab_size)}, --slab-size) and its tables "
-                     f"({format_size(POOL_TABLES_ALLOWANCE)}); use a larger size or a smaller --slab-size")
-
+                         "multiple of 4KiB and at least 1MiB; use e.g. 64MiB")
     chunk_tokens = src.parse("--chunk-tokens", lambda t: parse_int(t, 1), DEFAULT_CHUNK_TOKENS)
-
     gpu_pool_size = src.parse("--gpu-pool-size", parse_size, 0)
-    if 0 < gpu_pool_size < slab_size:
-        raise flag_error("--gpu-pool-size", f"{_show(src.raw('--gpu-pool-size'))} is smaller than one slab "
-                     f"({format_size(slab_size)}, --slab-size); use 0 (no GPU tier) or a larger size")
     gpu_devices = src.parse("--gpu-devices", _parse_devices, ())
-
+    if len(gpu_devices) > MAX_GPU_DEVICES:
+        raise flag_error("--gpu-devices", f"names {len(gpu_devices)} devices; at most {MAX_GPU_DEVICES}")
     disk_dir = src.optional("--disk-dir", parse_path)
-    if disk_dir is None:
-        if src.raw("--disk-size") is not None:
-            raise flag_error("--disk-size", f"{_show(src.raw('--disk-size'))} is set but --disk-dir "
-                         "(LMKV_DISK_DIR) is not; set both or neither")
-        disk_size = 0
-    else:
-        disk_size = src.parse("--disk-size", parse_size, DEFAULT_DISK_SIZE)
-        if disk_size == 0:
-            raise flag_error("--disk-size", f"{_show(src.raw('--disk-size'))} must be above 0 when "
-                         "--disk-dir is set; use e.g. 64GiB")
-
+    # Without a disk dir the size is not parsed: _check_sizes refuses one that is set.
+    disk_size = src.parse("--disk-size", parse_size, DEFAULT_DISK_SIZE) if disk_dir is not None else 0
     remote_url = src.optional("--remote-url", _remote_url)
     remote_timeout = src.parse("--remote-timeout", parse_duration, DEFAULT_REMOTE_TIMEOUT)
     if remote_timeout <= 0:
         raise flag_error("--remote-timeout", f"{_fmt_seconds(remote_timeout)} must be above 0, e.g. 500ms")
-    write_policy = src.parse("--write-policy", _choice(WRITE_POLICIES), DEFAULT_WRITE_POLICY)
-
-    lease_timeout = src.parse("--lease-timeout", parse_duration, DEFAULT_LEASE_TIMEOUT)
-    heartbeat_interval = src.parse("--heartbeat-interval", parse_duration, DEFAULT_HEARTBEAT_INTERVAL)
-    if heartbeat_interval >= lease_timeout:
-        raise flag_error("--heartbeat-interval", f"{_fmt_seconds(heartbeat_interval)} is not below "
-                     f"--lease-timeout (LMKV_LEASE_TIMEOUT) {_fmt_seconds(lease_timeout)}; "
-                     "clients would lose their leases between heartbeats")
-
-    verify = src.parse("--verify", parse_bool, False)
-    if gpu_devices and not gpu_pool_size:
-        raise flag_error("--gpu-pool-size", f"is 0 but --gpu-devices names {len(gpu_devices)} device(s); "
-                         "give the GPU tier's size per device, e.g. 8GiB")
-    if gpu_pool_size and verify:
-        raise flag_error("--gpu-pool-size", "cannot be used with --verify on: a load is checked by hashing the "
-                         "host slot it read, and GPU tier copies are read on the device; choose one")
-    if len(gpu_devices) > MAX_GPU_DEVICES:
-        raise flag_error("--gpu-devices", f"names {len(gpu_devices)} devices; at most {MAX_GPU_DEVICES}")
-    handles = run_dir / GPU_HANDLES_SOCKET
-    if gpu_pool_size and len(str(handles).encode()) > IPC_PATH_MAX:
-        raise flag_error("--run-dir", f"leaves the GPU tier's handle socket {handles} {len(str(handles).encode())} "
-                         f"bytes; Unix sockets allow {IPC_PATH_MAX}: use a shorter run dir")
-    hash_key = src.optional("--hash-key-file", _hash_key) or DEFAULT_HASH_KEY
-    admin_token = src.optional("--admin-token-file", read_token)
-    metrics_host = src.parse("--metrics-host", _host, DEFAULT_METRICS_HOST)
-    metrics_port = src.parse("--metrics-port", lambda t: parse_int(t, 0, 65535), DEFAULT_METRICS_PORT)
-    metrics_namespaces = src.parse("--metrics-namespaces", lambda t: parse_int(t, 0, 1000),
-                                   DEFAULT_METRICS_NAMESPACES)
-    log_level = src.parse("--log-level", _choice(LOG_LEVELS), "info")
-    unlink_on_exit = src.switch("--unlink-on-exit", False)
-    allow_group = src.optional("--allow-group", str.strip) or None
-    client_token = src.optional("--client-token-file", read_token)
-    allow_remote_clients = src.switch("--allow-remote-clients", False)
-    for flag, ep in (("--endpoint", endpoint), ("--stats-endpoint", stats_endpoint),
-                     ("--stats-publish-endpoint", stats_publish_endpoint)):
-        if not allow_remote_clients and not is_loopback_endpoint(ep):
-            raise flag_error(flag, f"{_show(ep)} binds an address other hosts can reach; bind 127.0.0.1 or ipc://, "
-                         "or mean it: --allow-remote-clients (LMKV_ALLOW_REMOTE_CLIENTS) with --client-token-file")
-    if allow_remote_clients and client_token is None and not is_loopback_endpoint(endpoint):
-        raise flag_error("--client-token-file", f"is required: --endpoint {_show(endpoint)} accepts other hosts "
-                     "(--allow-remote-clients), so every HELLO must present a token")
-    client_pool_share = src.parse("--client-pool-share", _fraction, DEFAULT_CLIENT_POOL_SHARE)
-    client_max_inflight = src.parse("--client-max-inflight", lambda t: parse_int(t, 1, 1_000_000),
-                                    DEFAULT_CLIENT_MAX_INFLIGHT)
-
     return SidecarConfig(
         run_dir=run_dir,
         endpoint=endpoint,
@@ -333,23 +269,84 @@ def load_sidecar_config(
         disk_size=disk_size,
         remote_url=remote_url,
         remote_timeout=remote_timeout,
-        write_policy=write_policy,
-        lease_timeout=lease_timeout,
-        heartbeat_interval=heartbeat_interval,
-        verify=verify,
-        hash_key=hash_key,
-        admin_token=admin_token,
-        metrics_host=metrics_host,
-        metrics_port=metrics_port,
-        metrics_namespaces=metrics_namespaces,
-        log_level=log_level,
-        unlink_on_exit=unlink_on_exit,
-        allow_group=allow_group,
-        allow_remote_clients=allow_remote_clients,
-        client_token=client_token,
-        client_pool_share=client_pool_share,
-        client_max_inflight=client_max_inflight,
+        write_policy=src.parse("--write-policy", _choice(WRITE_POLICIES), DEFAULT_WRITE_POLICY),
+        lease_timeout=src.parse("--lease-timeout", parse_duration, DEFAULT_LEASE_TIMEOUT),
+        heartbeat_interval=src.parse("--heartbeat-interval", parse_duration, DEFAULT_HEARTBEAT_INTERVAL),
+        verify=src.parse("--verify", parse_bool, False),
+        hash_key=src.optional("--hash-key-file", _hash_key) or DEFAULT_HASH_KEY,
+        admin_token=src.optional("--admin-token-file", read_token),
+        metrics_host=src.parse("--metrics-host", _host, DEFAULT_METRICS_HOST),
+        metrics_port=src.parse("--metrics-port", lambda t: parse_int(t, 0, 65535), DEFAULT_METRICS_PORT),
+        metrics_namespaces=src.parse("--metrics-namespaces", lambda t: parse_int(t, 0, 1000),
+                                     DEFAULT_METRICS_NAMESPACES),
+        log_level=src.parse("--log-level", _choice(LOG_LEVELS), "info"),
+        unlink_on_exit=src.switch("--unlink-on-exit", False),
+        allow_group=src.optional("--allow-group", str.strip) or None,
+        client_token=src.optional("--client-token-file", read_token),
+        allow_remote_clients=src.switch("--allow-remote-clients", False),
+        client_pool_share=src.parse("--client-pool-share", _fraction, DEFAULT_CLIENT_POOL_SHARE),
+        client_max_inflight=src.parse("--client-max-inflight", lambda t: parse_int(t, 1, 1_000_000),
+                                      DEFAULT_CLIENT_MAX_INFLIGHT),
     )
+
+
+def _check_endpoints(cfg: SidecarConfig) -> None:
+    """The three endpoints are distinct."""
+    if cfg.stats_endpoint == cfg.endpoint:
+        raise flag_error("--stats-endpoint", f"{_show(cfg.stats_endpoint)} is also the --endpoint; use another")
+    if cfg.stats_publish_endpoint in (cfg.endpoint, cfg.stats_endpoint):
+        other = "--endpoint" if cfg.stats_publish_endpoint == cfg.endpoint else "--stats-endpoint"
+        raise flag_error("--stats-publish-endpoint", f"{_show(cfg.stats_publish_endpoint)} is also the "
+                         f"{other}; use another")
+
+
+def _check_sizes(src: Sources, cfg: SidecarConfig) -> None:
+    """The pools hold a slab each, a disk size goes with a disk dir, heartbeats come more
+    often than the lease timeout."""
+    if cfg.host_pool_size < cfg.slab_size + POOL_TABLES_ALLOWANCE:
+        raise flag_error("--host-pool-size", f"{src.shown('--host-pool-size', format_size(cfg.host_pool_size))}"
+                         f" cannot hold one slab ({format_size(cfg.slab_size)}, --slab-size) and its tables "
+                         f"({format_size(POOL_TABLES_ALLOWANCE)}); use a larger size or a smaller --slab-size")
+    if 0 < cfg.gpu_pool_size < cfg.slab_size:
+        raise flag_error("--gpu-pool-size", f"{_show(src.raw('--gpu-pool-size'))} is smaller than one slab "
+                         f"({format_size(cfg.slab_size)}, --slab-size); use 0 (no GPU tier) or a larger size")
+    if cfg.disk_dir is None and src.raw("--disk-size") is not None:
+        raise flag_error("--disk-size", f"{_show(src.raw('--disk-size'))} is set but --disk-dir "
+                         "(LMKV_DISK_DIR) is not; set both or neither")
+    if cfg.disk_dir is not None and cfg.disk_size == 0:
+        raise flag_error("--disk-size", f"{_show(src.raw('--disk-size'))} must be above 0 when "
+                         "--disk-dir is set; use e.g. 64GiB")
+    if cfg.heartbeat_interval >= cfg.lease_timeout:
+        raise flag_error("--heartbeat-interval", f"{_fmt_seconds(cfg.heartbeat_interval)} is not below "
+                         f"--lease-timeout (LMKV_LEASE_TIMEOUT) {_fmt_seconds(cfg.lease_timeout)}; "
+                         "clients would lose their leases between heartbeats")
+
+
+def _check_gpu_tier(cfg: SidecarConfig) -> None:
+    """A GPU tier has a size, no --verify, and a run dir short enough for its handle socket."""
+    if cfg.gpu_devices and not cfg.gpu_pool_size:
+        raise flag_error("--gpu-pool-size", f"is 0 but --gpu-devices names {len(cfg.gpu_devices)} device(s); "
+                         "give the GPU tier's size per device, e.g. 8GiB")
+    if cfg.gpu_pool_size and cfg.verify:
+        raise flag_error("--gpu-pool-size", "cannot be used with --verify on: a load is checked by hashing the "
+                         "host slot it read, and GPU tier copies are read on the device; choose one")
+    handles = cfg.run_dir / GPU_HANDLES_SOCKET
+    if cfg.gpu_pool_size and len(str(handles).encode()) > IPC_PATH_MAX:
+        raise flag_error("--run-dir", f"leaves the GPU tier's handle socket {handles} {len(str(handles).encode())} "
+                         f"bytes; Unix sockets allow {IPC_PATH_MAX}: use a shorter run dir")
+
+
+def _check_remote_clients(cfg: SidecarConfig) -> None:
+    """Endpoints other hosts can reach only with --allow-remote-clients, and then with a
+    client token."""
+    for flag, ep in (("--endpoint", cfg.endpoint), ("--stats-endpoint", cfg.stats_endpoint),
+                     ("--stats-publish-endpoint", cfg.stats_publish_endpoint)):
+        if not cfg.allow_remote_clients and not is_loopback_endpoint(ep):
+            raise flag_error(flag, f"{_show(ep)} binds an address other hosts can reach; bind 127.0.0.1 or ipc://, "
+                             "or mean it: --allow-remote-clients (LMKV_ALLOW_REMOTE_CLIENTS) with --client-token-file")
+    if cfg.allow_remote_clients and cfg.client_token is None and not is_loopback_endpoint(cfg.endpoint):
+        raise flag_error("--client-token-file", f"is required: --endpoint {_show(cfg.endpoint)} accepts other hosts "
+                         "(--allow-remote-clients), so every HELLO must present a token")
 
 
 def sidecar_main_config(

@@ -192,12 +192,12 @@ class SidecarClient:
             return MISS
         assert isinstance(r, P.LookupReply)
         gpu_regions = tuple(np.frombuffer(g, dtype=np.uint8) for g in r.gpu_regions)
-        gpu_offsets = tuple(P.unpack_u64(o) for o in r.gpu_offsets)
+        gpu_offsets = tuple(np.frombuffer(o, dtype=np.uint64) for o in r.gpu_offsets)
         if len(gpu_regions) != len(gpu_offsets) or any(len(g) != len(o) for g, o in zip(gpu_regions, gpu_offsets)):
             gpu_regions = gpu_offsets = ()  # malformed: the host copies serve
-        return LookupResult(r.hits, r.lease_id, tuple(P.unpack_u64(o) for o in r.offsets),
-                            tuple(P.unpack_u64(c) for c in r.checksums), r.boot_id, r.pending, gpu_regions,
-                            gpu_offsets)
+        return LookupResult(r.hits, r.lease_id, tuple(np.frombuffer(o, dtype=np.uint64) for o in r.offsets),
+                            tuple(np.frombuffer(c, dtype=np.uint64) for c in r.checksums), r.boot_id, r.pending,
+                            gpu_regions, gpu_offsets)
 
     def reserve(self, namespace: bytes, hashes: bytes) -> Reservation | None:
         """Write slots for chunks not yet stored, or None (not stored) on any failure."""
@@ -208,9 +208,9 @@ class SidecarClient:
             return None
         assert isinstance(r, P.ReserveReply)
         status = np.frombuffer(r.status, dtype=np.uint8)
-        offsets = P.unpack_u64(r.offsets)
+        offsets = np.frombuffer(r.offsets, dtype=np.uint64)
         gpu_regions = np.frombuffer(r.gpu_regions, dtype=np.uint8)
-        gpu_offsets = P.unpack_u64(r.gpu_offsets)
+        gpu_offsets = np.frombuffer(r.gpu_offsets, dtype=np.uint64)
         if (len(status) * 16 != len(hashes) or len(offsets) != len(status)
                 or len(gpu_regions) not in (0, len(status)) or len(gpu_offsets) != len(gpu_regions)):
             log.warning("reserve: malformed reply ignored")

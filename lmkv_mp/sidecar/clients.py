@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
+from lmkv_mp.wire.protocol import Role
 
 # How long the write slots of a reaped client whose process lives stay parked.
 PARK_MAX_SECONDS = 600.0
@@ -22,7 +23,7 @@ PARK_MAX_SECONDS = 600.0
 @dataclass(slots=True)
 class ClientState:
     client_id: int
-    role: str
+    role: Role
     pid: int
     name: str
     last_seen: float

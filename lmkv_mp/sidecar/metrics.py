@@ -20,7 +20,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -29,13 +29,18 @@ from prometheus_client.utils import floatToGoString
 
 from lmkv_mp import __version__
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
-from lmkv_mp.wire.protocol import ErrorCode, Op
+from lmkv_mp.wire.protocol import ErrorCode, Op, Role
+
+if TYPE_CHECKING:
+    from lmkv_mp.sidecar.clients import ClientState
+    from lmkv_mp.sidecar.gpu_tier import GpuTier
+    from lmkv_mp.sidecar.tiers.hierarchy import TierHierarchy
 
 LATENCY_BUCKETS: tuple[float, ...] = (
     10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-"""Upper bounds (seconds) of the request latency buckets: tens of µs (a LOOKUP takes ~60 µs
-of loop time here) to seconds (a stalled loop)."""
+"""Upper bounds (seconds) of the request latency buckets: tens of µs (a short LOOKUP) to
+seconds (a stalled loop)."""
 
 TIER_KEYS = ("used_bytes", "capacity_bytes", "entries", "entries_by_state", "hit_chunks", "stored_chunks",
              "stored_bytes", "loaded_chunks", "loaded_bytes", "evictions", "evicted_bytes", "prefetches", "errors",
@@ -43,9 +48,10 @@ TIER_KEYS = ("used_bytes", "capacity_bytes", "entries", "entries_by_state", "hit
 """Per-tier snapshot keys the Prometheus view reads (``entries_by_state`` maps a state to a
 count; where it is absent, all ``entries`` count as committed)."""
 
-CLIENT_ROLES = ("scheduler", "worker", "admin", "client")
-"""Roles reported as themselves; any other role a client names is counted as ``other``
-(the role is client-supplied text: it must not mint label values)."""
+CLIENT_ROLES = tuple(role.value for role in Role)
+"""Roles reported as themselves (every :class:`~lmkv_mp.wire.protocol.Role`); any other
+role a snapshot names (one from another version) is counted as ``other``: it must not mint
+label values."""
 
 OP_NAMES = tuple(op.name for op in Op) + ("INVALID",)
 """``op`` label values: every op, and INVALID for a request whose op byte names none."""
@@ -65,8 +71,8 @@ def op_label(frames: list[bytes]) -> str:
 class LatencyHistogram:
     """Seconds one op's requests took, in :data:`LATENCY_BUCKETS`: ``counts[i]`` counts
     times in ``(LATENCY_BUCKETS[i-1], LATENCY_BUCKETS[i]]``, the last count those above the
-    last bound. A bisect and an add per request: ~0.4 µs, against ~2 µs for a
-    prometheus_client Histogram (a lock and a Python loop over the buckets)."""
+    last bound. A bisect and an add per request, on the loop without a lock (a
+    prometheus_client Histogram takes a lock and loops over its buckets in Python)."""
 
     __slots__ = ("counts", "total")
 
@@ -126,34 +132,28 @@ def host_tier(counters: SidecarCounters, index: ChunkIndex) -> dict[str, Any]:
     }
 
 
-def snapshot(boot_id: bytes, counters: SidecarCounters, index: ChunkIndex, clients: dict[str, int],
-             ns_names: dict[bytes, str], *, info: dict[str, Any] | None = None) -> dict[str, Any]:
+def snapshot(boot_id: bytes, counters: SidecarCounters, index: ChunkIndex, clients: Iterable[ClientState],
+             ns_names: dict[bytes, str], *, info: dict[str, Any] | None = None, host_pool_linked: bool = True,
+             lower: TierHierarchy | None = None, gpu: GpuTier | None = None) -> dict[str, Any]:
     """The stats map (msgpack- and JSON-able; a new object each call). ``snapshot["tiers"]``
-    holds ``host``; the server adds lower tiers beside it, with the keys of
-    :data:`TIER_KEYS`. ``info``: extra top-level keys (endpoints).
-    Namespaces are listed in the order the sidecar learned their names (HELLO order), then
-    unnamed ones (restored from a warm restart) by id. Costs one pass over the index.
+    holds ``host``, then the ``lower`` tiers' and the ``gpu`` tier's regions, each with the
+    keys of :data:`TIER_KEYS`; ``clients`` are counted by role. ``info``: extra top-level
+    keys (endpoints). Namespaces are listed in the order the sidecar learned their names
+    (HELLO order), then unnamed ones (restored from a warm restart) by id. Costs one pass
+    over the index.
     """
     now = time.time()
-    by_ns = index.bytes_by_namespace()
-    order = list(ns_names) + sorted((set(by_ns) | set(counters.ns_hits)) - set(ns_names))
-    namespaces = []
-    for ns in order:
-        entries, nbytes = by_ns.get(ns, (0, 0))
-        hits = counters.ns_hits.get(ns, 0)
-        if entries or hits or ns in ns_names:
-            namespaces.append({"id": ns.hex(), "name": ns_names.get(ns, ns.hex()[:12]),
-                               "entries": entries, "bytes": nbytes, "hit_chunks": hits})
     ic = index.counters
-    return {
+    snap = {
         "version": __version__,
         "boot_id": boot_id.hex(),
         "boot_time": counters.started_at,
         "time": now,
         "uptime_s": round(now - counters.started_at, 3),
         **(info or {}),
-        "clients": dict(clients),
-        "tiers": {"host": host_tier(counters, index)},
+        "clients": dict(Counter(c.role.value for c in clients)),
+        "tiers": {"host": host_tier(counters, index), **(lower.stats() if lower is not None else {}),
+                  **(gpu.stats() if gpu is not None else {})},
         "leases": index.leases_by_kind(),
         "lookups": counters.lookups,
         "lookup_chunks": counters.lookup_chunks,
@@ -172,8 +172,30 @@ def snapshot(boot_id: bytes, counters: SidecarCounters, index: ChunkIndex, clien
             "buckets": list(LATENCY_BUCKETS),
             "ops": {op: {"counts": list(h.counts), "sum": h.total} for op, h in counters.latency.items()},
         },
-        "namespaces": namespaces,
+        "namespaces": _namespaces(counters, index, ns_names),
+        "evicted_dirty": ic.evicted_dirty,
+        "corrupt_chunks": ic.corrupt,
+        "quota_refused_chunks": ic.quota_refused,
+        "host_pool_linked": host_pool_linked,
+        "parked_slots": index.parked_slots(),
     }
+    if lower is not None:
+        snap["tier_movers"] = lower.activity()
+    return snap
+
+
+def _namespaces(counters: SidecarCounters, index: ChunkIndex, ns_names: dict[bytes, str]) -> list[dict[str, Any]]:
+    """``snapshot["namespaces"]``: every namespace named, holding entries or hit."""
+    by_ns = index.bytes_by_namespace()
+    order = list(ns_names) + sorted((set(by_ns) | set(counters.ns_hits)) - set(ns_names))
+    out = []
+    for ns in order:
+        entries, nbytes = by_ns.get(ns, (0, 0))
+        hits = counters.ns_hits.get(ns, 0)
+        if entries or hits or ns in ns_names:
+            out.append({"id": ns.hex(), "name": ns_names.get(ns, ns.hex()[:12]),
+                        "entries": entries, "bytes": nbytes, "hit_chunks": hits})
+    return out
 
 
 def quantile(hist: dict[str, Any], buckets: list[float], q: float) -> float | None:
@@ -255,104 +277,130 @@ class NamespaceLabels:
             return got
 
 
-def _tier(t: dict[str, Any], key: str) -> float:
-    return t.get(key) or 0
-
-
 def prometheus_families(snap: dict[str, Any], ns_labels: NamespaceLabels | None = None,
                         age: float = 0.0) -> list[Metric]:
     """The Prometheus metric families of one snapshot (ARCHITECTURE §9, README table)."""
-    out: list[Metric] = []
+    return [*_request_families(snap), *_tier_families(snap["tiers"]), *_client_families(snap),
+            *_namespace_families(snap["namespaces"], ns_labels), *_process_families(snap, age)]
 
-    def counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
-        out.append(CounterMetricFamily(name, doc, labels=list(labels)))
-        return out[-1]  # type: ignore[return-value]
 
-    def gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
-        out.append(GaugeMetricFamily(name, doc, labels=list(labels)))
-        return out[-1]  # type: ignore[return-value]
+def _counter(name: str, doc: str, labels: Iterable[str] = ()) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=list(labels))
 
-    requests = counter("lmkv_requests", "Requests served, by op and outcome (ok or error reply).", ["op", "status"])
+
+def _gauge(name: str, doc: str, labels: Iterable[str] = ()) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _request_families(snap: dict[str, Any]) -> list[Metric]:
+    """Requests by op and outcome, the loop's time per op, chunks asked for."""
+    requests = _counter("lmkv_requests", "Requests served, by op and outcome (ok or error reply).", ["op", "status"])
     for op in OP_NAMES:
         for status in ("ok", "error"):
             requests.add_metric([op, status], snap["requests"].get(f"{op}:{status}", 0))
-
     rs = snap["request_seconds"]
     bounds = [floatToGoString(b) for b in rs["buckets"]] + ["+Inf"]
     hist = HistogramMetricFamily("lmkv_request_seconds", "Time the sidecar's loop spent serving a request "
                                  "(decode to encoded reply), by op.", labels=["op"])
-    out.append(hist)
     for op in OP_NAMES:
         h = rs["ops"].get(op) or {"counts": [0] * len(bounds), "sum": 0.0}
         hist.add_metric([op], list(zip(bounds, itertools.accumulate(h["counts"]))), h["sum"])
+    lookup_chunks = _counter("lmkv_lookup_chunks", "Chunks asked for by LOOKUP requests.")
+    lookup_chunks.add_metric([], snap["lookup_chunks"])
+    return [requests, hist, lookup_chunks]
 
-    counter("lmkv_lookup_chunks", "Chunks asked for by LOOKUP requests.").add_metric([], snap["lookup_chunks"])
-    tiers: dict[str, dict[str, Any]] = snap["tiers"]
-    per_tier = (
-        (counter, "lmkv_hit_chunks", "Chunks LOOKUP found (leading hits), by the tier that held them.", "hit_chunks"),
-        (counter, "lmkv_stored_chunks", "Chunks written into a tier.", "stored_chunks"),
-        (counter, "lmkv_stored_bytes", "Bytes written into a tier.", "stored_bytes"),
-        (counter, "lmkv_loaded_chunks", "Chunks handed to readers (pinned LOOKUP) from a tier.", "loaded_chunks"),
-        (counter, "lmkv_loaded_bytes", "Bytes handed to readers (pinned LOOKUP) from a tier.", "loaded_bytes"),
-        (counter, "lmkv_evictions", "Entries evicted from a tier to make room.", "evictions"),
-        (counter, "lmkv_evicted_bytes", "Bytes evicted from a tier.", "evicted_bytes"),
-        (counter, "lmkv_prefetches", "Chunks prefetched into a tier from a lower one.", "prefetches"),
-        (counter, "lmkv_tier_errors", "Failed operations of a tier (I/O, remote store); each is a miss.", "errors"),
-        (counter, "lmkv_tier_corrupt", "Records a tier returned that failed verification (dropped, a miss).",
-         "corrupt"),
-        (gauge, "lmkv_tier_used_bytes", "Bytes of a tier in use.", "used_bytes"),
-        (gauge, "lmkv_tier_capacity_bytes", "Bytes a tier can hold.", "capacity_bytes"),
-    )
-    for make, name, doc, key in per_tier:
+
+_PER_TIER = (
+    (_counter, "lmkv_hit_chunks", "Chunks LOOKUP found (leading hits), by the tier that held them.", "hit_chunks"),
+    (_counter, "lmkv_stored_chunks", "Chunks written into a tier.", "stored_chunks"),
+    (_counter, "lmkv_stored_bytes", "Bytes written into a tier.", "stored_bytes"),
+    (_counter, "lmkv_loaded_chunks", "Chunks handed to readers (pinned LOOKUP) from a tier.", "loaded_chunks"),
+    (_counter, "lmkv_loaded_bytes", "Bytes handed to readers (pinned LOOKUP) from a tier.", "loaded_bytes"),
+    (_counter, "lmkv_evictions", "Entries evicted from a tier to make room.", "evictions"),
+    (_counter, "lmkv_evicted_bytes", "Bytes evicted from a tier.", "evicted_bytes"),
+    (_counter, "lmkv_prefetches", "Chunks prefetched into a tier from a lower one.", "prefetches"),
+    (_counter, "lmkv_tier_errors", "Failed operations of a tier (I/O, remote store); each is a miss.", "errors"),
+    (_counter, "lmkv_tier_corrupt", "Records a tier returned that failed verification (dropped, a miss).",
+     "corrupt"),
+    (_gauge, "lmkv_tier_used_bytes", "Bytes of a tier in use.", "used_bytes"),
+    (_gauge, "lmkv_tier_capacity_bytes", "Bytes a tier can hold.", "capacity_bytes"),
+)
+"""The ``tier``-labelled families: (kind, name, help, the TIER_KEYS key they read)."""
+
+
+def _tier_families(tiers: dict[str, dict[str, Any]]) -> list[Metric]:
+    """One series per tier of every :data:`_PER_TIER` family, and entries by tier and state."""
+    out: list[Metric] = []
+    for make, name, doc, key in _PER_TIER:
         fam = make(name, doc, ["tier"])
         for tier, t in tiers.items():
-            fam.add_metric([tier], _tier(t, key))
-    entries = gauge("lmkv_entries", "Entries in a tier, by state.", ["tier", "state"])
+            fam.add_metric([tier], t.get(key) or 0)
+        out.append(fam)
+    entries = _gauge("lmkv_entries", "Entries in a tier, by state.", ["tier", "state"])
     for tier, t in tiers.items():
-        for state, n in (t.get("entries_by_state") or {"committed": _tier(t, "entries")}).items():
+        for state, n in (t.get("entries_by_state") or {"committed": t.get("entries") or 0}).items():
             entries.add_metric([tier, state], n)
+    out.append(entries)
+    return out
 
-    leases = gauge("lmkv_leases", "Leases held by clients, by kind.", ["kind"])
+
+def _client_families(snap: dict[str, Any]) -> list[Metric]:
+    """What clients hold and get: leases by kind, clients by role, errors by code, writes
+    aborted."""
+    leases = _gauge("lmkv_leases", "Leases held by clients, by kind.", ["kind"])
     for kind, n in snap["leases"].items():
         leases.add_metric([kind], n)
-    clients = gauge("lmkv_clients", "Registered clients, by role.", ["role"])
+    clients = _gauge("lmkv_clients", "Registered clients, by role.", ["role"])
     roles = Counter({r: 0 for r in (*CLIENT_ROLES, "other")})
     for role, n in snap["clients"].items():
         roles[role if role in CLIENT_ROLES else "other"] += n
     for role, n in roles.items():
         clients.add_metric([role], n)
-    errors = counter("lmkv_errors", "Error replies, by error code.", ["code"])
+    errors = _counter("lmkv_errors", "Error replies, by error code.", ["code"])
     for code in ErrorCode:
         errors.add_metric([code.name], snap["errors_by_code"].get(code.name, 0))
-    counter("lmkv_aborted_writes", "Reserved chunks freed without a commit (writer gave up or died)."
-            ).add_metric([], snap["aborted_writes"])
+    aborted = _counter("lmkv_aborted_writes", "Reserved chunks freed without a commit (writer gave up or died).")
+    aborted.add_metric([], snap["aborted_writes"])
+    return [leases, clients, errors, aborted]
 
-    if ns_labels is not None and ns_labels.limit:
-        ns_hits: Counter[str] = Counter()
-        ns_entries: Counter[str] = Counter()
-        ns_bytes: Counter[str] = Counter()
-        for ns in snap["namespaces"]:
-            label = ns_labels.label(ns)
-            ns_hits[label] += ns["hit_chunks"]
-            ns_entries[label] += ns["entries"]
-            ns_bytes[label] += ns["bytes"]
-        ns_hits.setdefault(NamespaceLabels.OTHER, 0)
-        # The label is "model", not "namespace": Kubernetes scrape configs put the pod's
-        # namespace in a "namespace" label, which would rename this one.
-        fams = (counter("lmkv_namespace_hit_chunks", "Chunk hits per cache namespace, labelled with its "
-                        "readable name model[dtype,tp shard]; see --metrics-namespaces.", ["model"]),
-                gauge("lmkv_namespace_entries", "Committed entries per cache namespace.", ["model"]),
-                gauge("lmkv_namespace_bytes", "Committed bytes per cache namespace.", ["model"]))
-        for label in ns_hits:
-            for fam, values in zip(fams, (ns_hits, ns_entries, ns_bytes)):
-                fam.add_metric([label], values.get(label, 0))
 
-    gauge("lmkv_boot_timestamp_seconds", "When this sidecar process started (Unix time); boot_id names it.",
-          ["boot_id"]).add_metric([snap["boot_id"]], snap["boot_time"])
-    gauge("lmkv_build_info", "lmkv_mp version of the sidecar.", ["version"]).add_metric([snap["version"]], 1)
-    gauge("lmkv_snapshot_age_seconds", "Age of the snapshot these series come from (above a few "
-          "seconds: the control loop is stuck).").add_metric([], age)
-    return out
+def _namespace_families(namespaces: list[dict[str, Any]], ns_labels: NamespaceLabels | None) -> list[Metric]:
+    """Hits, entries and bytes per namespace under bounded ``model`` labels (none when
+    ``ns_labels`` is None or allows none)."""
+    if ns_labels is None or not ns_labels.limit:
+        return []
+    ns_hits: Counter[str] = Counter()
+    ns_entries: Counter[str] = Counter()
+    ns_bytes: Counter[str] = Counter()
+    for ns in namespaces:
+        label = ns_labels.label(ns)
+        ns_hits[label] += ns["hit_chunks"]
+        ns_entries[label] += ns["entries"]
+        ns_bytes[label] += ns["bytes"]
+    ns_hits.setdefault(NamespaceLabels.OTHER, 0)
+    # The label is "model", not "namespace": Kubernetes scrape configs put the pod's
+    # namespace in a "namespace" label, which would rename this one.
+    fams = [_counter("lmkv_namespace_hit_chunks", "Chunk hits per cache namespace, labelled with its "
+                     "readable name model[dtype,tp shard]; see --metrics-namespaces.", ["model"]),
+            _gauge("lmkv_namespace_entries", "Committed entries per cache namespace.", ["model"]),
+            _gauge("lmkv_namespace_bytes", "Committed bytes per cache namespace.", ["model"])]
+    for label in ns_hits:
+        for fam, values in zip(fams, (ns_hits, ns_entries, ns_bytes)):
+            fam.add_metric([label], values.get(label, 0))
+    return fams
+
+
+def _process_families(snap: dict[str, Any], age: float) -> list[Metric]:
+    """Which sidecar process and version these series come from, and how fresh they are."""
+    boot = _gauge("lmkv_boot_timestamp_seconds", "When this sidecar process started (Unix time); boot_id names it.",
+                  ["boot_id"])
+    boot.add_metric([snap["boot_id"]], snap["boot_time"])
+    build = _gauge("lmkv_build_info", "lmkv_mp version of the sidecar.", ["version"])
+    build.add_metric([snap["version"]], 1)
+    fresh = _gauge("lmkv_snapshot_age_seconds", "Age of the snapshot these series come from (above a few "
+                   "seconds: the control loop is stuck).")
+    fresh.add_metric([], age)
+    return [boot, build, fresh]
 
 
 class SnapshotCollector:

@@ -1,7 +1,9 @@
-"""The sidecar: one ROUTER loop that decodes a request, calls the index, encodes a reply.
+"""The sidecar's loop: it owns every socket, admits each request and dispatches it.
 
 ``Sidecar.run`` reads as ``while running: serve ready sockets; reap silent clients``. It
-owns every socket; nothing else in the process touches them. Bad input never escapes the
+owns every socket; nothing else in the process touches them. The requests themselves are
+served by the handlers it registers (:mod:`lmkv_mp.sidecar.handlers`, one per op, each
+checked at start to take the request type its op decodes to). Bad input never escapes the
 loop: a request that fails to decode or to apply becomes an error reply with a stable code
 (:class:`~lmkv_mp.wire.protocol.ErrorCode`), and the loop goes on serving everyone else.
 
@@ -16,37 +18,51 @@ import os
 import signal
 import socket
 import time
+import typing
 from pathlib import Path
-from typing import Callable
 
 import zmq
 
-from lmkv_mp.wire import protocol as P
-from lmkv_mp.sidecar.access import token_ok
-from lmkv_mp.sidecar.clients import ClientState, ParkedWrites
 from lmkv_mp.config import SidecarConfig
-from lmkv_mp.sidecar.gpu_tier import GpuTier
-from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
-from lmkv_mp.wire.keys import split_hashes
-from lmkv_mp.sidecar.index.leases import LeaseError
 from lmkv_mp.memory import RegionError
+from lmkv_mp.sidecar.clients import ClientState, ParkedWrites
+from lmkv_mp.sidecar.gpu_tier import GpuTier
+from lmkv_mp.sidecar.handlers import Handler, Handlers
+from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
 from lmkv_mp.sidecar.metrics import STATS_TOPIC, MetricsServer, SidecarCounters, SnapshotBroker, op_label, snapshot
 from lmkv_mp.sidecar.startup import (Locks, StartupError, bind, open_gpu_regions, open_host_pool, open_lower_tiers,
-                             open_run_dir, start_metrics)
-from lmkv_mp.wire.checksum import checksum
+                                     open_run_dir, start_metrics)
 from lmkv_mp.sidecar.tiers.hierarchy import TierHierarchy
+from lmkv_mp.wire import protocol as P
+from lmkv_mp.wire.checksum import checksum
 
 log = logging.getLogger("lmkv.server")
 
-MAX_LEASES_PER_CLIENT = 4096
-# Bounds on what clients can make the sidecar remember (each HELLO may declare 256
-# namespaces, and every new routing id is a new client until it is reaped).
-MAX_NAMESPACES_PER_CLIENT = 1024
-MAX_NAMESPACES = 65536
-MAX_CLIENTS = 4096
-# A loader reports the one chunk that failed; the sidecar re-hashes each one it is told of.
-MAX_CORRUPT_PER_REPORT = 64
-HOST_REGION_ID = 0
+
+def may_precede_hello(msg: P.Request, stats_only: bool, client_token: bytes | None) -> bool:
+    """Whether a client the sidecar does not know (never registered, or reaped) may send
+    ``msg``: the ops of :data:`~lmkv_mp.wire.protocol.OPS_BEFORE_HELLO` (HELLO, and STATS
+    for ``lmkv-stats``), except STATS on a control socket that asks every client for a
+    token (``client_token``): the snapshot names the node's models. Anything else gets
+    NOT_REGISTERED, and the client re-HELLOs."""
+    if msg.OP not in P.OPS_BEFORE_HELLO:
+        return False
+    return msg.OP is not P.Op.STATS or stats_only or client_token is None
+
+
+def register(table: dict[P.Op, Handler]) -> dict[P.Op, Handler]:
+    """The dispatch table, once checked: a handler for every op, each taking the request
+    type its op decodes to and returning that op's reply type (a mismatch is a bug: it
+    fails at start, not on the first such request)."""
+    if set(table) != set(P.Op):
+        raise TypeError(f"handlers missing for {sorted(op.name for op in set(P.Op) - set(table))}")
+    for op, handler in table.items():
+        hints = typing.get_type_hints(handler)
+        params = [h for name, h in hints.items() if name != "return"]
+        if params != [bytes, P.REQUEST_TYPES[op]] or hints.get("return") is not P.REPLY_TYPES[op]:
+            raise TypeError(f"the {op.name} handler {handler.__qualname__} must take (bytes, "
+                            f"{P.REQUEST_TYPES[op].__name__}) and return {P.REPLY_TYPES[op].__name__}")
+    return dict(table)
 
 
 class Sidecar:
@@ -57,7 +73,6 @@ class Sidecar:
         self.boot_id = os.urandom(16)
         self.counters = SidecarCounters()
         self.clients: dict[bytes, ClientState] = {}
-        self._next_client = 1
         self._running = False
         self._locks = Locks()
         self.access = open_run_dir(cfg, self._locks)
@@ -107,14 +122,13 @@ class Sidecar:
         log.info("start: boot_id=%s endpoint=%s host_pool=%s (%d bytes, %s, %d chunks warm)",
                  self.boot_id.hex(), cfg.endpoint, self.region.name, self.region.size,
                  "created" if self.region.created else "re-attached", restored)
-        self._handlers: dict[type, Callable[[bytes, P.Request], P.Reply]] = {
-            P.Hello: self._hello, P.Lookup: self._lookup, P.Reserve: self._reserve, P.Commit: self._commit,
-            P.Release: self._release, P.Ping: self._ping, P.Stats: self._stats, P.Clear: self._clear,
-            P.Corrupt: self._corrupt,
-        }
+        self.handlers = Handlers(cfg=cfg, boot_id=self.boot_id, index=self.index, pool=self.pool, region=self.region,
+                                 gpu=self.gpu, tiers=self.tiers, counters=self.counters, clients=self.clients,
+                                 parked=self._parked, ns_names=self.ns_names, snapshot=self.snapshot)
         try:
+            self._dispatch = register(self.handlers.table())
             self.metrics = start_metrics(cfg, self.broker)
-        except StartupError:
+        except (StartupError, TypeError):
             self.close()
             raise
 
@@ -212,13 +226,10 @@ class Sidecar:
             client = self.clients.get(ident)
             if client is not None:
                 client.last_seen = time.monotonic()
-            elif not isinstance(msg, (P.Hello, P.Stats)) or (not stats_only and self.cfg.client_token is not None
-                                                              and isinstance(msg, P.Stats)):
-                # STATS needs no HELLO (lmkv-stats), except on a control socket that asks
-                # every client for a token: the snapshot names the node's models.
+            elif not may_precede_hello(msg, stats_only, self.cfg.client_token):
                 raise P.ProtocolError(P.ErrorCode.NOT_REGISTERED,
                                       "unknown client (sidecar restarted or your lease expired): send HELLO")
-            reply = self._handlers[type(msg)](ident, msg)
+            reply = self._dispatch[msg.OP](ident, msg)
             self.counters.requests[f"{op_name}:ok"] += 1
             return P.encode_reply(reply)
         except P.ProtocolError as e:
@@ -231,7 +242,8 @@ class Sidecar:
         self.counters.requests[f"{op_name}:error"] += 1
         self.counters.errors[code.name] += 1
         log.debug("request %s rejected: %s: %s", op_name, code.name, message)
-        return P.encode_reply(P.ErrorReply(P.peek_req_id(frames), self.boot_id, int(code), message))
+        return P.encode_reply(P.ErrorReply(req_id=P.peek_req_id(frames), boot_id=self.boot_id, code=int(code),
+                                           message=message))
 
     def reap(self, now: float) -> None:
         """Drop clients silent for longer than the lease timeout, with all their leases.
@@ -246,22 +258,6 @@ class Sidecar:
                 log.info("client reaped: id=%d role=%s pid=%d silent %.1fs, %d leases ended (%d with slots parked)",
                          c.client_id, c.role, c.pid, now - c.last_seen, n, parked)
         self._parked.expire(now)
-
-    def _forget_namespaces(self) -> None:
-        """Make room in the namespace table: forget those no connected client declares and no
-        host entry uses (models no longer served), with their names and hit counts."""
-        keep: set[bytes] = set().union(*(c.namespaces for c in self.clients.values()))
-        gone = self.index.forget_namespaces(keep)
-        for ns in gone:
-            self.ns_names.pop(ns, None)
-            self.counters.ns_hits.pop(ns, None)
-        log.info("namespace table full: forgot %d namespaces no client declares and no entry uses", len(gone))
-
-    def _stale_lease(self, client: ClientState, lease_id: int, e: LeaseError) -> P.ProtocolError:
-        """The error for a COMMIT or RELEASE of a lease this client does not hold; a parked
-        lease of the same process is freed now (its writer is done with its slots)."""
-        self._parked.done(lease_id, client.pid)
-        return P.ProtocolError(P.ErrorCode.UNKNOWN_LEASE, str(e.args[0]))
 
     def _check_region(self) -> None:
         """Notice (and say once) that the host pool's segment was removed from outside: this
@@ -298,157 +294,7 @@ class Sidecar:
         self._locks.release()
         log.info("stop: boot_id=%s", self.boot_id.hex())
 
-    # -- handlers ---------------------------------------------------------------------------
-
-    def _client(self, ident: bytes) -> ClientState:
-        return self.clients[ident]
-
-    def _hello(self, ident: bytes, msg: P.Hello) -> P.HelloReply:
-        if msg.version != P.PROTOCOL_VERSION:
-            raise P.ProtocolError(P.ErrorCode.VERSION,
-                                  f"protocol version {msg.version} is not supported; this sidecar speaks "
-                                  f"{P.PROTOCOL_VERSION}: upgrade lmkv_mp on one side")
-        if self.cfg.client_token is not None and not token_ok(msg.token, self.cfg.client_token):
-            raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "HELLO needs the client token: point LMKV_TOKEN_FILE "
-                                  "at the file the sidecar's --client-token-file names")
-        client = self.clients.get(ident)
-        if client is None and len(self.clients) >= MAX_CLIENTS:
-            raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar serves {MAX_CLIENTS} clients already: "
-                                  "retry after idle ones are reaped (--lease-timeout)")
-        new = [ns for ns in msg.namespaces if ns.id not in (client.namespaces if client else ())]
-        if len(new) + (len(client.namespaces) if client else 0) > MAX_NAMESPACES_PER_CLIENT:
-            raise P.ProtocolError(P.ErrorCode.QUOTA, f"a client may declare at most {MAX_NAMESPACES_PER_CLIENT} "
-                                  "namespaces: use another connection for more")
-        unknown = sum(self.index.chunk_bytes(ns.id) is None for ns in new)
-        if unknown and unknown + self.index.namespace_count() > MAX_NAMESPACES:
-            self._forget_namespaces()
-            if unknown + self.index.namespace_count() > MAX_NAMESPACES:
-                raise P.ProtocolError(P.ErrorCode.QUOTA, f"the sidecar holds {MAX_NAMESPACES} namespaces that "
-                                      "connected clients declare or cached chunks use")
-        try:  # all or nothing: a HELLO refused half-way leaves no namespace behind
-            self.index.declare_all([(ns.id, ns.chunk_bytes) for ns in msg.namespaces])
-        except ValueError as e:
-            raise P.ProtocolError(P.ErrorCode.CONFLICT, str(e)) from None
-        for ns in msg.namespaces:
-            if ns.name:
-                self.ns_names[ns.id] = ns.name[:200]
-        if client is None:
-            client = ClientState(self._next_client, msg.role, msg.pid, msg.name[:200], time.monotonic())
-            self._next_client += 1
-            self.clients[ident] = client
-            log.info("client joined: id=%d role=%s pid=%d name=%s", client.client_id, msg.role, msg.pid, client.name)
-        client.namespaces.update(ns.id for ns in msg.namespaces)
-        client.gpu_region = self.gpu.region_for(msg.device) if self.gpu is not None else 0
-        regions = [P.RegionInfo(HOST_REGION_ID, self.region.kind, self.region.name, self.region.size, self.pool.uuid)]
-        if self.gpu is not None:
-            regions += self.gpu.infos()
-        return P.HelloReply(msg.req_id, self.boot_id, client.client_id, self.cfg.chunk_tokens, self.cfg.hash_key,
-                            self.cfg.lease_timeout, self.cfg.heartbeat_interval, regions, self.cfg.verify)
-
-    def _lookup(self, ident: bytes, msg: P.Lookup) -> P.LookupReply:
-        n = len(msg.hashes) // 16
-        self.counters.lookups += 1
-        self.counters.lookup_chunks += n
-        if not msg.pin:
-            hits = self.index.lookup(msg.namespaces, msg.hashes)
-            self._count_hits(msg.namespaces, hits)
-            return P.LookupReply(msg.req_id, self.boot_id, hits, pending=self._prefetch(msg, hits, n))
-        client = self._client(ident)
-        self._check_quota(client)
-        pinned = self.index.pin(client.client_id, msg.namespaces, msg.hashes, self._share_bytes())
-        self._count_hits(msg.namespaces, pinned.hits)
-        for ns in msg.namespaces:
-            nbytes = self.index.chunk_bytes(ns) or 0
-            self.counters.loads += pinned.hits
-            self.counters.loaded_bytes += pinned.hits * nbytes
-        return P.LookupReply(msg.req_id, self.boot_id, pinned.hits, pinned.lease_id,
-                             [P.pack_u64(o) for o in pinned.offsets],
-                             [P.pack_u64(c) for c in pinned.checksums] if self.cfg.verify else [],
-                             self._prefetch(msg, pinned.hits, n), [bytes(r) for r in pinned.gpu_regions],
-                             [P.pack_u64(o) for o in pinned.gpu_offsets])
-
-    def _prefetch(self, msg: P.Lookup, hits: int, n: int) -> int:
-        """Start promoting the chunks after the host hits from lower tiers; how many may come."""
-        if self.tiers is None or hits >= n or not msg.namespaces:
-            return 0
-        pending = self.tiers.prefetch(msg.namespaces, split_hashes(msg.hashes), hits)
-        log.debug("lookup: %d of %d chunks hit, %d pending", hits, n, pending)
-        return pending
-
-    def _count_hits(self, namespaces: list[bytes], hits: int) -> None:
-        self.counters.hit_chunks += hits
-        if hits:
-            for ns in namespaces:
-                self.counters.ns_hits[ns] += hits
-
-    def _reserve(self, ident: bytes, msg: P.Reserve) -> P.ReserveReply:
-        client = self._client(ident)
-        if msg.namespace not in client.namespaces:
-            raise P.ProtocolError(P.ErrorCode.UNKNOWN_NAMESPACE,
-                                  f"namespace {msg.namespace.hex()} was not declared in this client's HELLO")
-        self._check_quota(client)
-        r = self.index.reserve(client.client_id, msg.namespace, msg.hashes, self._share_bytes(), client.gpu_region)
-        return P.ReserveReply(msg.req_id, self.boot_id, r.lease_id, bytes(r.status), P.pack_u64(r.offsets),
-                              bytes(r.gpu_regions), P.pack_u64(r.gpu_offsets) if r.gpu_offsets else b"")
-
-    def _share_bytes(self) -> int:
-        """Slot bytes one client may hold in write leases, and apart in read pins."""
-        return int(self.cfg.client_pool_share * self.pool.alloc_state.capacity_bytes)
-
-    def _commit(self, ident: bytes, msg: P.Commit) -> P.CommitReply:
-        client = self._client(ident)
-        sums = P.unpack_u64(msg.checksums).tolist() if msg.checksums else None
-        if self.cfg.verify and sums is None:
-            # A chunk without a checksum could never be verified on load: not stored. The
-            # lease ends here, so its slots come back now rather than when the client goes.
-            try:
-                self.index.release(client.client_id, msg.lease_id)
-            except LeaseError as e:
-                raise self._stale_lease(client, msg.lease_id, e) from None
-            raise P.ProtocolError(P.ErrorCode.BAD_REQUEST, "this sidecar runs --verify on: COMMIT must list the "
-                                  "chunks written with one checksum each; nothing was stored")
-        try:
-            done = self.index.commit_entries(client.client_id, msg.lease_id, msg.hashes, sums)
-        except LeaseError as e:
-            raise self._stale_lease(client, msg.lease_id, e) from None
-        n = len(done)
-        if self.tiers is not None:
-            self.tiers.committed(done)
-        self.counters.stores += n
-        self.counters.stored_bytes = self.index.counters.committed_bytes
-        return P.CommitReply(msg.req_id, self.boot_id, n)
-
-    def _release(self, ident: bytes, msg: P.Release) -> P.ReleaseReply:
-        client = self._client(ident)
-        try:
-            n = self.index.release(client.client_id, msg.lease_id)
-        except LeaseError as e:
-            raise self._stale_lease(client, msg.lease_id, e) from None
-        return P.ReleaseReply(msg.req_id, self.boot_id, n)
-
-    def _corrupt(self, ident: bytes, msg: P.Corrupt) -> P.CorruptReply:
-        """A loader found chunks whose bytes do not match their checksum: drop them (a miss
-        from now on), count each under error code CORRUPT. The sidecar hashes each reported
-        slot itself first (~4 ms per 32 MiB, on this rare path), so only real mismatches go;
-        without --verify there is nothing to check against and the report is refused."""
-        if not self.cfg.verify:
-            raise P.ProtocolError(P.ErrorCode.BAD_REQUEST, "this sidecar runs --verify off: no checksums to check "
-                                  "a CORRUPT report against")
-        if len(msg.hashes) > MAX_CORRUPT_PER_REPORT * 16:
-            raise P.ProtocolError(P.ErrorCode.TOO_LARGE, f"CORRUPT names at most {MAX_CORRUPT_PER_REPORT} chunks")
-        n = self.index.drop_corrupt(msg.namespace, msg.hashes, P.unpack_u64(msg.checksums).tolist())
-        if n:
-            self.counters.errors[P.ErrorCode.CORRUPT.name] += n
-            log.warning("error: %d chunk(s) of namespace %s failed their checksum on load (client %d): dropped",
-                        n, msg.namespace.hex(), self._client(ident).client_id)
-        return P.CorruptReply(msg.req_id, self.boot_id, n)
-
-    def _ping(self, ident: bytes, msg: P.Ping) -> P.PingReply:
-        return P.PingReply(msg.req_id, self.boot_id, self.index.owner_lease_count(self._client(ident).client_id),
-                           self.index.leases.alive(msg.leases))
-
-    def _stats(self, ident: bytes, msg: P.Stats) -> P.StatsReply:
-        return P.StatsReply(msg.req_id, self.boot_id, self.snapshot())
+    # -- stats ------------------------------------------------------------------------------
 
     def publish(self) -> None:
         """Send a fresh snapshot to the PUB socket's subscribers (frames: the topic, then a
@@ -456,7 +302,8 @@ class Sidecar:
         snap = self.snapshot()
         self.broker.put(snap)
         if self.publisher is not None:
-            self.publisher.send_multipart([STATS_TOPIC, *P.encode_reply(P.StatsReply(0, self.boot_id, snap))])
+            reply = P.StatsReply(req_id=0, boot_id=self.boot_id, snapshot=snap)
+            self.publisher.send_multipart([STATS_TOPIC, *P.encode_reply(reply)])
 
     def _track_subscriptions(self, sock: zmq.Socket) -> None:
         """XPUB hands the loop the first subscription and the last unsubscription of each
@@ -475,39 +322,9 @@ class Sidecar:
                 "metrics_url": self.metrics.url if self.metrics is not None else ""}
 
     def snapshot(self) -> dict:
-        roles: dict[str, int] = {}
-        for c in self.clients.values():
-            roles[c.role] = roles.get(c.role, 0) + 1
-        snap = snapshot(self.boot_id, self.counters, self.index, roles, self.ns_names, info=self._info())
-        snap["evicted_dirty"] = self.index.counters.evicted_dirty
-        snap["corrupt_chunks"] = self.index.counters.corrupt
-        snap["quota_refused_chunks"] = self.index.counters.quota_refused
-        snap["host_pool_linked"] = not self._region_gone
-        snap["parked_slots"] = self.index.parked_slots()
-        if self.tiers is not None:
-            snap["tiers"].update(self.tiers.stats())
-            snap["tier_movers"] = self.tiers.activity()
-        if self.gpu is not None:
-            snap["tiers"].update(self.gpu.stats())
-        return snap
-
-    def _clear(self, ident: bytes, msg: P.Clear) -> P.ClearReply:
-        if self.cfg.admin_token is None:
-            # No token configured means admin ops are refused (ARCHITECTURE §7), not open to all.
-            raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED,
-                                  "admin ops are disabled: start the sidecar with --admin-token-file")
-        if not token_ok(msg.token, self.cfg.admin_token):
-            raise P.ProtocolError(P.ErrorCode.UNAUTHORIZED, "CLEAR needs the admin token (--admin-token-file)")
-        n = self.index.clear(msg.namespace)
-        lower = self.tiers.clear(msg.namespace) if self.tiers is not None else 0
-        log.info("clear: %d entries dropped, %d lower-tier records queued for deletion (%s)", n, lower,
-                 msg.namespace.hex() if msg.namespace else "all namespaces")
-        return P.ClearReply(msg.req_id, self.boot_id, n)
-
-    def _check_quota(self, client: ClientState) -> None:
-        if self.index.owner_lease_count(client.client_id) >= MAX_LEASES_PER_CLIENT:
-            raise P.ProtocolError(P.ErrorCode.QUOTA,
-                                  f"client holds {MAX_LEASES_PER_CLIENT} leases: release some before taking more")
+        """The stats snapshot of this moment (metrics.snapshot: one walk over the index)."""
+        return snapshot(self.boot_id, self.counters, self.index, self.clients.values(), self.ns_names,
+                        info=self._info(), host_pool_linked=not self._region_gone, lower=self.tiers, gpu=self.gpu)
 
 
 def serve(cfg: SidecarConfig) -> int:

@@ -3,11 +3,14 @@
 A request is two ZeroMQ frames, ``[op: 1 byte][msgpack map]``; a reply is
 ``[status: 1 byte][msgpack map]``. Maps are keyed by field name, so either side may add
 optional fields without breaking the other. Lists of hashes travel as one concatenated
-``bytes`` (16 × n) and offsets as packed little-endian ``uint64`` arrays. No pickle.
+``bytes`` (``HASH_BYTES`` × n, a :class:`~lmkv_mp.wire.hashes.HashList`'s bytes) and
+offsets and checksums as :class:`U64Array` fields, which the codec packs into
+little-endian ``uint64`` arrays. No pickle.
 
-``decode_request`` / ``decode_reply`` validate everything at the boundary: a frame that
-does not decode to a well-formed message raises :class:`ProtocolError` with a stable
-:class:`ErrorCode`, which the server turns into an error reply.
+``decode_request`` / ``decode_reply`` validate everything at the boundary: the schema
+checks each field's type, then each request's own :meth:`validate` its sizes and ranges.
+A frame that does not decode to a well-formed message raises :class:`ProtocolError` with a
+stable :class:`ErrorCode`, which the server turns into an error reply.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import msgpack
 import numpy as np
 
 from lmkv_mp.wire import schema
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.wire.keys import HASH_BYTES
+from lmkv_mp.wire.schema import U64Array, pack_u64  # noqa: F401  (pack_u64: for frames built by hand)
 
 PROTOCOL_VERSION = 2
 """2: GPU tier (HELLO ``device``, ``RegionInfo.device_uuid``, ``gpu_regions``/``gpu_offsets``)."""
@@ -30,8 +35,9 @@ MAX_CHUNKS_PER_REQUEST = 65536
 MAX_NAMESPACES_PER_REQUEST = 256
 MAX_LEASES_PER_PING = 256
 MAX_KEYS_PER_LOOKUP = 1 << 18
-"""Namespaces × chunks one LOOKUP may ask about: the index walk is ~1 µs per key on the
-loop, so this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
+"""Namespaces × chunks one LOOKUP may ask about: the loop walks the index key by key, so
+this bounds one request's loop time (a 1M-token prompt at TP 8 is 32k keys)."""
+DEVICE_UUID_BYTES = 16
 
 
 class Op(enum.IntEnum):
@@ -44,6 +50,21 @@ class Op(enum.IntEnum):
     STATS = 7
     CLEAR = 8
     CORRUPT = 9
+
+
+OPS_BEFORE_HELLO = frozenset({Op.HELLO, Op.STATS})
+"""What a client may send before its HELLO: HELLO itself, and STATS (``lmkv-stats`` never
+registers). The sidecar narrows it where every client needs a token (the server's
+``may_precede_hello``)."""
+
+
+class Role(enum.StrEnum):
+    """What a client says it is in HELLO; the sidecar counts clients by role."""
+
+    SCHEDULER = "scheduler"
+    WORKER = "worker"
+    ADMIN = "admin"
+    CLIENT = "client"
 
 
 class Status(enum.IntEnum):
@@ -88,6 +109,26 @@ class ProtocolError(Exception):
         self.message = message
 
 
+def _refuse(code: ErrorCode, message: str) -> None:
+    raise ProtocolError(code, message)
+
+
+def _hash_count(packed: bytes, what: str) -> int:
+    """How many hashes ``packed`` holds; refused if ragged or beyond the per-request limit."""
+    try:
+        n = len(HashList(packed))
+    except ValueError as e:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} {e}") from None
+    if n > MAX_CHUNKS_PER_REQUEST:
+        _refuse(ErrorCode.TOO_LARGE, f"{what}: {n} chunks exceeds {MAX_CHUNKS_PER_REQUEST}")
+    return n
+
+
+def _check_ns_id(ns: bytes, what: str) -> None:
+    if len(ns) != HASH_BYTES:
+        _refuse(ErrorCode.BAD_REQUEST, f"{what} must be {HASH_BYTES} bytes, got {len(ns)}")
+
+
 # --- values carried inside messages --------------------------------------------------
 
 
@@ -119,7 +160,7 @@ class RegionInfo:
     device_uuid: bytes = b""
 
 
-# --- requests -------------------------------------------------------------------------
+# --- requests (each validate()s what its field types cannot say) -----------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,12 +168,23 @@ class Hello:
     OP: ClassVar[Op] = Op.HELLO
     req_id: int
     version: int
-    role: str
+    role: Role
     pid: int = 0
     name: str = ""
     namespaces: list[NamespaceInfo] = field(default_factory=list)
     token: bytes | None = None
     device: bytes = b""      # a CUDA worker: the 16-byte uuid of its KV cache's device
+
+    def validate(self) -> None:
+        if len(self.namespaces) > MAX_NAMESPACES_PER_REQUEST:
+            _refuse(ErrorCode.TOO_LARGE, "too many namespaces")
+        if self.device and len(self.device) != DEVICE_UUID_BYTES:
+            _refuse(ErrorCode.BAD_REQUEST, f"device must be a {DEVICE_UUID_BYTES}-byte CUDA device uuid, "
+                    f"got {len(self.device)} bytes")
+        for ns in self.namespaces:
+            _check_ns_id(ns.id, "namespace id")
+            if not 0 < ns.chunk_bytes <= 1 << 40:
+                _refuse(ErrorCode.BAD_REQUEST, f"chunk_bytes {ns.chunk_bytes} out of range")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +194,18 @@ class Lookup:
     OP: ClassVar[Op] = Op.LOOKUP
     req_id: int
     namespaces: list[bytes]
-    hashes: bytes
+    hashes: bytes            # a HashList's bytes
     pin: bool = False
+
+    def validate(self) -> None:
+        if not self.namespaces or len(self.namespaces) > MAX_NAMESPACES_PER_REQUEST:
+            _refuse(ErrorCode.BAD_REQUEST, f"LOOKUP needs 1..{MAX_NAMESPACES_PER_REQUEST} namespaces")
+        for ns in self.namespaces:
+            _check_ns_id(ns, "namespace")
+        n = _hash_count(self.hashes, "hashes")
+        if n * len(self.namespaces) > MAX_KEYS_PER_LOOKUP:
+            _refuse(ErrorCode.TOO_LARGE, f"LOOKUP of {n} chunks in {len(self.namespaces)} namespaces "
+                    f"exceeds {MAX_KEYS_PER_LOOKUP} keys: split it")
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +213,11 @@ class Reserve:
     OP: ClassVar[Op] = Op.RESERVE
     req_id: int
     namespace: bytes
-    hashes: bytes
+    hashes: bytes            # a HashList's bytes
+
+    def validate(self) -> None:
+        _check_ns_id(self.namespace, "namespace")
+        _hash_count(self.hashes, "hashes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,14 +225,19 @@ class Commit:
     """Make written chunks of a write lease visible; the lease ends, unlisted chunks are freed.
 
     ``hashes`` empty means every chunk the lease reserved. ``checksums`` is empty or one
-    little-endian uint64 per committed chunk.
+    per committed chunk.
     """
 
     OP: ClassVar[Op] = Op.COMMIT
     req_id: int
     lease_id: int
-    hashes: bytes = b""
-    checksums: bytes = b""
+    hashes: bytes = b""      # a HashList's bytes
+    checksums: U64Array = field(default_factory=U64Array)
+
+    def validate(self) -> None:
+        n = _hash_count(self.hashes, "hashes")
+        if self.checksums and len(self.checksums) != n:
+            _refuse(ErrorCode.BAD_REQUEST, "checksums must be one uint64 per listed hash")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +245,9 @@ class Release:
     OP: ClassVar[Op] = Op.RELEASE
     req_id: int
     lease_id: int
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,11 +259,18 @@ class Ping:
     req_id: int
     leases: list[int] = field(default_factory=list)
 
+    def validate(self) -> None:
+        if len(self.leases) > MAX_LEASES_PER_PING:
+            _refuse(ErrorCode.TOO_LARGE, f"PING asks about {len(self.leases)} leases; at most {MAX_LEASES_PER_PING}")
+
 
 @dataclass(frozen=True, slots=True)
 class Stats:
     OP: ClassVar[Op] = Op.STATS
     req_id: int
+
+    def validate(self) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,19 +280,29 @@ class Clear:
     token: bytes | None = None
     namespace: bytes | None = None
 
+    def validate(self) -> None:
+        if self.namespace is not None:
+            _check_ns_id(self.namespace, "namespace")
+
 
 @dataclass(frozen=True, slots=True)
 class Corrupt:
     """A loader's report: these chunks failed their checksum after it copied them
     (``--verify on``). ``checksums`` holds the checksum the loader was given for each, one
-    little-endian uint64 per hash; the sidecar drops an entry only while it still carries
-    that checksum, so a late report never drops a chunk written since."""
+    per hash; the sidecar drops an entry only while it still carries that checksum, so a
+    late report never drops a chunk written since."""
 
     OP: ClassVar[Op] = Op.CORRUPT
     req_id: int
     namespace: bytes
-    hashes: bytes
-    checksums: bytes
+    hashes: bytes            # a HashList's bytes
+    checksums: U64Array
+
+    def validate(self) -> None:
+        _check_ns_id(self.namespace, "namespace")
+        n = _hash_count(self.hashes, "hashes")
+        if not n or len(self.checksums) != n:
+            _refuse(ErrorCode.BAD_REQUEST, "CORRUPT needs hashes and one uint64 checksum per hash")
 
 
 Request = Union[Hello, Lookup, Reserve, Commit, Release, Ping, Stats, Clear, Corrupt]
@@ -239,37 +330,37 @@ class HelloReply:
 @dataclass(frozen=True, slots=True)
 class LookupReply:
     """``offsets[i]``/``checksums[i]`` belong to ``namespaces[i]`` of the request and hold
-    ``hits`` entries each when pinned (empty otherwise): host-region offsets (uint64) and
-    checksums (uint64, ``--verify on`` only). ``gpu_regions[i]`` (one byte per hit, 0 for
-    none) and ``gpu_offsets[i]`` (uint64) name each hit's GPU tier copy; both are empty when
-    the sidecar has no GPU tier."""
+    ``hits`` entries each when pinned (empty otherwise): host-region offsets and checksums
+    (``--verify on`` only). ``gpu_regions[i]`` (one byte per hit, 0 for none) and
+    ``gpu_offsets[i]`` name each hit's GPU tier copy; both are empty when the sidecar has
+    no GPU tier."""
 
     OP: ClassVar[Op] = Op.LOOKUP
     req_id: int
     boot_id: bytes
     hits: int
     lease_id: int = 0
-    offsets: list[bytes] = field(default_factory=list)
-    checksums: list[bytes] = field(default_factory=list)
+    offsets: list[U64Array] = field(default_factory=list)
+    checksums: list[U64Array] = field(default_factory=list)
     pending: int = 0
     gpu_regions: list[bytes] = field(default_factory=list)
-    gpu_offsets: list[bytes] = field(default_factory=list)
+    gpu_offsets: list[U64Array] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class ReserveReply:
-    """One :class:`SlotStatus` byte and one uint64 host offset per requested chunk; when some
+    """One :class:`SlotStatus` byte and one host offset per requested chunk; when some
     WRITE chunk also got a GPU tier slot, ``gpu_regions`` (one byte per chunk, 0 for none)
-    and ``gpu_offsets`` (uint64 per chunk) say where: the writer fills both before COMMIT."""
+    and ``gpu_offsets`` (one per chunk) say where: the writer fills both before COMMIT."""
 
     OP: ClassVar[Op] = Op.RESERVE
     req_id: int
     boot_id: bytes
     lease_id: int
     status: bytes
-    offsets: bytes
+    offsets: U64Array
     gpu_regions: bytes = b""
-    gpu_offsets: bytes = b""
+    gpu_offsets: U64Array = field(default_factory=U64Array)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,9 +437,6 @@ def _from_map(cls: type, body: dict[str, Any], where: str) -> Any:
         raise ProtocolError(ErrorCode.BAD_REQUEST, str(e)) from None
 
 
-_to_map = schema.to_map
-
-
 def _unpack(payload: bytes) -> dict[str, Any]:
     if len(payload) > MAX_FRAME_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"payload of {len(payload)} bytes exceeds {MAX_FRAME_BYTES}")
@@ -367,7 +455,7 @@ def _unpack(payload: bytes) -> dict[str, Any]:
 
 def encode_request(msg: Request, req_id: int | None = None) -> list[bytes]:
     """Frames for a request; ``req_id`` overrides the message's own (clients number calls)."""
-    body = _to_map(msg)
+    body = schema.to_map(msg)
     if req_id is not None:
         body["req_id"] = req_id
     return [_OP_FRAMES[msg.OP], msgpack.packb(body, use_bin_type=True)]
@@ -378,7 +466,7 @@ _OP_FRAMES = {op: bytes((op,)) for op in Op}
 
 def encode_reply(msg: Reply) -> list[bytes]:
     status = Status.ERROR if isinstance(msg, ErrorReply) else Status.OK
-    return [bytes((status,)), msgpack.packb(_to_map(msg), use_bin_type=True)]
+    return [bytes((status,)), msgpack.packb(schema.to_map(msg), use_bin_type=True)]
 
 
 def peek_req_id(frames: list[bytes]) -> int:
@@ -412,7 +500,9 @@ def decode_request(frames: list[bytes]) -> Request:
     except ValueError:
         raise ProtocolError(ErrorCode.UNKNOWN_OP, f"unknown op {op_frame[0]}") from None
     msg = _from_map(REQUEST_TYPES[op], _unpack(payload), op.name)
-    _validate(msg)
+    if msg.req_id < 0:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "req_id must be >= 0")
+    msg.validate()
     return msg
 
 
@@ -428,68 +518,9 @@ def decode_reply(op: Op, frames: list[bytes]) -> Reply:
     return _from_map(REPLY_TYPES[op], body, f"{op.name} reply")
 
 
-def _hash_list(packed: bytes, what: str) -> int:
-    if len(packed) % HASH_BYTES:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} length {len(packed)} is not a multiple of {HASH_BYTES}")
-    n = len(packed) // HASH_BYTES
-    if n > MAX_CHUNKS_PER_REQUEST:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"{what}: {n} chunks exceeds {MAX_CHUNKS_PER_REQUEST}")
-    return n
-
-
-def _ns_id(ns: bytes, what: str) -> None:
-    if len(ns) != HASH_BYTES:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"{what} must be {HASH_BYTES} bytes, got {len(ns)}")
-
-
-def _validate(msg: Request) -> None:
-    """Semantic checks beyond types: sizes, ranges, lengths."""
-    if msg.req_id < 0:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "req_id must be >= 0")
-    if isinstance(msg, Hello):
-        if msg.role not in ("scheduler", "worker", "admin", "client"):
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown role {msg.role!r}")
-        if len(msg.namespaces) > MAX_NAMESPACES_PER_REQUEST:
-            raise ProtocolError(ErrorCode.TOO_LARGE, "too many namespaces")
-        if msg.device and len(msg.device) != 16:
-            raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                f"device must be a 16-byte CUDA device uuid, got {len(msg.device)} bytes")
-        for ns in msg.namespaces:
-            _ns_id(ns.id, "namespace id")
-            if not 0 < ns.chunk_bytes <= 1 << 40:
-                raise ProtocolError(ErrorCode.BAD_REQUEST, f"chunk_bytes {ns.chunk_bytes} out of range")
-    elif isinstance(msg, Lookup):
-        if not msg.namespaces or len(msg.namespaces) > MAX_NAMESPACES_PER_REQUEST:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "LOOKUP needs 1..256 namespaces")
-        for ns in msg.namespaces:
-            _ns_id(ns, "namespace")
-        n = _hash_list(msg.hashes, "hashes")
-        if n * len(msg.namespaces) > MAX_KEYS_PER_LOOKUP:
-            raise ProtocolError(ErrorCode.TOO_LARGE, f"LOOKUP of {n} chunks in {len(msg.namespaces)} namespaces "
-                                f"exceeds {MAX_KEYS_PER_LOOKUP} keys: split it")
-    elif isinstance(msg, Reserve):
-        _ns_id(msg.namespace, "namespace")
-        _hash_list(msg.hashes, "hashes")
-    elif isinstance(msg, Commit):
-        n = _hash_list(msg.hashes, "hashes")
-        if msg.checksums and len(msg.checksums) != 8 * n:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "checksums must be one uint64 per listed hash")
-    elif isinstance(msg, Ping) and len(msg.leases) > MAX_LEASES_PER_PING:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"PING asks about {len(msg.leases)} leases; at most {MAX_LEASES_PER_PING}")
-    elif isinstance(msg, Clear) and msg.namespace is not None:
-        _ns_id(msg.namespace, "namespace")
-    elif isinstance(msg, Corrupt):
-        _ns_id(msg.namespace, "namespace")
-        n = _hash_list(msg.hashes, "hashes")
-        if not n or len(msg.checksums) != 8 * n:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "CORRUPT needs hashes and one uint64 checksum per hash")
-
-
-def pack_u64(values: Any) -> bytes:
-    return np.asarray(values, dtype="<u8").tobytes()
-
-
 def unpack_u64(packed: bytes) -> np.ndarray:
+    """The little-endian uint64s of ``packed`` bytes, for frames read by hand (messages'
+    :class:`U64Array` fields arrive decoded); :func:`pack_u64` is its inverse."""
     if len(packed) % 8:
         raise ProtocolError(ErrorCode.BAD_FRAME, "packed uint64 array has a ragged length")
     return np.frombuffer(packed, dtype="<u8")

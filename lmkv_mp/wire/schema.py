@@ -1,20 +1,68 @@
 """Dataclass messages to and from msgpack maps, with every field checked at decode time.
 
 The generic half of protocol.py's codec: a message class's fields and annotations are
-compiled once into checkers (``int`` is a 64-bit integer, ``bytes`` exactly bytes, lists
-and nested message classes recursively, ``X | None`` nullable). msgpack yields exact
-builtin types, so exact ``type(v) is`` tests are both correct and fast. protocol.py turns
-a :class:`SchemaError` into a BAD_REQUEST error reply.
+compiled once into checkers (``int`` is a 64-bit integer, ``bytes`` exactly bytes, a
+``StrEnum`` one of its values, lists and nested message classes recursively, ``X | None``
+nullable). msgpack yields exact builtin types, so exact ``type(v) is`` tests are both
+correct and fast. protocol.py turns a :class:`SchemaError` into a BAD_REQUEST error reply.
+
+Packed arrays are the codec's business: a :class:`U64Array` field travels as one ``bytes``
+of little-endian uint64s and decodes to a U64Array, so no message's sender or reader
+packs or unpacks bytes itself.
 """
 
 from __future__ import annotations
 
+import array
+import enum
+import sys
 import types
 import typing
 from dataclasses import MISSING, fields
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 I64_MAX = 2**63 - 1
+
+
+class U64Array(array.array):  # type: ignore[type-arg]
+    """Unsigned 64-bit integers (offsets, checksums): a typed array, one packed
+    little-endian ``uint64`` each on the wire. Compares equal to any array of the same
+    values; ``numpy.asarray`` views it without a copy."""
+
+    def __new__(cls, values: Iterable[int] = ()) -> U64Array:
+        return super().__new__(cls, "Q", values)
+
+    @classmethod
+    def from_wire(cls, packed: bytes) -> U64Array:
+        """The array ``packed`` holds; ValueError if its length is not a multiple of 8."""
+        if len(packed) % 8:
+            raise ValueError(f"length {len(packed)} is not a whole number of uint64s")
+        out = cls()
+        out.frombytes(packed)
+        if _BIG_ENDIAN:
+            out.byteswap()
+        return out
+
+    def to_wire(self) -> bytes:
+        if _BIG_ENDIAN:
+            swapped = U64Array(self)
+            swapped.byteswap()
+            return swapped.tobytes()
+        return self.tobytes()
+
+
+_BIG_ENDIAN = sys.byteorder == "big"
+assert U64Array().itemsize == 8, "array typecode Q is not 64 bits on this platform"
+
+
+def pack_u64(values: Any) -> bytes:
+    """What a :class:`U64Array` field puts on the wire for ``values``: a U64Array, any
+    sequence of ints, or bytes already packed (frames built by hand), kept as they are."""
+    if isinstance(values, U64Array):
+        return values.to_wire()
+    if isinstance(values, (bytes, bytearray, memoryview)):
+        return bytes(values)
+    return U64Array(values).to_wire()
 
 
 class SchemaError(ValueError):
@@ -26,18 +74,36 @@ class _Bad(Exception):
 
 
 _Checker = typing.Callable[[Any], Any]
-_SCHEMAS: dict[type, list[tuple[str, _Checker, bool]]] = {}
+_Encoder = typing.Callable[[Any], Any] | None   # None: the value goes out as it is
+_SCHEMAS: dict[type, list[tuple[str, _Checker, bool, _Encoder]]] = {}
 
 
-def _schema(cls: type) -> list[tuple[str, _Checker, bool]]:
-    """(name, checker, required) per field, compiled once per message class."""
+def _schema(cls: type) -> list[tuple[str, _Checker, bool, _Encoder]]:
+    """(name, checker, required, encoder) per field, compiled once per message class."""
     cached = _SCHEMAS.get(cls)
     if cached is None:
         hints = typing.get_type_hints(cls)
-        cached = [(f.name, _compile(hints[f.name]), f.default is MISSING and f.default_factory is MISSING)
-                  for f in fields(cls)]
+        cached = [(f.name, _compile(hints[f.name]), f.default is MISSING and f.default_factory is MISSING,
+                   _encoder(hints[f.name])) for f in fields(cls)]
         _SCHEMAS[cls] = cached
     return cached
+
+
+def _encoder(tp: Any) -> _Encoder:
+    """How a field of annotation ``tp`` goes into a map: packed arrays packed, nested
+    messages as maps (recursively, through lists and ``X | None``), anything else as it is."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        inner = _encoder(next(a for a in typing.get_args(tp) if a is not type(None)))
+        return None if inner is None else (lambda v: None if v is None else inner(v))
+    if origin is list:
+        item = _encoder(typing.get_args(tp)[0])
+        return None if item is None else (lambda v: [item(x) for x in v])
+    if tp is U64Array:
+        return pack_u64
+    if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
+        return to_map
+    return None
 
 
 def _compile(tp: Any) -> _Checker:
@@ -73,6 +139,26 @@ def _compile(tp: Any) -> _Checker:
         return check_float
     if tp in (bool, str, bytes):
         return _exact(tp, {bool: "a bool", str: "a string", bytes: "bytes"}[tp])
+    if tp is U64Array:
+        def check_u64s(v: Any) -> U64Array:
+            if type(v) is not bytes:
+                raise _Bad("must be bytes (packed uint64s)")
+            try:
+                return U64Array.from_wire(v)
+            except ValueError as e:
+                raise _Bad(str(e)) from None
+        return check_u64s
+    if isinstance(tp, type) and issubclass(tp, enum.StrEnum):
+        values = ", ".join(m.value for m in tp)
+
+        def check_enum(v: Any) -> Any:
+            if type(v) is not str:
+                raise _Bad("must be a string")
+            try:
+                return tp(v)
+            except ValueError:
+                raise _Bad(f"{v!r} is not one of {values}") from None
+        return check_enum
     if isinstance(tp, type) and hasattr(tp, "__dataclass_fields__"):
         def check_obj(v: Any) -> Any:
             if type(v) is not dict:
@@ -95,7 +181,7 @@ def from_map(cls: type, body: dict[str, Any], where: str) -> Any:
     :class:`SchemaError` naming ``where`` and the field. Unknown keys are ignored (either
     side may add optional fields)."""
     kwargs: dict[str, Any] = {}
-    for name, check, required in _schema(cls):
+    for name, check, required, _encode in _schema(cls):
         if name in body:
             try:
                 kwargs[name] = check(body[name])
@@ -107,11 +193,10 @@ def from_map(cls: type, body: dict[str, Any], where: str) -> Any:
 
 
 def to_map(msg: Any) -> dict[str, Any]:
-    """The message as a map keyed by field name, nested messages as maps."""
+    """The message as a map keyed by field name: nested messages as maps, packed arrays
+    as bytes."""
     out: dict[str, Any] = {}
-    for name, _check, _req in _schema(type(msg)):
+    for name, _check, _req, encode in _schema(type(msg)):
         v = getattr(msg, name)
-        if isinstance(v, list) and v and hasattr(v[0], "__dataclass_fields__"):
-            v = [to_map(x) for x in v]
-        out[name] = v
+        out[name] = v if encode is None else encode(v)
     return out

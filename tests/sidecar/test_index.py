@@ -17,6 +17,7 @@ from lmkv_mp.sidecar.index.gpu_copies import GpuCopies
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
 from lmkv_mp.sidecar.index.leases import LeaseError
 from lmkv_mp.memory import HostPool, SlotState
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.wire.protocol import SlotStatus
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -54,8 +55,13 @@ def make_index(num_slabs: int = 2, region: MemRegion | None = None, gpu_slabs: i
     return idx
 
 
-def hs(*ids: int) -> bytes:
-    return b"".join(i.to_bytes(16, "big") for i in ids)
+def hs(*ids: int) -> HashList:
+    return HashList(b"".join(i.to_bytes(16, "big") for i in ids))
+
+
+def key_of(ns: bytes, i: int) -> bytes:
+    """The index key of chunk ``i`` of namespace ``ns``."""
+    return ns + hs(i).bytes
 
 
 def store(idx: ChunkIndex, ns: bytes, *ids: int, owner: str = "w") -> int:
@@ -80,7 +86,7 @@ def hit(idx: ChunkIndex, ns: bytes, i: int) -> bool:
 def test_empty_index_has_no_hits() -> None:
     idx = make_index()
     assert idx.lookup([NS0], hs(0, 1)) == 0
-    assert idx.lookup([NS0], b"") == 0
+    assert idx.lookup([NS0], HashList()) == 0
     assert len(idx) == 0
 
 
@@ -245,12 +251,12 @@ def test_commit_writes_durable_records() -> None:
     (span,) = idx.pool.alloc_state.spans()
     assert span.used == 2
     recs = [idx.pool.read_record(s) for s in range(idx.pool.geo.num_slabs * idx.pool.geo.max_slots_per_slab)]
-    assert sorted(rec.hash for rec in recs if rec.state is SlotState.WRITING) == [hs(0), hs(1)]
+    assert sorted(rec.hash for rec in recs if rec.state is SlotState.WRITING) == [hs(0).bytes, hs(1).bytes]
     idx.commit("w", r.lease_id, hs(1), [7])
     recs = [idx.pool.read_record(s) for s in range(idx.pool.geo.num_slabs * idx.pool.geo.max_slots_per_slab)]
     live = [rec for rec in recs if rec.state is not SlotState.FREE]
     assert [(rec.state, rec.namespace, rec.hash, rec.length, rec.checksum) for rec in live] == [
-        (SlotState.COMMITTED, NS0, hs(1), SMALL, 7)]
+        (SlotState.COMMITTED, NS0, hs(1).bytes, SMALL, 7)]
 
 
 def test_commit_ends_the_lease() -> None:
@@ -636,7 +642,7 @@ def test_restore_keeps_lru_order_by_last_use() -> None:
         store(idx, NS0, i)
     new, records = reopen(idx)
     # Pretend chunk 3 (the newest slot) was used longest ago, then 2, 1, 0.
-    last_use = {hs(i): 100 - i for i in range(4)}
+    last_use = {hs(i).bytes: 100 - i for i in range(4)}
     new.restore([dataclasses.replace(r, last_use_ns=last_use[r.hash]) for r in reversed(records)])
     new.declare(NS0, SMALL)
     store(new, NS0, 10)
@@ -749,7 +755,7 @@ class IndexMachine(RuleBasedStateMachine):
             assert p.hits == n
             if n:
                 self.reads[p.lease_id] = (owner, nss, ids[:n])
-                entries = [self.idx._committed.get(ns + hs(i)) for ns in nss for i in ids[:n]]
+                entries = [self.idx._committed.get(key_of(ns, i)) for ns in nss for i in ids[:n]]
                 self.copies[p.lease_id] = [(e, e.gpu_region, e.gpu_offset) for e in entries]
                 assert [c[1] for c in self.copies[p.lease_id]] == [g for col in p.gpu_regions for g in col]
 
@@ -842,26 +848,26 @@ TestIndexMachine = IndexMachine.TestCase
 
 def test_internal_write_is_invisible_until_finished_and_freed_on_failure() -> None:
     idx = make_index()
-    key = NS0 + hs(7)
+    key = key_of(NS0, 7)
     e = idx.reserve_internal(key)
     assert e is not None and e.in_lower
     assert not hit(idx, NS0, 7) and idx.reserve_internal(key) is None, "present (WRITING): not twice"
     assert idx.reserve("w", NS0, hs(7)).status == [B], "a client writer sees it busy"
     idx.finish_internal(e, ok=True)
     assert hit(idx, NS0, 7) and idx.pool.read_record(e.slot).state is SlotState.COMMITTED
-    e2 = idx.reserve_internal(NS0 + hs(8))
+    e2 = idx.reserve_internal(key_of(NS0, 8))
     assert e2 is not None
     before = used(idx)
     idx.finish_internal(e2, ok=False)
     assert not hit(idx, NS0, 8) and used(idx) < before
-    assert idx.reserve_internal(b"\x99" * 16 + hs(1)) is None, "undeclared namespace"
+    assert idx.reserve_internal(key_of(b"\x99" * 16, 1)) is None, "undeclared namespace"
 
 
 def test_internal_write_gets_the_checksum_of_its_bytes_with_verify() -> None:
     idx = make_index()
     seen: list[tuple[int, int]] = []
     idx.checksum_at = lambda off, n: seen.append((off, n)) or 4242
-    e = idx.reserve_internal(NS0 + hs(7))
+    e = idx.reserve_internal(key_of(NS0, 7))
     assert e is not None
     idx.finish_internal(e, ok=True)
     assert seen == [(e.offset, SMALL)] and e.checksum == 4242
@@ -936,8 +942,8 @@ def test_pin_quota_counts_distinct_chunks_and_reports_a_shorter_prefix() -> None
 def test_hold_keeps_a_cleared_entry_readable_until_unheld() -> None:
     idx = make_index()
     store(idx, NS0, 1)
-    e = idx.hold(NS0 + hs(1))
-    assert e is not None and idx.hold(NS0 + hs(2)) is None
+    e = idx.hold(key_of(NS0, 1))
+    assert e is not None and idx.hold(key_of(NS0, 2)) is None
     before = used(idx)
     assert idx.clear(NS0) == 1
     assert not hit(idx, NS0, 1) and used(idx) == before, "the slot stays while a copy reads it"
@@ -948,9 +954,9 @@ def test_hold_keeps_a_cleared_entry_readable_until_unheld() -> None:
 def test_eviction_prefers_entries_with_a_lower_copy_and_reports_dirty_ones() -> None:
     idx = make_index(num_slabs=1)           # 4 SMALL chunks
     store(idx, NS0, 1, 2, 3, 4)
-    assert [x.key for x in idx.cold_dirty(2)] == [NS0 + hs(1), NS0 + hs(2)]
+    assert [x.key for x in idx.cold_dirty(2)] == [key_of(NS0, 1), key_of(NS0, 2)]
     idx.prefer_clean = True
-    e = idx.hold(NS0 + hs(3))
+    e = idx.hold(key_of(NS0, 3))
     assert e is not None
     e.in_lower = True                       # as a finished demotion marks it
     idx.unhold(e)

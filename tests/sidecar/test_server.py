@@ -22,7 +22,8 @@ import pytest
 from lmkv_mp.wire import protocol as P
 from lmkv_mp.config import load_sidecar_config
 from lmkv_mp.memory import shm_name_for
-from lmkv_mp.sidecar.server import MAX_LEASES_PER_CLIENT, Sidecar
+from lmkv_mp.sidecar.handlers import MAX_LEASES_PER_CLIENT
+from lmkv_mp.sidecar.server import Sidecar, may_precede_hello, register
 from lmkv_mp.sidecar.startup import StartupError
 
 from tests.conftest import unlink_shm
@@ -143,11 +144,34 @@ def test_requests_before_hello_are_not_registered(sc: Harness) -> None:
     sc.ok(b"stranger", P.Stats(8))  # stats need no HELLO
 
 
+@pytest.mark.parametrize("msg, stats_only, token, ok", [
+    (P.Hello(1, P.PROTOCOL_VERSION, "worker"), False, b"t", True),
+    (P.Stats(1), True, b"t", True),
+    (P.Stats(1), False, None, True),
+    (P.Stats(1), False, b"t", False),      # the snapshot names the node's models: HELLO with the token first
+    (P.Ping(1), False, None, False),
+    (P.Lookup(1, [NS_A], b""), False, None, False),
+])
+def test_what_may_come_before_hello(msg: P.Request, stats_only: bool, token: bytes | None, ok: bool) -> None:
+    assert may_precede_hello(msg, stats_only, token) is ok
+
+
+def test_the_loop_checks_its_handler_table_at_start(sc: Harness) -> None:
+    """Each op's handler must take the request type the op decodes to; a table that does
+    not (or misses an op) fails when the sidecar starts, not on the first such request."""
+    table = sc.server.handlers.table()
+    assert register(table) == table
+    with pytest.raises(TypeError, match="PING handler .* must take"):
+        register({**table, P.Op.PING: table[P.Op.STATS]})
+    with pytest.raises(TypeError, match="missing for .*CLEAR"):
+        register({op: h for op, h in table.items() if op is not P.Op.CLEAR})
+
+
 def test_store_lookup_pin_release(sc: Harness) -> None:
     sc.hello(b"w1", NS_A)
     sc.hello(b"sched", role="scheduler")
     res = sc.store(b"w1", NS_A, hashes(1, 2, 3))
-    offsets = P.unpack_u64(res.offsets).tolist()
+    offsets = res.offsets.tolist()
     assert len(set(offsets)) == 3
 
     assert sc.lookup(b"sched", [NS_A], hashes(1, 2, 3, 4)).hits == 3
@@ -157,7 +181,7 @@ def test_store_lookup_pin_release(sc: Harness) -> None:
 
     pinned = sc.lookup(b"sched", [NS_A], hashes(1, 2, 3), pin=True)
     assert pinned.hits == 3 and pinned.lease_id
-    assert P.unpack_u64(pinned.offsets[0]).tolist() == offsets
+    assert pinned.offsets[0].tolist() == offsets
     assert pinned.gpu_regions == [] and pinned.gpu_offsets == [], "no GPU tier: no GPU copies"
     assert sc.stats()["leases"] == {"read": 1, "write": 0}
 
@@ -185,8 +209,8 @@ def test_lookup_counts_chunks_committed_in_every_namespace(sc: Harness) -> None:
     sc.store(b"r1", NS_B, hashes(1, 2))
     assert sc.lookup(b"r0", [NS_A, NS_B], hashes(1, 2, 3)).hits == 2
     pinned = sc.lookup(b"r0", [NS_A, NS_B], hashes(1, 2, 3), pin=True)
-    assert pinned.hits == 2 and [len(P.unpack_u64(o)) for o in pinned.offsets] == [2, 2]
-    assert not set(P.unpack_u64(pinned.offsets[0])) & set(P.unpack_u64(pinned.offsets[1]))
+    assert pinned.hits == 2 and [len(o) for o in pinned.offsets] == [2, 2]
+    assert not set(pinned.offsets[0]) & set(pinned.offsets[1])
 
 
 def test_writing_chunks_are_invisible_and_busy_for_other_writers(sc: Harness) -> None:
@@ -246,14 +270,14 @@ def test_a_stopped_writers_slots_are_parked_until_its_stale_commit(sc: Harness) 
     hello_as(sc, b"w1", os.getpid())
     r = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(1, 2)))
     assert isinstance(r, P.ReserveReply)
-    mine = set(P.unpack_u64(r.offsets).tolist())
+    mine = set(r.offsets.tolist())
     sc.server.reap(time.monotonic() + 5)
     s = sc.stats()
     assert s["parked_slots"] == 2 and s["leases"] == {"read": 0, "write": 0}
     hello_as(sc, b"w2", os.getpid() + 10**7)   # no such process
     other = sc.ok(b"w2", P.Reserve(2, NS_A, hashes(1, 2)))
     assert isinstance(other, P.ReserveReply) and list(other.status) == [P.SlotStatus.WRITE] * 2
-    assert not mine & set(P.unpack_u64(other.offsets).tolist()), "the parked slots are nobody else's"
+    assert not mine & set(other.offsets.tolist()), "the parked slots are nobody else's"
     used = sc.stats()["tiers"]["host"]["used_bytes"]
 
     hello_as(sc, b"w1", os.getpid())          # continued: re-registers, then its stale COMMIT
@@ -366,7 +390,7 @@ def test_warm_restart_keeps_committed_chunks_only(sc: Harness) -> None:
     res = sc.ok(b"w1", P.Reserve(1, NS_A, hashes(3, 4)))  # never committed
     assert isinstance(res, P.ReserveReply)
     old_boot = sc.server.boot_id
-    offsets = P.unpack_u64(sc.lookup(b"w1", [NS_A], hashes(1, 2), pin=True).offsets[0]).tolist()
+    offsets = sc.lookup(b"w1", [NS_A], hashes(1, 2), pin=True).offsets[0].tolist()
 
     sc.restart()
     assert sc.server.boot_id != old_boot
@@ -375,7 +399,7 @@ def test_warm_restart_keeps_committed_chunks_only(sc: Harness) -> None:
     sc.error(b"w1", P.Lookup(2, [NS_A], hashes(1)), P.ErrorCode.NOT_REGISTERED)
     sc.hello(b"w1", NS_A)
     pinned = sc.lookup(b"w1", [NS_A], hashes(1, 2, 3, 4), pin=True)
-    assert pinned.hits == 2 and P.unpack_u64(pinned.offsets[0]).tolist() == offsets
+    assert pinned.hits == 2 and pinned.offsets[0].tolist() == offsets
     r = sc.ok(b"w1", P.Reserve(3, NS_A, hashes(3, 4)))
     assert isinstance(r, P.ReserveReply) and list(r.status) == [P.SlotStatus.WRITE] * 2
 
@@ -414,7 +438,7 @@ def test_verify_needs_a_checksum_per_chunk_at_commit(verifying: Harness) -> None
     c = h.ok(b"w1", P.Commit(5, r.lease_id, hashes(1, 2), P.pack_u64([11, 22])))  # type: ignore[union-attr]
     assert c.committed == 2  # type: ignore[union-attr]
     pinned = h.lookup(b"w1", [NS_A], hashes(1, 2), pin=True)
-    assert [P.unpack_u64(x).tolist() for x in pinned.checksums] == [[11, 22]]
+    assert [x.tolist() for x in pinned.checksums] == [[11, 22]]
 
 
 def test_a_reported_corrupt_chunk_is_dropped_and_counted(verifying: Harness) -> None:
@@ -529,9 +553,9 @@ def test_a_full_namespace_table_forgets_the_namespaces_nothing_uses(sc: Harness,
     those that no connected client declares and no entry uses (models no longer served);
     one whose chunks are cached stays, and its chunks still hit; one a live client declared
     stays; with every namespace in use the HELLO is refused, as before."""
-    import lmkv_mp.sidecar.server as server
+    import lmkv_mp.sidecar.handlers as handlers
 
-    monkeypatch.setattr(server, "MAX_NAMESPACES", 3)
+    monkeypatch.setattr(handlers, "MAX_NAMESPACES", 3)
     ns = [bytes([i]) * 16 for i in range(1, 6)]
     sc.hello(b"w1", ns[0])
     sc.store(b"w1", ns[0], hashes(1, 2))
@@ -553,11 +577,11 @@ def test_a_full_namespace_table_forgets_the_namespaces_nothing_uses(sc: Harness,
 
 
 def test_namespaces_and_clients_are_bounded(sc: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    import lmkv_mp.sidecar.server as server
+    import lmkv_mp.sidecar.handlers as handlers
 
-    monkeypatch.setattr(server, "MAX_NAMESPACES_PER_CLIENT", 3)
-    monkeypatch.setattr(server, "MAX_NAMESPACES", 5)
-    monkeypatch.setattr(server, "MAX_CLIENTS", 3)
+    monkeypatch.setattr(handlers, "MAX_NAMESPACES_PER_CLIENT", 3)
+    monkeypatch.setattr(handlers, "MAX_NAMESPACES", 5)
+    monkeypatch.setattr(handlers, "MAX_CLIENTS", 3)
     ns = [bytes([i]) * 16 for i in range(1, 8)]
     sc.hello(b"c1", *ns[:3])
     sc.hello(b"c1", *ns[:3])  # the same ones again: nothing new

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lmkv_mp.wire import protocol as P
-from lmkv_mp.wire.protocol import ErrorCode, Op, ProtocolError
+from lmkv_mp.wire.protocol import ErrorCode, Op, ProtocolError, U64Array
 
 NS = bytes(range(16))
 NS2 = bytes(range(16, 32))
@@ -39,13 +39,13 @@ REQUESTS: dict[str, P.Request] = {
     "lookup-empty-hashes": P.Lookup(req_id=6, namespaces=[NS], hashes=b""),
     "reserve": P.Reserve(req_id=7, namespace=NS, hashes=hashes(4)),
     "commit-all": P.Commit(req_id=8, lease_id=99),
-    "commit-subset": P.Commit(req_id=9, lease_id=99, hashes=hashes(2), checksums=P.pack_u64([1, 2**64 - 1])),
+    "commit-subset": P.Commit(req_id=9, lease_id=99, hashes=hashes(2), checksums=U64Array([1, 2**64 - 1])),
     "release": P.Release(req_id=10, lease_id=2**63 - 1),
     "ping": P.Ping(req_id=11),
     "stats": P.Stats(req_id=12),
     "clear-all": P.Clear(req_id=13),
     "clear-ns": P.Clear(req_id=14, token=b"admin", namespace=NS),
-    "corrupt": P.Corrupt(req_id=15, namespace=NS, hashes=hashes(2), checksums=P.pack_u64([5, 2**64 - 1])),
+    "corrupt": P.Corrupt(req_id=15, namespace=NS, hashes=hashes(2), checksums=U64Array([5, 2**64 - 1])),
     "req-id-zero": P.Ping(req_id=0),
     "req-id-max": P.Ping(req_id=2**63 - 1),
 }
@@ -63,19 +63,19 @@ REPLIES: dict[str, tuple[Op, P.Reply]] = {
                                                 regions=[])),
     "lookup-miss": (Op.LOOKUP, P.LookupReply(req_id=2, boot_id=BOOT, hits=0)),
     "lookup-pinned": (Op.LOOKUP, P.LookupReply(req_id=2, boot_id=BOOT, hits=2, lease_id=7,
-                                               offsets=[P.pack_u64([4096, 8192]), P.pack_u64([0, 1 << 40])],
-                                               checksums=[b"", b""], pending=1)),
+                                               offsets=[U64Array([4096, 8192]), U64Array([0, 1 << 40])],
+                                               checksums=[U64Array(), U64Array()], pending=1)),
     "lookup-pinned-gpu": (Op.LOOKUP, P.LookupReply(req_id=2, boot_id=BOOT, hits=2, lease_id=7,
-                                                   offsets=[P.pack_u64([4096, 8192])], checksums=[],
-                                                   gpu_regions=[b"\1\0"], gpu_offsets=[P.pack_u64([0, 0])])),
+                                                   offsets=[U64Array([4096, 8192])], checksums=[],
+                                                   gpu_regions=[b"\1\0"], gpu_offsets=[U64Array([0, 0])])),
     "reserve": (Op.RESERVE, P.ReserveReply(req_id=3, boot_id=BOOT, lease_id=8,
                                            status=bytes([P.SlotStatus.WRITE, P.SlotStatus.PRESENT,
                                                          P.SlotStatus.BUSY, P.SlotStatus.NO_SPACE]),
-                                           offsets=P.pack_u64([4096, 0, 0, 0]))),
+                                           offsets=U64Array([4096, 0, 0, 0]))),
     "reserve-gpu": (Op.RESERVE, P.ReserveReply(req_id=3, boot_id=BOOT, lease_id=8,
                                                status=bytes([P.SlotStatus.WRITE, P.SlotStatus.WRITE]),
-                                               offsets=P.pack_u64([4096, 8192]), gpu_regions=b"\1\0",
-                                               gpu_offsets=P.pack_u64([1 << 20, 0]))),
+                                               offsets=U64Array([4096, 8192]), gpu_regions=b"\1\0",
+                                               gpu_offsets=U64Array([1 << 20, 0]))),
     "commit": (Op.COMMIT, P.CommitReply(req_id=4, boot_id=BOOT, committed=3)),
     "release": (Op.RELEASE, P.ReleaseReply(req_id=5, boot_id=BOOT, released=2)),
     "ping": (Op.PING, P.PingReply(req_id=6, boot_id=BOOT, leases=0)),
@@ -155,7 +155,7 @@ def test_optional_fields_may_be_absent_on_the_wire() -> None:
                                              "namespaces": [{"id": NS, "chunk_bytes": 10}]}))
     assert out.namespaces == [P.NamespaceInfo(NS, 10, "")]
     out = P.decode_request(frames(Op.COMMIT, {"req_id": 1, "lease_id": 3}))
-    assert out == P.Commit(req_id=1, lease_id=3, hashes=b"", checksums=b"")
+    assert out == P.Commit(req_id=1, lease_id=3, hashes=b"", checksums=U64Array())
     out = P.decode_reply(Op.LOOKUP, [b"\0", msgpack.packb({"req_id": 1, "boot_id": BOOT, "hits": 0})])
     assert out == P.LookupReply(req_id=1, boot_id=BOOT, hits=0)
 
@@ -432,18 +432,18 @@ def test_unknown_role(role: str) -> None:
 
 @pytest.mark.parametrize("n_sums", [1, 3])
 def test_commit_checksums_must_match_hashes(n_sums: int) -> None:
-    msg = P.Commit(req_id=1, lease_id=1, hashes=hashes(2), checksums=P.pack_u64(list(range(n_sums))))
+    msg = P.Commit(req_id=1, lease_id=1, hashes=hashes(2), checksums=U64Array(range(n_sums)))
     assert_rejected(P.encode_request(msg), ErrorCode.BAD_REQUEST, "checksums")
 
 
 def test_commit_checksums_without_hashes_rejected() -> None:
-    msg = P.Commit(req_id=1, lease_id=1, checksums=P.pack_u64([1]))
+    msg = P.Commit(req_id=1, lease_id=1, checksums=U64Array([1]))
     assert_rejected(P.encode_request(msg), ErrorCode.BAD_REQUEST, "checksums")
 
 
 @pytest.mark.parametrize("n_hashes, n_sums", [(0, 0), (2, 0), (2, 1), (2, 3), (0, 1)])
 def test_corrupt_needs_one_checksum_per_hash(n_hashes: int, n_sums: int) -> None:
-    msg = P.Corrupt(req_id=1, namespace=NS, hashes=hashes(n_hashes), checksums=P.pack_u64(list(range(n_sums))))
+    msg = P.Corrupt(req_id=1, namespace=NS, hashes=hashes(n_hashes), checksums=U64Array(range(n_sums)))
     assert_rejected(P.encode_request(msg), ErrorCode.BAD_REQUEST, "checksum")
 
 
@@ -650,6 +650,42 @@ def test_unpack_u64_rejects_ragged(length: int) -> None:
     assert info.value.code == ErrorCode.BAD_FRAME
 
 
+def test_u64_array_fields_travel_as_packed_little_endian_bytes() -> None:
+    """The codec packs U64Array fields: the same bytes pack_u64 writes, one uint64 each."""
+    reply = P.ReserveReply(req_id=1, boot_id=BOOT, lease_id=2, status=b"\0\0", offsets=U64Array([4096, 2**64 - 1]))
+    body = msgpack.unpackb(P.encode_reply(reply)[1], raw=False)
+    assert body["offsets"] == P.pack_u64([4096, 2**64 - 1]) == (4096).to_bytes(8, "little") + b"\xff" * 8
+    assert body["gpu_offsets"] == b""
+    out = P.decode_reply(Op.RESERVE, P.encode_reply(reply))
+    assert type(out.offsets) is U64Array and list(out.offsets) == [4096, 2**64 - 1]
+
+
+def test_u64_array_fields_accept_int_lists_and_packed_bytes() -> None:
+    """A sender may hand the codec plain ints, or bytes it packed itself: same frame."""
+    want = P.encode_reply(P.LookupReply(req_id=1, boot_id=BOOT, hits=2, offsets=[U64Array([1, 2])]))
+    assert P.encode_reply(P.LookupReply(req_id=1, boot_id=BOOT, hits=2, offsets=[[1, 2]])) == want  # type: ignore[list-item]
+    assert P.encode_reply(P.LookupReply(req_id=1, boot_id=BOOT, hits=2,
+                                        offsets=[P.pack_u64([1, 2])])) == want  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("length", [1, 7, 9])
+def test_ragged_u64_array_field_rejected(length: int) -> None:
+    body = body_of(REQUESTS["commit-subset"])
+    body["checksums"] = b"\0" * length
+    assert_rejected(frames(Op.COMMIT, body), ErrorCode.BAD_REQUEST, "checksums")
+    with pytest.raises(ProtocolError) as info:
+        P.decode_reply(Op.RESERVE, [b"\0", msgpack.packb({"req_id": 1, "boot_id": BOOT, "lease_id": 1, "status": b"",
+                                                           "offsets": b"\0" * length})])
+    assert info.value.code == ErrorCode.BAD_REQUEST and "offsets" in info.value.message
+
+
+def test_role_decodes_to_the_shared_enum() -> None:
+    out = P.decode_request(P.encode_request(P.Hello(req_id=1, version=1, role="worker")))
+    assert out.role is P.Role.WORKER and out.role == "worker"
+    assert P.encode_request(P.Hello(req_id=1, version=1, role=P.Role.WORKER)) == \
+        P.encode_request(P.Hello(req_id=1, version=1, role="worker"))
+
+
 # -- property tests over every op: valid messages round-trip, every decoder survives mutation ---
 
 _u63 = st.integers(0, 2**63 - 1)
@@ -657,21 +693,22 @@ _i64 = st.integers(-(2**63 - 1), 2**63 - 1)
 _ns = st.binary(min_size=16, max_size=16)
 _hash_lists = st.lists(st.binary(min_size=16, max_size=16), max_size=24).map(b"".join)
 _floats = st.floats(allow_nan=False)
+_u64s = st.lists(st.integers(0, 2**64 - 1), max_size=8).map(U64Array)
 
 
 @st.composite
-def _hashes_with_sums(draw: st.DrawFn, min_size: int = 0, sums_optional: bool = True) -> tuple[bytes, bytes]:
+def _hashes_with_sums(draw: st.DrawFn, min_size: int = 0, sums_optional: bool = True) -> tuple[bytes, U64Array]:
     n = draw(st.integers(min_size, 24))
     packed = b"".join(draw(st.lists(st.binary(min_size=16, max_size=16), min_size=n, max_size=n)))
-    sums = P.pack_u64(draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n)))
-    return packed, (b"" if sums_optional and draw(st.booleans()) else sums)
+    sums = U64Array(draw(st.lists(st.integers(0, 2**64 - 1), min_size=n, max_size=n)))
+    return packed, (U64Array() if sums_optional and draw(st.booleans()) else sums)
 
 
-def _commit(req_id: int, lease_id: int, hs: tuple[bytes, bytes]) -> P.Commit:
+def _commit(req_id: int, lease_id: int, hs: tuple[bytes, U64Array]) -> P.Commit:
     return P.Commit(req_id, lease_id, *hs)
 
 
-def _corrupt(req_id: int, ns: bytes, hs: tuple[bytes, bytes]) -> P.Corrupt:
+def _corrupt(req_id: int, ns: bytes, hs: tuple[bytes, U64Array]) -> P.Corrupt:
     return P.Corrupt(req_id, ns, *hs)
 
 
@@ -706,13 +743,13 @@ REPLY_STRATEGIES: dict[Op, st.SearchStrategy[Any]] = {
                                                    device_uuid=st.binary(max_size=16)), max_size=3),
                         verify=st.booleans(), version=_i64),
     Op.LOOKUP: st.builds(P.LookupReply, req_id=_u63, boot_id=_boot, hits=_i64, lease_id=_i64,
-                         offsets=st.lists(st.binary(max_size=64), max_size=3),
-                         checksums=st.lists(st.binary(max_size=64), max_size=3), pending=_i64,
+                         offsets=st.lists(_u64s, max_size=3),
+                         checksums=st.lists(_u64s, max_size=3), pending=_i64,
                          gpu_regions=st.lists(st.binary(max_size=8), max_size=3),
-                         gpu_offsets=st.lists(st.binary(max_size=64), max_size=3)),
+                         gpu_offsets=st.lists(_u64s, max_size=3)),
     Op.RESERVE: st.builds(P.ReserveReply, req_id=_u63, boot_id=_boot, lease_id=_i64, status=st.binary(max_size=8),
-                          offsets=st.binary(max_size=64), gpu_regions=st.binary(max_size=8),
-                          gpu_offsets=st.binary(max_size=64)),
+                          offsets=_u64s, gpu_regions=st.binary(max_size=8),
+                          gpu_offsets=_u64s),
     Op.COMMIT: st.builds(P.CommitReply, req_id=_u63, boot_id=_boot, committed=_i64),
     Op.RELEASE: st.builds(P.ReleaseReply, req_id=_u63, boot_id=_boot, released=_i64),
     Op.PING: st.builds(P.PingReply, req_id=_u63, boot_id=_boot, leases=_i64, alive=st.binary(max_size=8)),

@@ -25,11 +25,12 @@ leases themselves, and the per-owner quota accounts, are kept by ``lmkv_mp.sidec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from lmkv_mp.sidecar.index.committed import CLEAN_SCAN, CommittedEntries
 from lmkv_mp.sidecar.index.entry import Entry, EntryState
 from lmkv_mp.sidecar.index.gpu_copies import GpuCopies
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.wire.keys import HASH_BYTES
 from lmkv_mp.sidecar.index.leases import Lease, LeaseKind, LeaseTable, Owner
 from lmkv_mp.memory.allocator import SlotId, Span
@@ -57,6 +58,23 @@ class Reserved:
     offsets: list[int]
     gpu_regions: list[int] = field(default_factory=list)   # per chunk: its GPU copy's region (0: none)
     gpu_offsets: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _ReserveRun:
+    """What one RESERVE carries from chunk to chunk."""
+
+    owner: Owner
+    namespace: bytes
+    chunk_bytes: int
+    slot_bytes: int
+    held_bytes: int                  # slot bytes in the owner's write leases, this RESERVE's so far included
+    max_write_bytes: int | None
+    lease: Lease | None = None       # taken with the first slot
+    full: bool = False               # a chunk found no space: every later one that needs a slot gets NO_SPACE
+    over_quota: bool = False         # ... because of the owner's write quota
+    held: list[Entry] = field(default_factory=list)   # PRESENT entries, pinned until the RESERVE returns
+    victims: dict[int, list[Span]] = field(default_factory=dict)   # other classes' spans, ranked once
 
 
 @dataclass(slots=True)
@@ -152,13 +170,13 @@ class ChunkIndex:
 
     # -- reads ------------------------------------------------------------------------------
 
-    def lookup(self, namespaces: list[bytes], hashes: bytes) -> int:
+    def lookup(self, namespaces: list[bytes], hashes: HashList) -> int:
         """Leading chunks COMMITTED in every namespace. A plain lookup is a question, not a
         use: it leaves LRU order alone (a pinned lookup, i.e. a load, refreshes it)."""
         cols = self._committed.leading(namespaces, hashes, touch=False)
         return len(cols[0]) if cols else 0
 
-    def pin(self, owner: Owner, namespaces: list[bytes], hashes: bytes, max_pin_bytes: int | None = None) -> Pinned:
+    def pin(self, owner: Owner, namespaces: list[bytes], hashes: HashList, max_pin_bytes: int | None = None) -> Pinned:
         """Like :meth:`lookup`, and take a read lease on the hits (0 hits: no lease).
 
         ``max_pin_bytes`` bounds the slot bytes of the distinct chunks the owner holds
@@ -167,16 +185,10 @@ class ChunkIndex:
         pinned already costs nothing more: a scheduler pins a shared prefix once per request."""
         cols = self._committed.leading(namespaces, hashes)
         hits = len(cols[0]) if cols else 0
-        mine, used = self.leases.pinned(owner)
-        if hits and max_pin_bytes is not None and used + hits * sum(c[0].slot_bytes for c in cols) > max_pin_bytes:
-            room = max_pin_bytes - used       # near the share: count what is new, hit by hit
-            for i in range(hits):
-                room -= sum(col[i].slot_bytes for col in cols if col[i] not in mine)
-                if room < 0:
-                    self.counters.quota_refused += hits - i
-                    hits = i
-                    cols = [col[:i] for col in cols]
-                    break
+        room = self.leases.pin_room(owner, cols, max_pin_bytes) if hits and max_pin_bytes is not None else hits
+        if room < hits:
+            self.counters.quota_refused += hits - room
+            hits, cols = room, [col[:room] for col in cols]
         if not hits:
             return Pinned(0, 0, [[] for _ in namespaces], [[] for _ in namespaces])
         lease = self.leases.new(owner, LeaseKind.READ)
@@ -190,7 +202,7 @@ class ChunkIndex:
 
     # -- writes -----------------------------------------------------------------------------
 
-    def reserve(self, owner: Owner, namespace: bytes, hashes: bytes, max_write_bytes: int | None = None,
+    def reserve(self, owner: Owner, namespace: bytes, hashes: HashList, max_write_bytes: int | None = None,
                 gpu_region: int = 0) -> Reserved:
         """Write slots for chunks not already present. After the first chunk that finds no
         space, later chunks get NO_SPACE too: a chain hash is useless without its prefix.
@@ -201,75 +213,74 @@ class ChunkIndex:
         chunk_bytes = self._ns_bytes.get(namespace)
         if chunk_bytes is None:
             raise ValueError(f"namespace {namespace.hex()} was never declared")
-        slot_bytes = self.pool.slot_bytes_for(chunk_bytes)
-        held_bytes = self.leases.write_bytes(owner)
+        run = _ReserveRun(owner, namespace, chunk_bytes, self.pool.slot_bytes_for(chunk_bytes),
+                          self.leases.write_bytes(owner), max_write_bytes)
         statuses: list[SlotStatus] = []
         offsets: list[int] = []
         gpu_regions: list[int] = []
         gpu_offsets: list[int] = []
-        lease: Lease | None = None
-        full = over_quota = False
-        held: list[Entry] = []
-        victims: dict[int, list[Span]] = {}   # spans of other classes to evict, ranked once per RESERVE
         try:
-            for i in range(0, len(hashes), HASH_BYTES):
-                key = namespace + hashes[i:i + HASH_BYTES]
-                e = self._entries.get(key)
-                if e is not None:
-                    if e.state is EntryState.COMMITTED:
-                        # The writer's prompt uses this prefix: the allocations for the chunks
-                        # that follow must not evict it (PRESENT would then be a lie and the
-                        # chunks written after it unreachable), so hold it until we return.
-                        self._committed.touch(e)
-                        e.pins += 1
-                        held.append(e)
-                    statuses.append(SlotStatus.PRESENT if e.state is EntryState.COMMITTED else SlotStatus.BUSY)
-                    offsets.append(0)
-                    continue
-                if not full and max_write_bytes is not None and held_bytes + slot_bytes > max_write_bytes:
-                    full = over_quota = True
-                slot = None if full else self._alloc(chunk_bytes, victims)
-                if slot is None:
-                    full = True
-                    self.counters.quota_refused += over_quota
-                    statuses.append(SlotStatus.NO_SPACE)
-                    offsets.append(0)
-                    continue
-                held_bytes += slot_bytes
-                if lease is None:
-                    lease = self.leases.new(owner, LeaseKind.WRITE)
-                e = Entry(key, slot, self.pool.offset(slot), chunk_bytes,
-                          self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
-                self.pool.write_record(slot, SlotState.WRITING, namespace, key[HASH_BYTES:], chunk_bytes)
-                self._entries[key] = e
-                self._by_slot[slot] = e
-                lease.entries.append(e)
-                self.leases.add_write(lease, e.slot_bytes)
-                statuses.append(SlotStatus.WRITE)
-                offsets.append(e.offset)
-                if gpu_region and self.gpu is not None and self.gpu.alloc(gpu_region, e):
+            for i, key in enumerate(hashes.keys(namespace)):
+                status, e = self._reserve_chunk(run, key)
+                statuses.append(status)
+                offsets.append(e.offset if e is not None else 0)
+                if e is not None and gpu_region and self.gpu is not None and self.gpu.alloc(gpu_region, e):
                     if not gpu_regions:
-                        gpu_regions, gpu_offsets = [0] * (len(hashes) // HASH_BYTES), [0] * (len(hashes) // HASH_BYTES)
-                    gpu_regions[len(statuses) - 1] = e.gpu_region
-                    gpu_offsets[len(statuses) - 1] = e.gpu_offset
+                        gpu_regions, gpu_offsets = [0] * len(hashes), [0] * len(hashes)
+                    gpu_regions[i] = e.gpu_region
+                    gpu_offsets[i] = e.gpu_offset
         finally:
-            for e in held:
+            for e in run.held:
                 e.pins -= 1
-        return Reserved(lease.id if lease else 0, statuses, offsets, gpu_regions, gpu_offsets)
+        return Reserved(run.lease.id if run.lease else 0, statuses, offsets, gpu_regions, gpu_offsets)
 
-    def commit(self, owner: Owner, lease_id: int, hashes: bytes = b"", checksums: list[int] | None = None) -> int:
+    def _reserve_chunk(self, run: _ReserveRun, key: bytes) -> tuple[SlotStatus, Entry | None]:
+        """One chunk of a RESERVE: PRESENT or BUSY for a key the index holds, else a new
+        WRITING entry in a slot of its own (WRITE, with the entry) or NO_SPACE."""
+        e = self._entries.get(key)
+        if e is not None:
+            if e.state is not EntryState.COMMITTED:
+                return SlotStatus.BUSY, None
+            # The writer's prompt uses this prefix: the allocations for the chunks that
+            # follow must not evict it (PRESENT would then be a lie and the chunks written
+            # after it unreachable), so hold it until the RESERVE returns.
+            self._committed.touch(e)
+            e.pins += 1
+            run.held.append(e)
+            return SlotStatus.PRESENT, None
+        if not run.full and run.max_write_bytes is not None and run.held_bytes + run.slot_bytes > run.max_write_bytes:
+            run.full = run.over_quota = True
+        slot = None if run.full else self._alloc(run.chunk_bytes, run.victims)
+        if slot is None:
+            run.full = True
+            self.counters.quota_refused += run.over_quota
+            return SlotStatus.NO_SPACE, None
+        run.held_bytes += run.slot_bytes
+        if run.lease is None:
+            run.lease = self.leases.new(run.owner, LeaseKind.WRITE)
+        e = Entry(key, slot, self.pool.offset(slot), run.chunk_bytes,
+                  self.pool.alloc_state.span_of(slot).slot_bytes, EntryState.WRITING)
+        self.pool.write_record(slot, SlotState.WRITING, run.namespace, key[HASH_BYTES:], run.chunk_bytes)
+        self._entries[key] = e
+        self._by_slot[slot] = e
+        run.lease.entries.append(e)
+        self.leases.add_write(run.lease, e.slot_bytes)
+        return SlotStatus.WRITE, e
+
+    def commit(self, owner: Owner, lease_id: int, hashes: HashList = HashList(),
+               checksums: Sequence[int] | None = None) -> int:
         """Publish the listed chunks of a write lease (all when ``hashes`` is empty); the lease
         ends and its unlisted chunks are freed. Returns how many became COMMITTED."""
         return len(self.commit_entries(owner, lease_id, hashes, checksums))
 
-    def commit_entries(self, owner: Owner, lease_id: int, hashes: bytes = b"",
-                       checksums: list[int] | None = None) -> list[Entry]:
-        """:meth:`commit`, returning the entries that became COMMITTED (for write-through)."""
+    def commit_entries(self, owner: Owner, lease_id: int, hashes: HashList = HashList(),
+                       checksums: Sequence[int] | None = None) -> list[Entry]:
+        """:meth:`commit`, returning the entries that became COMMITTED (for write-through).
+        ``checksums``: none, or one per listed hash."""
         lease = self.leases.take(owner, lease_id, LeaseKind.WRITE)
         wanted: dict[bytes, int] | None = None
         if hashes:
-            sums = checksums or [0] * (len(hashes) // HASH_BYTES)
-            wanted = {hashes[i:i + HASH_BYTES]: sums[i // HASH_BYTES] for i in range(0, len(hashes), HASH_BYTES)}
+            wanted = dict(zip(hashes, checksums or [0] * len(hashes), strict=True))
         done: list[Entry] = []
         for e in lease.entries:
             h = e.key[HASH_BYTES:]
@@ -389,7 +400,7 @@ class ChunkIndex:
         self.leases.forget(owner)
         return n
 
-    def drop_corrupt(self, namespace: bytes, hashes: bytes, checksums: list[int]) -> int:
+    def drop_corrupt(self, namespace: bytes, hashes: HashList, checksums: Sequence[int]) -> int:
         """Drop the COMMITTED entries a loader found corrupt: those of ``hashes`` in
         ``namespace`` that still carry the checksum it was given (a late report about an
         entry rewritten since drops nothing) and, with :attr:`checksum_at` set, whose bytes
@@ -397,9 +408,9 @@ class ChunkIndex:
         Pinned ones vanish from lookups now and are freed when unpinned, as cleared ones.
         Returns how many were dropped."""
         n = 0
-        for i in range(0, len(hashes), HASH_BYTES):
-            e = self._committed.get(namespace + hashes[i:i + HASH_BYTES])
-            if e is None or e.checksum != checksums[i // HASH_BYTES]:
+        for key, expected in zip(hashes.keys(namespace), checksums, strict=True):
+            e = self._committed.get(key)
+            if e is None or e.checksum != expected:
                 continue
             if self.checksum_at is not None and self.checksum_at(e.offset, e.length) == e.checksum:
                 continue

@@ -102,6 +102,21 @@ class LeaseTable:
         """The entries the owner holds pinned (entry -> leases) and their slot bytes."""
         return self._pins.get(owner) or {}, self._pin_bytes.get(owner, 0)
 
+    def pin_room(self, owner: Owner, cols: list[list[Entry]], max_pin_bytes: int) -> int:
+        """How many of the leading hits ``cols`` (one column of entries per namespace) the
+        owner may pin with the slot bytes of its distinct pinned chunks staying within
+        ``max_pin_bytes``; a chunk it holds pinned already costs nothing more."""
+        hits = len(cols[0])
+        mine, used = self.pinned(owner)
+        if used + hits * sum(col[0].slot_bytes for col in cols) <= max_pin_bytes:
+            return hits
+        room = max_pin_bytes - used       # near the share: count what is new, hit by hit
+        for i in range(hits):
+            room -= sum(col[i].slot_bytes for col in cols if col[i] not in mine)
+            if room < 0:
+                return i
+        return hits
+
     def pin(self, lease: Lease, entries: list[Entry]) -> None:
         """Count ``entries`` (all of one size class) as held by the read ``lease`` too."""
         mine = self._pins.setdefault(lease.owner, {})

@@ -1,6 +1,6 @@
 """The Tier protocol: what a lower tier (disk, remote) offers the sidecar's movers.
 
-The host tier is the pool the index manages (``index.py`` + ``memory/``); lower tiers hold
+The host tier is the pool the index manages (``index/`` + ``memory/``); lower tiers hold
 *copies* of host entries, keyed by the same 32-byte key (namespace id + chain hash). They
 are driven only by the sidecar's mover threads (``tiers/mover.py``), never by the control
 loop, except :meth:`Tier.contains` on a tier whose ``local_index`` is true (an in-memory

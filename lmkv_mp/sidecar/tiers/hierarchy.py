@@ -26,6 +26,8 @@ from lmkv_mp.sidecar.index.entry import Entry
 from lmkv_mp.sidecar.index.chunk_index import ChunkIndex
 from lmkv_mp.sidecar.tiers.base import Tier
 from lmkv_mp.sidecar.tiers.mover import Job, JobKind, Movers
+from lmkv_mp.wire.hashes import HashList
+from lmkv_mp.wire.keys import HASH_BYTES
 
 log = logging.getLogger("lmkv.tiers")
 
@@ -201,7 +203,7 @@ class TierHierarchy:
                 if job.corrupt:
                     self.corrupt_found += 1
                     log.warning("error: chunk %s failed its checksum before a copy down: dropped", e.key.hex())
-                    self.index.drop_corrupt(e.key[:16], e.key[16:], [job.expect])
+                    self.index.drop_corrupt(e.key[:HASH_BYTES], HashList(e.key[HASH_BYTES:]), [job.expect])
                 elif job.ok:
                     e.in_lower = True
                     for name in job.stored_in:

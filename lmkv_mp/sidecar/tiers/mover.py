@@ -127,7 +127,7 @@ class Movers:
                 for tier in job.tiers:
                     if tier.get_into(job.key, slot):
                         job.ok, job.served_by = True, tier.name
-                        if job.verify:  # hashed here, off the loop: ~4 ms per 32 MiB
+                        if job.verify:  # hashed here, off the loop
                             job.digest = checksum(slot)
                         return
             else:

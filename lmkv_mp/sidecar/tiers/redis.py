@@ -268,10 +268,10 @@ def _set_scattered(client: redis.Redis, rkey: bytes, header: bytes, payload: mem
     """SET ``rkey`` to ``header + payload`` without building that value in memory: the
     command goes out as [command and header, payload, CRLF] on one pooled connection.
 
-    Measured on 32 MiB values (bench/tiers.py; 2-core VM, loopback): a plain SET of the
-    payload 41 ms; this 41 ms; SET of a fresh bytearray holding header + payload 83 ms (the
-    copy and the page faults of a new 32 MiB buffer); MULTI + SET header + APPEND payload
-    70 ms (Redis copies the payload again to append it). Same wire bytes, no copy.
+    It costs what a plain SET of the payload costs: joining header and payload first would
+    copy the payload into a fresh buffer (and fault its pages in), and MULTI + SET header +
+    APPEND payload makes Redis copy the payload again (bench/tiers.py compares them). Same
+    wire bytes, no copy.
     """
     pool = client.connection_pool
     conn = pool.get_connection()
