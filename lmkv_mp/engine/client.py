@@ -27,6 +27,7 @@ import numpy as np
 import zmq
 
 from lmkv_mp.wire import protocol as P
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.config import ClientConfig, load_client_config
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ class SidecarClient:
         offsets = np.frombuffer(r.offsets, dtype=np.uint64)
         gpu_regions = np.frombuffer(r.gpu_regions, dtype=np.uint8)
         gpu_offsets = np.frombuffer(r.gpu_offsets, dtype=np.uint64)
-        if (len(status) * 16 != len(hashes) or len(offsets) != len(status)
+        if (len(status) != len(HashList(hashes)) or len(offsets) != len(status)
                 or len(gpu_regions) not in (0, len(status)) or len(gpu_offsets) != len(gpu_regions)):
             log.warning("reserve: malformed reply ignored")
             self.release(r.lease_id)

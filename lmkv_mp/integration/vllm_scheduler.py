@@ -28,7 +28,8 @@ from lmkv_mp.engine.client import LookupResult, SidecarClient
 from lmkv_mp.config import DEFAULT_PREFETCH_TIMEOUT
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
 from lmkv_mp.integration.request_keys import AdapterDigests, RequestKey, new_epoch, request_key
-from lmkv_mp.wire.keys import HASH_BYTES, Namespace, chain_hashes
+from lmkv_mp.wire.hashes import HashList
+from lmkv_mp.wire.keys import Namespace, chain_hashes
 
 log = logging.getLogger("lmkv.vllm")
 
@@ -40,7 +41,7 @@ PREFETCH_POLL = 0.002
 @dataclass(slots=True)
 class _Req:
     request: Any
-    hashes: bytes                       # chain hashes of the prompt's full chunks
+    hashes: HashList                    # chain hashes of the full chunks known so far
     lookup: LookupResult | None = None
     local_tokens: int = 0               # engine-local prefix hit at the last lookup
     block_ids: list[int] = field(default_factory=list)
@@ -89,10 +90,10 @@ class SchedulerSide:
             key = request_key(request, self.chunk_tokens, self.epoch, self.adapters)
             if key.declined:
                 self._log_decline(key.declined)
-                st = _Req(request, b"", load=False)
+                st = _Req(request, HashList(), load=False)
             else:
-                st = _Req(request, chain_hashes(request.prompt_token_ids, self.chunk_tokens, self.client.hello.hash_key,
-                                                key.salt, extras=key.extras),
+                st = _Req(request, HashList(chain_hashes(request.prompt_token_ids, self.chunk_tokens,
+                                                         self.client.hello.hash_key, key.salt, extras=key.extras)),
                           load=self.loads and not getattr(request, "skip_reading_prefix_cache", False), key=key)
             self._reqs[request.request_id] = st
         return st
@@ -132,7 +133,7 @@ class SchedulerSide:
                 return None, False
             st.last_ask = now
             self.stats["lookups"] += 1
-            st.lookup = self.client.lookup(self.ns_ids, st.hashes[:max_chunks * HASH_BYTES], pin=True)
+            st.lookup = self.client.lookup(self.ns_ids, st.hashes[:max_chunks].bytes, pin=True)
             if st.lookup.pending:
                 if not st.prefetch_deadline:
                     st.prefetch_deadline = now + self.prefetch_timeout
@@ -164,7 +165,7 @@ class SchedulerSide:
                       [o[c0:c1].tolist() for o in st.lookup.offsets],
                       [c[c0:c1].tolist() for c in st.lookup.checksums],
                       list(block_ids[first_block:last_block]), (local % self.chunk_tokens) // self.block_size,
-                      st.hashes[c0 * HASH_BYTES:c1 * HASH_BYTES], st.lookup.lease_id,
+                      st.hashes[c0:c1].bytes, st.lookup.lease_id,
                       [g[c0:c1].tolist() for g in st.lookup.gpu_regions],
                       [o[c0:c1].tolist() for o in st.lookup.gpu_offsets])
         self._loads.append(job)
@@ -229,7 +230,7 @@ class SchedulerSide:
     def _plan_store(self, st: _Req, computed_tokens: int) -> None:
         if not self.stores:
             return
-        n_full = len(st.hashes) // HASH_BYTES
+        n_full = len(st.hashes)
         if computed_tokens // self.chunk_tokens > n_full and self.store_output:
             n_full = self._hash_answer(st, computed_tokens // self.chunk_tokens)
         done = min(computed_tokens // self.chunk_tokens, n_full)
@@ -237,7 +238,7 @@ class SchedulerSide:
         if done <= st.stored_chunks or len(st.block_ids) < done * bpc:
             return
         c0 = st.stored_chunks
-        self._stores.append(StoreJob(st.request.request_id, st.hashes[c0 * HASH_BYTES:done * HASH_BYTES],
+        self._stores.append(StoreJob(st.request.request_id, st.hashes[c0:done].bytes,
                                      st.block_ids[c0 * bpc:done * bpc]))
         self.stats["store_chunks"] += done - c0
         st.stored_chunks = done
@@ -250,9 +251,9 @@ class SchedulerSide:
         of the conversation then finds it, on any instance. Returns the chunks hashed."""
         tokens = getattr(st.request, "all_token_ids", None)
         if st.key is None or tokens is None or self.client.hello is None or len(tokens) < chunks * self.chunk_tokens:
-            return len(st.hashes) // HASH_BYTES
-        st.hashes = chain_hashes(list(tokens[:chunks * self.chunk_tokens]), self.chunk_tokens,
-                                 self.client.hello.hash_key, st.key.salt, extras=st.key.extras)
+            return len(st.hashes)
+        st.hashes = HashList(chain_hashes(list(tokens[:chunks * self.chunk_tokens]), self.chunk_tokens,
+                                          self.client.hello.hash_key, st.key.salt, extras=st.key.extras))
         return chunks
 
     # -- completion -----------------------------------------------------------------------

@@ -46,7 +46,7 @@ from lmkv_mp.engine.copy_threads import one_torch_thread_pool
 from lmkv_mp.engine.cuda_path import CudaHostPath
 from lmkv_mp.engine.paged import PagedKV, slot_checksum
 from lmkv_mp.integration.plan import LoadJob, StepPlan, StoreJob
-from lmkv_mp.wire.keys import HASH_BYTES
+from lmkv_mp.wire.hashes import HashList
 from lmkv_mp.wire.protocol import NamespaceInfo
 
 log = logging.getLogger("lmkv.vllm")
@@ -261,8 +261,8 @@ class WorkerSide:
 
     def _report_corrupt(self, plan: StepPlan, job: LoadJob, i: int, expected: int) -> None:
         ns = self._namespace(plan)
-        h = job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES]
-        dropped = self.client.report_corrupt(ns, h, [expected]) if len(h) == HASH_BYTES else 0
+        hashes = HashList(job.hashes)
+        dropped = self.client.report_corrupt(ns, hashes[i], [expected]) if i < len(hashes) else 0
         log.warning("lmkv: chunk %d of %s failed its checksum after the copy: recomputing (sidecar dropped %d)",
                     i, job.req_id, dropped)
 
@@ -319,9 +319,9 @@ class WorkerSide:
             # is still in flight: a CopyPath's store ends its copies before it raises.
             self.client.release(res.lease_id)
             raise
-        written = [job.hashes[i * HASH_BYTES:(i + 1) * HASH_BYTES] for i in writable]
+        written = HashList.of(HashList(job.hashes)[i] for i in writable)
         sums = [self.checksum(host[off:off + nbytes]) for _, off, _ in chunks] if verify else []
-        committed = self.client.commit(res.lease_id, b"".join(written), sums or None) if written else 0
+        committed = self.client.commit(res.lease_id, written.bytes, sums or None) if written else 0
         with self._lock:
             self.stats["store_skipped"] += len(res.status) - len(written)
             self.stats["store_chunks"] += committed
