@@ -25,7 +25,6 @@ layout does, and others are refused.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
 import signal
@@ -60,7 +59,8 @@ class Layout:
         is turn k-1's prompt, its answer and a user message; lmkv stores a prompt's whole
         chunks, vLLM caches whole blocks of what it computed (the prompt and all but the last
         answer token)."""
-        if (self.system_tokens + self.user_tokens) % chunk_tokens or (self.answer_tokens + self.user_tokens) % chunk_tokens:
+        if (self.system_tokens + self.user_tokens) % chunk_tokens or \
+                (self.answer_tokens + self.user_tokens) % chunk_tokens:
             return (f"--system-tokens + --user-tokens and --answer-tokens + --user-tokens must be multiples of "
                     f"{chunk_tokens} (the sidecar's chunk size), so that every prompt ends on a chunk boundary")
         if not 1 <= self.answer_tokens <= block_size:
@@ -171,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = start_sidecar(run_dir, "512MiB", CHUNK_TOKENS)
     env = engine_env()
     lmkv = {"lmkv.endpoint": f"ipc://{run_dir}/control.sock"}
+    longest = layout.system_tokens + layout.turns * (layout.user_tokens + layout.answer_tokens)
     spec: dict[str, Any] = {"model": model, "max_model_len": 8192, "kv_cache_bytes": 512 << 20,
-                            "warmup_tokens": layout.system_tokens + layout.turns * (layout.user_tokens + layout.answer_tokens)}
+                            "warmup_tokens": longest}
     engines: dict[str, EngineProcess] = {}
     try:
         print("starting the sidecar and 5 vLLM engines (A, B with lmkv; X, Y, R without) ...", flush=True)
@@ -182,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             e.wait_ready()
         text, rc = summary(play(engines, layout))
         print("\n" + text)
-        stats = subprocess.run([sys.executable, "-c", "from lmkv_mp.cli import stats_main; stats_main()"],
-                               env={**os.environ, "LMKV_RUN_DIR": str(run_dir)}, capture_output=True, text=True)
+        stats = subprocess.run([sys.executable, "-c", "import sys; from lmkv_mp.cli import stats_main; "
+                                "sys.exit(stats_main(sys.argv[1:]))", "--run-dir", str(run_dir)],
+                               capture_output=True, text=True)
         print("\n" + stats.stdout)
         return rc
     finally:

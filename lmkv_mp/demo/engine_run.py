@@ -125,7 +125,8 @@ def serve(spec: dict[str, Any]) -> None:
         prompt = [{"prompt_token_ids": req["prompt_token_ids"]}]
         first = generate(llm, prompt, 1)
         (full,) = generate(llm, prompt, req.get("max_tokens", 16))["outputs"]
-        print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"], "num_cached_tokens": first["outputs"][0]["num_cached_tokens"],
+        print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"],
+                                       "num_cached_tokens": first["outputs"][0]["num_cached_tokens"],
                                        "answer_cached_tokens": full["num_cached_tokens"],
                                        **{k: full[k] for k in ("token_ids", "logprobs")}}), flush=True)
 
