@@ -1,11 +1,13 @@
 """The end-to-end demo: two vLLM instances share KV through one lmkv-sidecar.
 
 ``python -m lmkv_mp.demo`` builds a small random Llama on the spot, starts a sidecar and
-five real vLLM (CPU) engines, each in its own process: instances A and B use lmkv; X, Y and
-R are the same engine without it. A multi-turn conversation alternates between A and B
-(turn 1 on A, turn 2 on B, ...), as a load balancer would spread a chat over a fleet. Each
-turn prints the prompt length, the tokens A or B took from cache, the time to first token
-without lmkv (X for A, Y for B) and with it, and two comparisons of the answer:
+three real vLLM (CPU) engines, each in its own process: instances A and B use lmkv; the
+third is the same engine without it, and plays X, Y and R, each in a prefix-cache namespace
+of its own (a ``cache_salt``: to vLLM's prefix cache, three engines). A multi-turn
+conversation alternates between A and B (turn 1 on A, turn 2 on B, ...), as a load balancer
+would spread a chat over a fleet. Each turn prints the prompt length, the tokens A or B
+took from cache, the time to first token without lmkv (X for A, Y for B) and with it, and
+two comparisons of the answer:
 
 - **with R, the same computation: bit for bit.** R answers every turn itself, as one vLLM
   serving the whole chat would, so its own prefix cache holds every earlier turn computed
@@ -38,7 +40,7 @@ from typing import Any, Callable, Mapping
 import posix_ipc
 
 from lmkv_mp.config.common import DEFAULT_CHUNK_TOKENS
-from lmkv_mp.demo.engine_run import BLOCK_SIZE, Engine, EngineProcess, engine_env, start_sidecar
+from lmkv_mp.demo.engine_run import BLOCK_SIZE, CacheNamespace, Engine, EngineProcess, engine_env, start_sidecar
 from lmkv_mp.demo.oracle import Verdict, judge
 from lmkv_mp.memory import shm_name_for
 
@@ -174,13 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     longest = layout.system_tokens + layout.turns * (layout.user_tokens + layout.answer_tokens)
     spec: dict[str, Any] = {"model": model, "max_model_len": 8192, "kv_cache_bytes": 512 << 20,
                             "warmup_tokens": longest}
-    engines: dict[str, EngineProcess] = {}
+    processes: dict[str, EngineProcess] = {}
     try:
-        print("starting the sidecar and 5 vLLM engines (A, B with lmkv; X, Y, R without) ...", flush=True)
-        for name, extra in (("A", lmkv), ("B", lmkv), ("X", None), ("Y", None), ("R", None)):
-            engines[name] = EngineProcess(name, {**spec, "lmkv": extra}, work, env)
-        for e in engines.values():
+        print("starting the sidecar and 3 vLLM engines (A, B with lmkv; one without: X, Y and R) ...", flush=True)
+        for name, extra in (("A", lmkv), ("B", lmkv), ("plain", None)):
+            processes[name] = EngineProcess(name, {**spec, "lmkv": extra}, work, env)
+        for e in processes.values():
             e.wait_ready()
+        engines: dict[str, Engine] = {"A": processes["A"], "B": processes["B"],
+                                      **{n: CacheNamespace(n, processes["plain"]) for n in ("X", "Y", "R")}}
         text, rc = summary(play(engines, layout))
         print("\n" + text)
         stats = subprocess.run([sys.executable, "-c", "import sys; from lmkv_mp.cli import stats_main; "
@@ -189,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + stats.stdout)
         return rc
     finally:
-        for e in engines.values():
+        for e in processes.values():
             e.stop()
         sidecar.send_signal(signal.SIGTERM)
         try:

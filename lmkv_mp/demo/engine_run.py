@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -113,16 +114,17 @@ def lmkv_metrics(llm: Any) -> dict[str, float]:
 
 def serve(spec: dict[str, Any]) -> None:
     """Line protocol for interactive drivers (the demo): print ``{"ready": true}``, then for
-    each stdin line ``{"prompt_token_ids": [...], "max_tokens": N}`` print one line with the
-    time to first token (a ``max_tokens=1`` call) and the prompt tokens that call took from
-    cache (``num_cached_tokens``), then the full greedy answer of a second call and what it
-    took from cache (``answer_cached_tokens``: the first call's blocks, from vLLM's own prefix
-    cache). :func:`lmkv_mp.demo.oracle.same_computation` compares both counts."""
+    each stdin line ``{"prompt_token_ids": [...], "max_tokens": N}`` (and optionally
+    ``"cache_salt": S``) print one line with the time to first token (a ``max_tokens=1``
+    call) and the prompt tokens that call took from cache (``num_cached_tokens``), then the
+    full greedy answer of a second call and what it took from cache (``answer_cached_tokens``:
+    the first call's blocks, from vLLM's own prefix cache).
+    :func:`lmkv_mp.demo.oracle.same_computation` compares both counts."""
     llm = make_llm(spec)
     print(SERVE_MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        prompt = [{"prompt_token_ids": req["prompt_token_ids"]}]
+        prompt = [{k: req[k] for k in ("prompt_token_ids", "cache_salt") if k in req}]
         first = generate(llm, prompt, 1)
         (full,) = generate(llm, prompt, req.get("max_tokens", 16))["outputs"]
         print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"],
@@ -154,10 +156,24 @@ class Engine(Protocol):
 
     name: str
 
-    def ask(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
         """The :func:`serve` reply to one prompt: ``ttft_s``, ``num_cached_tokens``,
-        ``answer_cached_tokens``, ``token_ids``, ``logprobs``."""
+        ``answer_cached_tokens``, ``token_ids``, ``logprobs``. ``cache_salt`` is vLLM's: only
+        a prompt with the same salt can hit its blocks."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheNamespace:
+    """An :class:`Engine` under a ``cache_salt`` of its own: to the prefix cache, another
+    engine of the same kind (the salt changes which blocks a prompt can hit, never what is
+    computed), so one process can stand for several."""
+
+    name: str
+    engine: Engine
+
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
+        return self.engine.ask(prompt, max_tokens, self.name if cache_salt is None else f"{self.name}/{cache_salt}")
 
 
 class EngineProcess:
@@ -184,10 +200,11 @@ class EngineProcess:
         while not self._read().get("ready"):
             pass
 
-    def ask(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
         stdin: IO[str] | None = self.proc.stdin
         assert stdin is not None
-        stdin.write(json.dumps({"prompt_token_ids": prompt, "max_tokens": max_tokens}) + "\n")
+        salt = {"cache_salt": cache_salt} if cache_salt is not None else {}
+        stdin.write(json.dumps({"prompt_token_ids": prompt, "max_tokens": max_tokens, **salt}) + "\n")
         stdin.flush()
         return self._read()
 

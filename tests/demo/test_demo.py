@@ -9,45 +9,46 @@ from typing import Any
 import pytest
 
 from lmkv_mp.demo.demo import CHUNK_TOKENS, Layout, main, play, summary
-from lmkv_mp.demo.engine_run import BLOCK_SIZE, Engine
+from lmkv_mp.demo.engine_run import BLOCK_SIZE, CacheNamespace, Engine
 
 SMALL = Layout(turns=4, system_tokens=16, user_tokens=240, answer_tokens=16)  # prompts of 256, 512, 768, 1024
 
 
 class StandIn:
     """An :class:`Engine`: vLLM's prefix cache (whole blocks of what it computed, never the
-    last prompt token) and, with ``lmkv``, the connector's shared store (whole chunks of
-    prompt). Two calls per prompt, as ``engine_run.serve``. ``wrong`` shifts every answer
-    that used a chunk from lmkv: what wrong bytes would do."""
+    last prompt token, per ``cache_salt``) and, with ``lmkv``, the connector's shared store
+    (whole chunks of prompt). Two calls per prompt, as ``engine_run.serve``. ``wrong`` shifts
+    every answer that used a chunk from lmkv: what wrong bytes would do."""
 
     def __init__(self, name: str, lmkv: set[tuple[int, ...]] | None, wrong: bool = False) -> None:
         self.name = name
         self.lmkv = lmkv
         self.wrong = wrong
-        self.blocks: set[tuple[int, ...]] = set()
+        self.blocks: set[tuple[str | None, tuple[int, ...]]] = set()
 
-    def _longest(self, prompt: list[int], have: set[tuple[int, ...]], step: int) -> int:
+    @staticmethod
+    def _longest(prompt: list[int], have: set[Any], step: int, salt: str | None = None) -> int:
         n = 0
-        while n + step <= len(prompt) - 1 and tuple(prompt[:n + step]) in have:
+        while n + step <= len(prompt) - 1 and (salt, tuple(prompt[:n + step])) in have:
             n += step
         return n
 
-    def _cached(self, prompt: list[int]) -> tuple[int, bool]:
-        local = self._longest(prompt, self.blocks, BLOCK_SIZE)
-        shared = self._longest(prompt, self.lmkv, CHUNK_TOKENS) if self.lmkv is not None else 0
+    def _cached(self, prompt: list[int], salt: str | None) -> tuple[int, bool]:
+        local = self._longest(prompt, self.blocks, BLOCK_SIZE, salt)
+        shared = self._longest(prompt, self.lmkv, CHUNK_TOKENS, salt) if self.lmkv is not None else 0
         return max(local, shared), shared > local
 
-    def _computed(self, tokens: list[int], prompt_len: int) -> None:
-        self.blocks |= {tuple(tokens[:k]) for k in range(BLOCK_SIZE, len(tokens) + 1, BLOCK_SIZE)}
+    def _computed(self, tokens: list[int], prompt_len: int, salt: str | None) -> None:
+        self.blocks |= {(salt, tuple(tokens[:k])) for k in range(BLOCK_SIZE, len(tokens) + 1, BLOCK_SIZE)}
         if self.lmkv is not None:
-            self.lmkv |= {tuple(tokens[:k]) for k in range(CHUNK_TOKENS, prompt_len + 1, CHUNK_TOKENS)}
+            self.lmkv |= {(salt, tuple(tokens[:k])) for k in range(CHUNK_TOKENS, prompt_len + 1, CHUNK_TOKENS)}
 
-    def ask(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
-        cached, loaded = self._cached(prompt)
-        self._computed(prompt, len(prompt))
-        answer_cached, _ = self._cached(prompt)
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
+        cached, loaded = self._cached(prompt, cache_salt)
+        self._computed(prompt, len(prompt), cache_salt)
+        answer_cached, _ = self._cached(prompt, cache_salt)
         tokens = [(sum(prompt) + i) % 500 for i in range(max_tokens)]
-        self._computed(prompt + tokens[:-1], len(prompt))
+        self._computed(prompt + tokens[:-1], len(prompt), cache_salt)
         shift = 1e-3 if self.wrong and loaded else 0.0
         logprobs = [-1.0 - cached * 1e-6 - answer_cached * 1e-9 - shift] * max_tokens
         return {"ttft_s": 0.1 if cached else 1.0, "num_cached_tokens": cached, "answer_cached_tokens": answer_cached,
@@ -55,9 +56,11 @@ class StandIn:
 
 
 def engines(wrong: bool = False) -> dict[str, Engine]:
-    shared: set[tuple[int, ...]] = set()
-    return {"A": StandIn("A", shared), "B": StandIn("B", shared, wrong), "X": StandIn("X", None),
-            "Y": StandIn("Y", None), "R": StandIn("R", None)}
+    """As the demo runs them: A and B share lmkv, one engine without it is X, Y and R."""
+    shared: set[tuple[str | None, tuple[int, ...]]] = set()
+    plain = StandIn("plain", None)
+    return {"A": StandIn("A", shared), "B": StandIn("B", shared, wrong),
+            **{n: CacheNamespace(n, plain) for n in ("X", "Y", "R")}}
 
 
 def test_an_answer_equal_to_the_same_computation_passes_though_a_recompute_differs() -> None:
@@ -105,3 +108,13 @@ def test_a_layout_r_cannot_match_is_refused_before_any_engine_starts(flags: list
 
 def test_the_default_layout_ends_every_prompt_on_a_chunk_boundary() -> None:
     assert Layout().problem() is None and SMALL.problem() is None
+
+
+def test_cache_namespaces_of_one_engine_share_no_blocks() -> None:
+    plain = StandIn("plain", None)
+    x, r = CacheNamespace("X", plain), CacheNamespace("R", plain)
+    prompt = list(range(3, 3 + 300))
+    assert x.ask(prompt, 4)["num_cached_tokens"] == 0
+    assert r.ask(prompt, 4)["num_cached_tokens"] == 0
+    assert x.ask(prompt, 4)["num_cached_tokens"] == 288
+    assert plain.ask(prompt, 4)["num_cached_tokens"] == 0  # no salt: a namespace of its own too
