@@ -137,9 +137,9 @@ def summary(turns: list[Turn]) -> tuple[str, int]:
         f"logprobs at most {worst:.3g} apart",
         "",
         "R is the engine without lmkv that answered every turn: from its own prefix cache it reused exactly",
-        "the tokens A or B got from cache, computed the same way, so its answers match theirs to the bit",
-        "on any CPU if lmkv's bytes are right. X and Y are A and B without lmkv: they reused what their own",
-        "prefix cache held (other lengths), which vLLM's CPU kernels need not compute to the same bits.",
+        "the tokens A or B got from cache, computed the same way, whichever kernels this CPU has; if lmkv's",
+        "bytes are right, its answers are theirs to the bit. X and Y are A and B without lmkv: they reused",
+        "what their own prefix cache held (other lengths), which the kernels need not compute to the same bits.",
         "A and B never share a process: what one computed reached the other only through the sidecar.",
     ]
     return "\n".join(lines), 0 if ok else 1
