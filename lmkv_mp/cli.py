@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -11,8 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from lmkv_mp.config import (ClientConfig, ConfigError, load_client_config, parse_duration, sidecar_main_config,
-                            stats_endpoint_from_env)
+from lmkv_mp.config import sidecar_main_config, stats_main_config
 
 
 def sidecar_main(argv: Sequence[str] | None = None) -> int:
@@ -23,21 +21,6 @@ def sidecar_main(argv: Sequence[str] | None = None) -> int:
     from lmkv_mp.sidecar.server import serve  # imported late: `--help` stays fast
 
     return serve(cfg)
-
-
-def _stats_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lmkv-stats",
-        description="Print a running lmkv-sidecar's statistics: hit rate, chunks and bytes in and out, "
-                    "tier usage, leases, clients, errors, request latency, per-model usage.",
-        epilog="Exit status: 0 printed, 1 no sidecar answered, 2 bad flags.")
-    p.add_argument("--endpoint", help="stats endpoint (default: LMKV_STATS_ENDPOINT, else "
-                   "ipc://<run dir>/stats.sock with the run dir from LMKV_RUN_DIR or the default)")
-    p.add_argument("--json", action="store_true", help="print the snapshot as one JSON object (per refresh)")
-    p.add_argument("--watch", metavar="SECONDS", help="refresh every SECONDS (e.g. 2 or 500ms) until "
-                   "interrupted, with rates over the last interval; keeps trying if the sidecar goes away")
-    p.add_argument("--timeout", default="2s", help="how long to wait for the sidecar (default 2s)")
-    return p
 
 
 def _size(n: float) -> str:
@@ -132,27 +115,19 @@ def render(snap: dict[str, Any], prev: dict[str, Any] | None = None) -> str:
 
 def _no_sidecar(endpoint: str, why: str) -> str:
     if endpoint.startswith("ipc://") and not Path(endpoint[len("ipc://"):]).exists():
-        return (f"no sidecar is running at {endpoint} (no such socket): start lmkv-sidecar, or point "
-                "--endpoint, LMKV_STATS_ENDPOINT or LMKV_RUN_DIR at a running one")
+        return (f"no sidecar is running at {endpoint} (no such socket): start lmkv-sidecar, or name a running "
+                "one as it was started (--run-dir, --stats-endpoint, --endpoint; LMKV_RUN_DIR, LMKV_STATS_ENDPOINT)")
     return f"no sidecar answered at {endpoint}: {why}"
 
 
 def stats_main(argv: Sequence[str] | None = None) -> int:
     """``lmkv-stats``: exit 0 after printing, 1 when no sidecar answers, 2 on bad flags.
     With ``--watch`` it runs until interrupted (SIGINT/SIGTERM: exit 0)."""
-    args = _stats_parser().parse_args(argv)
+    cfg = stats_main_config(argv)  # a bad flag or value: shown, SystemExit(2)
     from lmkv_mp.engine.client import SidecarClient, SidecarError
 
-    try:
-        timeout = parse_duration(args.timeout)
-        watch = parse_duration(args.watch) if args.watch else None
-        base = load_client_config()
-        endpoint = args.endpoint or stats_endpoint_from_env()
-    except (ValueError, ConfigError) as e:
-        print(f"lmkv-stats: error: {e}", file=sys.stderr)
-        return 2
-    cfg = ClientConfig(endpoint, timeout, base.heartbeat_interval, 0.0, None)
-    client = SidecarClient(cfg, role="admin", heartbeat=False)
+    endpoint, watch = cfg.client.endpoint, cfg.watch
+    client = SidecarClient(cfg.client, role="admin", heartbeat=False)
     tty = sys.stdout.isatty()
     prev: dict[str, Any] | None = None
     try:
@@ -165,7 +140,7 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
             if snap is None and (watch is None or prev is None):
                 print(f"lmkv-stats: {_no_sidecar(endpoint, why)}", file=sys.stderr)
                 return 1
-            if args.json:
+            if cfg.json:
                 if snap is None:
                     print(f"lmkv-stats: {_no_sidecar(endpoint, why)}; retrying", file=sys.stderr, flush=True)
                 else:
@@ -179,7 +154,7 @@ def stats_main(argv: Sequence[str] | None = None) -> int:
                 else:
                     text = render(snap, prev)
                 if watch is not None:
-                    text += f"\n\n{time.strftime('%H:%M:%S')}  every {args.watch}  Ctrl-C quits"
+                    text += f"\n\n{time.strftime('%H:%M:%S')}  every {_seconds(watch)}  Ctrl-C quits"
                 print(text, flush=True)
             if watch is None:
                 return 0

@@ -49,7 +49,9 @@ def test_help() -> None:
     for flag in ("--run-dir", "--host-pool-size", "--lease-timeout", "LMKV_HOST_POOL_SIZE"):
         assert flag in r.stdout
     r = run([exe("lmkv-stats"), "--help"], clean_env())
-    assert r.returncode == 0 and "--json" in r.stdout
+    assert r.returncode == 0
+    for flag in ("--json", "--run-dir", "LMKV_RUN_DIR", "--stats-endpoint", "LMKV_STATS_ENDPOINT", "--endpoint"):
+        assert flag in r.stdout
 
 
 @pytest.mark.parametrize("flag,value", [("--host-pool-size", "12XB"), ("--lease-timeout", "0"),
@@ -180,6 +182,25 @@ def test_stats_counts_match_traffic(sidecar: Callable[..., SidecarHandle]) -> No
     assert "tier host" in r.stdout and "clients    2 (scheduler 1, worker 1)" in r.stdout
     assert f"stats-test: {host['entries']} chunks" in r.stdout and "10 hits" in r.stdout
     assert "latency    LOOKUP   n=2" in r.stdout
+
+
+@pytest.mark.slow
+def test_stats_names_a_sidecar_as_lmkv_sidecar_does(sidecar: Callable[..., SidecarHandle], xdg: Path) -> None:
+    """The fixture starts ``lmkv-sidecar --run-dir DIR``; ``lmkv-stats`` takes the same flag, the
+    sidecar's endpoint flags and the run dir's env twin (a flag wins over it)."""
+    h = sidecar()
+    boot_id = stats(h)["boot_id"]
+    elsewhere = str(xdg / "nothing-here")
+    for args, env in ((["--run-dir", str(h.run_dir)], clean_env()),
+                      (["--run-dir", str(h.run_dir)], clean_env(LMKV_RUN_DIR=elsewhere)),
+                      (["--stats-endpoint", h.stats_endpoint], clean_env(LMKV_RUN_DIR=elsewhere)),
+                      (["--endpoint", h.endpoint], clean_env(LMKV_RUN_DIR=elsewhere)),
+                      ([], clean_env(LMKV_RUN_DIR=str(h.run_dir)))):
+        r = run([exe("lmkv-stats"), "--json", *args], env)
+        assert r.returncode == 0, (args, r.stderr)
+        assert json.loads(r.stdout)["boot_id"] == boot_id, args
+    r = run([exe("lmkv-stats"), "--run-dir", elsewhere], clean_env(LMKV_RUN_DIR=str(h.run_dir)))
+    assert r.returncode == 1 and "nothing-here" in r.stderr
 
 
 def test_stats_without_a_sidecar_fails_fast(xdg: Path) -> None:

@@ -16,7 +16,6 @@ from lmkv_mp.config.common import (
     ConfigError,
     default_endpoint,
     default_run_dir,
-    default_stats_endpoint,
     endpoint_problem,
     parse_bool,
     parse_int,
@@ -156,17 +155,3 @@ def load_client_config(
         copy_threads=copy_threads,
         store_output=store_output,
     )
-
-
-def stats_endpoint_from_env(env: Mapping[str, str] | None = None) -> str:
-    """Where ``lmkv-stats`` finds the stats socket: ``LMKV_STATS_ENDPOINT``, else the
-    default stats socket in ``LMKV_RUN_DIR`` or the default run dir."""
-    env = os.environ if env is None else env
-    if env.get("LMKV_STATS_ENDPOINT"):
-        return env["LMKV_STATS_ENDPOINT"]
-    run_dir_text = env.get("LMKV_RUN_DIR") or ""
-    try:
-        run_dir = parse_path(run_dir_text) if run_dir_text else default_run_dir(env)
-    except ValueError as e:
-        raise ConfigError("LMKV_RUN_DIR", None, str(e)) from None
-    return default_stats_endpoint(run_dir)

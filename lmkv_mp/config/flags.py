@@ -26,6 +26,7 @@ from lmkv_mp.config.common import (
     LOG_LEVELS,
     WRITE_POLICIES,
     ConfigError,
+    endpoint_problem,
     parse_bool,
 )
 from lmkv_mp.config.units import _fmt_seconds, _show, format_size
@@ -189,6 +190,18 @@ class Sources:
         """None when unset or set to the empty string, else ``parse(raw)``."""
         raw = self.raw(flag)
         return None if not raw else self.parse(flag, parse, None)
+
+    def endpoint(self, flag: str, default: str, *, bind: bool) -> str:
+        """A ZeroMQ endpoint setting, checked (``bind``: the sidecar binds it, so ``*`` is a
+        host). A default is only bad when the run dir is too long for a socket path, so the
+        error then names ``--run-dir``."""
+        value = self.parse(flag, str, default)
+        problem = endpoint_problem(value, bind=bind)
+        if problem is None:
+            return value
+        if self.raw(flag) is None:
+            raise flag_error("--run-dir", f"gives {flag} {_show(value)}, which {problem}")
+        raise flag_error(flag, f"{_show(value)} {problem}")
 
     def switch(self, flag: str, default: bool) -> bool:
         """A ``--flag/--no-flag`` switch; its env twin takes on|off, true|false, 1|0."""

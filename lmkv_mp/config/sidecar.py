@@ -40,7 +40,6 @@ from lmkv_mp.config.common import (
     default_run_dir,
     default_stats_endpoint,
     default_stats_publish_endpoint,
-    endpoint_problem,
     is_loopback_endpoint,
     parse_bool,
     parse_int,
@@ -144,17 +143,6 @@ class SidecarConfig:
     client_pool_share: float = DEFAULT_CLIENT_POOL_SHARE
     client_max_inflight: int = DEFAULT_CLIENT_MAX_INFLIGHT
 
-def _endpoint_setting(src: Sources, flag: str, default: str) -> str:
-    value = src.parse(flag, str, default)
-    problem = endpoint_problem(value, bind=True)
-    if problem is None:
-        return value
-    if src.raw(flag) is None:
-        # A default endpoint is only bad when the run dir is too long for a socket path.
-        raise flag_error("--run-dir", f"gives {flag} {_show(value)}, which {problem}")
-    raise flag_error(flag, f"{_show(value)} {problem}")
-
-
 def _remote_url(text: str) -> str:
     for valkey, redis in VALKEY_SCHEMES.items():
         if text.startswith(valkey):
@@ -229,9 +217,10 @@ def load_sidecar_config(
 def _parse_settings(src: Sources, env: Mapping[str, str], meminfo_path: str) -> SidecarConfig:
     """Every setting from its flag, env twin or default, each checked on its own."""
     run_dir = src.parse("--run-dir", parse_path, default_run_dir(env))
-    endpoint = _endpoint_setting(src, "--endpoint", default_endpoint(run_dir))
-    stats_endpoint = _endpoint_setting(src, "--stats-endpoint", default_stats_endpoint(run_dir))
-    stats_publish_endpoint = _endpoint_setting(src, "--stats-publish-endpoint", default_stats_publish_endpoint(run_dir))
+    endpoint = src.endpoint("--endpoint", default_endpoint(run_dir), bind=True)
+    stats_endpoint = src.endpoint("--stats-endpoint", default_stats_endpoint(run_dir), bind=True)
+    stats_publish_endpoint = src.endpoint("--stats-publish-endpoint", default_stats_publish_endpoint(run_dir),
+                                          bind=True)
     stats_interval = src.parse("--stats-interval", lambda t: parse_duration(t, allow_zero=True),
                                DEFAULT_STATS_INTERVAL)
     host_pool_size = (default_host_pool_size(meminfo_path) if src.raw("--host-pool-size") is None

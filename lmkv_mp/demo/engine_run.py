@@ -27,12 +27,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
+
+from lmkv_mp.config.common import DEFAULT_CHUNK_TOKENS
 
 
 SERVE_MARK = "@lmkv "
 """Prefix of the serve protocol's stdout lines (vLLM prints to stdout too)."""
+
+BLOCK_SIZE = 32
+"""vLLM's block size where a spec names none (vLLM's CPU attention needs a multiple of 32)."""
 
 
 def make_llm(spec: dict[str, Any]) -> Any:
@@ -41,7 +47,7 @@ def make_llm(spec: dict[str, Any]) -> Any:
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    kw: dict[str, Any] = dict(model=spec["model"], skip_tokenizer_init=True, block_size=spec.get("block_size", 32),
+    kw: dict[str, Any] = dict(model=spec["model"], skip_tokenizer_init=True, block_size=spec.get("block_size", BLOCK_SIZE),
                               enforce_eager=True, max_model_len=spec.get("max_model_len", 2048),
                               max_num_batched_tokens=spec.get("max_num_batched_tokens", 8192),
                               max_num_seqs=8, seed=0, enable_prefix_caching=spec.get("prefix_caching", True),
@@ -135,17 +141,23 @@ def lmkv_metrics(llm: Any) -> dict[str, float]:
 
 def serve(spec: dict[str, Any]) -> None:
     """Line protocol for interactive drivers (the demo): print ``{"ready": true}``, then for
-    each stdin line ``{"prompt_token_ids": [...], "max_tokens": N}`` print one line with the
-    time to first token (a ``max_tokens=1`` call) and the full greedy answer."""
+    each stdin line ``{"prompt_token_ids": [...], "max_tokens": N}`` (and optionally
+    ``"cache_salt": S``) print one line with the time to first token (a ``max_tokens=1``
+    call) and the prompt tokens that call took from cache (``num_cached_tokens``), then the
+    full greedy answer of a second call and what it took from cache (``answer_cached_tokens``:
+    the first call's blocks, from vLLM's own prefix cache).
+    :func:`lmkv_mp.demo.oracle.same_computation` compares both counts."""
     llm = make_llm(spec)
     print(SERVE_MARK + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
-        prompt = [{"prompt_token_ids": req["prompt_token_ids"]}]
+        prompt = [{k: req[k] for k in ("prompt_token_ids", "cache_salt") if k in req}]
         first = generate(llm, prompt, 1)
-        full = generate(llm, prompt, req.get("max_tokens", 16))
-        print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"], "num_cached_tokens": first["outputs"][0]["num_cached_tokens"],
-                          **{k: full["outputs"][0][k] for k in ("token_ids", "logprobs")}}), flush=True)
+        (full,) = generate(llm, prompt, req.get("max_tokens", 16))["outputs"]
+        print(SERVE_MARK + json.dumps({"ttft_s": first["wall_s"],
+                                       "num_cached_tokens": first["outputs"][0]["num_cached_tokens"],
+                                       "answer_cached_tokens": full["num_cached_tokens"],
+                                       **{k: full[k] for k in ("token_ids", "logprobs")}}), flush=True)
 
 
 def engine_env() -> dict[str, str]:
@@ -157,10 +169,38 @@ def engine_env() -> dict[str, str]:
     return env
 
 
-def start_sidecar(run_dir: Path, pool_size: str) -> subprocess.Popen:
-    """A sidecar for a driver's engines on ``run_dir``; its pool goes when it exits."""
+def start_sidecar(run_dir: Path, pool_size: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> subprocess.Popen:
+    """A sidecar for a driver's engines on ``run_dir``, ``chunk_tokens`` per chunk whatever
+    the environment says (a driver's prompts are laid out for it); its pool goes when it exits."""
     return subprocess.Popen([sys.executable, "-m", "lmkv_mp.cli", "--run-dir", str(run_dir), "--host-pool-size",
-                             pool_size, "--metrics-port", "0", "--unlink-on-exit", "--log-level", "warning"])
+                             pool_size, "--chunk-tokens", str(chunk_tokens), "--metrics-port", "0", "--unlink-on-exit",
+                             "--log-level", "warning"])
+
+
+class Engine(Protocol):
+    """What a driver asks of an engine: :class:`EngineProcess`, or a stand-in that answers as
+    vLLM would (the demo's tests)."""
+
+    name: str
+
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
+        """The :func:`serve` reply to one prompt: ``ttft_s``, ``num_cached_tokens``,
+        ``answer_cached_tokens``, ``token_ids``, ``logprobs``. ``cache_salt`` is vLLM's: only
+        a prompt with the same salt can hit its blocks."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheNamespace:
+    """An :class:`Engine` under a ``cache_salt`` of its own: to the prefix cache, another
+    engine of the same kind (the salt changes which blocks a prompt can hit, never what is
+    computed), so one process can stand for several."""
+
+    name: str
+    engine: Engine
+
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
+        return self.engine.ask(prompt, max_tokens, self.name if cache_salt is None else f"{self.name}/{cache_salt}")
 
 
 class EngineProcess:
@@ -187,10 +227,11 @@ class EngineProcess:
         while not self._read().get("ready"):
             pass
 
-    def ask(self, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    def ask(self, prompt: list[int], max_tokens: int, cache_salt: str | None = None) -> dict[str, Any]:
         stdin: IO[str] | None = self.proc.stdin
         assert stdin is not None
-        stdin.write(json.dumps({"prompt_token_ids": prompt, "max_tokens": max_tokens}) + "\n")
+        salt = {"cache_salt": cache_salt} if cache_salt is not None else {}
+        stdin.write(json.dumps({"prompt_token_ids": prompt, "max_tokens": max_tokens, **salt}) + "\n")
         stdin.flush()
         return self._read()
 
