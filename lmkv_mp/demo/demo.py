@@ -179,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     processes: dict[str, EngineProcess] = {}
     try:
         print("starting the sidecar and 3 vLLM engines (A, B with lmkv; one without: X, Y and R) ...", flush=True)
-        for name, extra in (("A", lmkv), ("B", lmkv), ("plain", None)):
+        # The engine without lmkv has the connector configured all the same, aimed where no
+        # sidecar listens (every lookup a miss): vLLM then runs the model as it does in A and
+        # B, while merely configuring a connector has moved logprobs on some CPUs.
+        nowhere = {"lmkv.endpoint": f"ipc://{work}/no-sidecar/control.sock"}
+        for name, extra in (("A", lmkv), ("B", lmkv), ("plain", nowhere)):
             processes[name] = EngineProcess(name, {**spec, "lmkv": extra}, work, env)
         for e in processes.values():
             e.wait_ready()
