@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from lmkv_mp.demo.oracle import bit_identical, max_logprob_diff, same_computation, same_tokens
-from tests.conftest import Procs
+from tests.conftest import Procs, SidecarHandle
 
 ENGINE_TIMEOUT = 600
 SHM = Path("/dev/shm")
@@ -144,3 +144,19 @@ def close_output(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """The same greedy tokens, logprobs within :data:`REF_LOGPROB_TOLERANCE`: for comparing
     with a different computation (plain vLLM, a full recompute, another cached length)."""
     return same_tokens(a, b) and max_logprob_diff(a, b) <= REF_LOGPROB_TOLERANCE
+
+
+def started_sidecar(procs: Procs, chunk_tokens: int, *flags: str) -> SidecarHandle:
+    """A real sidecar on a fresh run dir for one e2e module (``--chunk-tokens``, a 128 MiB
+    pool, then ``flags``), started; the caller closes it."""
+    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
+    sidecar = SidecarHandle(procs, run_dir, ("--chunk-tokens", str(chunk_tokens), "--host-pool-size", "128MiB",
+                                             *flags))
+    sidecar.start()
+    return sidecar
+
+
+def nowhere() -> dict[str, str]:
+    """Connector settings aimed where no sidecar listens: the engine runs with the connector
+    configured (as the engines it is compared with) and every lookup misses."""
+    return {"lmkv.endpoint": f"ipc://{tempfile.mkdtemp(prefix='lmkv-none-')}/control.sock"}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,8 +16,8 @@ import pytest
 
 from bench.redisproc import free_port
 from lmkv_mp.demo.tiny_model import add_word_tokenizer, build_tiny_llama, words
-from tests.conftest import Procs, SidecarHandle, stats, wait_for
-from tests.e2e.engines import REF_LOGPROB_TOLERANCE, prompt, require_vllm
+from tests.conftest import Procs, stats, wait_for
+from tests.e2e.engines import REF_LOGPROB_TOLERANCE, prompt, require_vllm, started_sidecar
 from tests.e2e.servers import Server, complete, kv_config
 
 require_vllm()
@@ -38,9 +37,7 @@ def pd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("e2e-pd")
     procs = Procs(base)
     model = add_word_tokenizer(build_tiny_llama(base / "model", seed=0))
-    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
-    sidecar = SidecarHandle(procs, run_dir, ("--chunk-tokens", str(CHUNK), "--host-pool-size", "128MiB"))
-    sidecar.start()
+    sidecar = started_sidecar(procs, CHUNK)
     servers = {name: Server(procs, name, model, kv_config(sidecar.endpoint, role))
                for name, role in (("prefill", "kv_producer"), ("decode", "kv_consumer"))}
     port = free_port()

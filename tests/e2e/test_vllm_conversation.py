@@ -5,15 +5,13 @@ is compared with ref reusing exactly as many tokens from its own prefix cache (S
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from lmkv_mp.demo.tiny_model import build_tiny_llama
-from tests.conftest import Procs, SidecarHandle, stats
-from tests.e2e.engines import only, prompt, require_vllm, run_engine, same_output
+from tests.conftest import Procs, stats
+from tests.e2e.engines import nowhere, only, prompt, require_vllm, run_engine, same_output, started_sidecar
 
 require_vllm()
 
@@ -29,11 +27,9 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     base = tmp_path_factory.mktemp("e2e-chat")
     procs = Procs(base)
     model = build_tiny_llama(base / "model", seed=0)
-    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
-    sidecar = SidecarHandle(procs, run_dir, ("--chunk-tokens", str(CHUNK), "--host-pool-size", "128MiB"))
-    sidecar.start()
+    sidecar = started_sidecar(procs, CHUNK)
     lmkv = {"lmkv.endpoint": sidecar.endpoint}
-    nowhere = {"lmkv.endpoint": f"ipc://{tempfile.mkdtemp(prefix='lmkv-none-')}/control.sock"}
+    none = nowhere()
     out: dict[str, Any] = {}
     try:
         out["A"] = run_engine(procs, {"model": model, "lmkv": lmkv, "max_tokens": ANSWER_TOKENS,
@@ -45,7 +41,7 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         out["cached"] = cached
         out["B"] = run_engine(procs, {"model": model, "lmkv": lmkv, "max_tokens": 8,
                                       "turns": [[{"prompt_token_ids": turn2}]]}, "B")
-        out["ref"] = run_engine(procs, {"model": model, "lmkv": nowhere, "max_tokens": 8, "turns": [
+        out["ref"] = run_engine(procs, {"model": model, "lmkv": none, "max_tokens": 8, "turns": [
             [{"prompt_token_ids": turn2[:cached]}], [{"prompt_token_ids": turn2}]]}, "ref")
         yield out
     finally:

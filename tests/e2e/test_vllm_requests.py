@@ -11,15 +11,13 @@ prompt's first N tokens, which then sit in its cache as whole blocks)."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
 from lmkv_mp.demo.tiny_model import build_lora_adapter, build_tiny_gemma2, build_tiny_llama
-from tests.conftest import Procs, SidecarHandle, stats
-from tests.e2e.engines import only, prompt, require_vllm, run_engine, same_output
+from tests.conftest import Procs, stats
+from tests.e2e.engines import nowhere, only, prompt, require_vllm, run_engine, same_output, started_sidecar
 
 require_vllm()
 
@@ -42,15 +40,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     a1 = ["a1", 1, build_lora_adapter(base / "a1", llama, seed=1)]
     a2 = ["a2", 2, build_lora_adapter(base / "a2", llama, seed=2)]
     gemma = build_tiny_gemma2(base / "gemma", sliding_window=128, seed=0)
-    run_dir = Path(tempfile.mkdtemp(prefix="lmkv-", dir="/tmp"))
-    sidecar = SidecarHandle(procs, run_dir, ("--chunk-tokens", str(CHUNK), "--host-pool-size", "128MiB"))
-    sidecar.start()
+    sidecar = started_sidecar(procs, CHUNK)
     lmkv = {"lmkv.endpoint": sidecar.endpoint}
-    nowhere = {"lmkv.endpoint": f"ipc://{tempfile.mkdtemp(prefix='lmkv-none-')}/control.sock"}
+    none = nowhere()
     lora = {"model": llama, "max_tokens": 8, "lora": {"max_lora_rank": 8}}
     out: dict[str, Any] = {}
     try:
-        out["lora_ref"] = run_engine(procs, {**lora, "lmkv": nowhere, "turns": [
+        out["lora_ref"] = run_engine(procs, {**lora, "lmkv": none, "turns": [
             turn(P, a2), turn(P[:HIT], a1), turn(P, a1)]}, "lora-ref")
         out["lora_A"] = run_engine(procs, {**lora, "lmkv": lmkv, "turns": [turn(P, a1)]}, "lora-A")
         out["after_lora_A"] = stats(sidecar)
@@ -60,7 +56,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
                                            "turns": [[{"embeds": [5, 300, 64]}], turn(P)]}, "embeds")
         out["after_embeds"] = stats(sidecar)
         gem = {"model": gemma, "max_tokens": 8}
-        out["gemma_ref"] = run_engine(procs, {**gem, "lmkv": nowhere, "turns": [turn(P[:HIT]), turn(P)]}, "gemma-ref")
+        out["gemma_ref"] = run_engine(procs, {**gem, "lmkv": none, "turns": [turn(P[:HIT]), turn(P)]}, "gemma-ref")
         out["gemma_A"] = run_engine(procs, {**gem, "lmkv": lmkv, "turns": [turn(P)]}, "gemma-A")
         out["gemma_B"] = run_engine(procs, {**gem, "lmkv": lmkv, "turns": [turn(P)]}, "gemma-B")
         out["end"] = stats(sidecar)
