@@ -117,7 +117,8 @@ class LMKVConnector(KVConnectorBase_V1):
         overrides = {k: extra.get(f"lmkv.{k}") for k in CLIENT_SETTINGS}
         self._client_config = load_client_config(overrides=overrides)
         self._sched: SchedulerSide | None = None
-        self._worker: WorkerSide | None = None
+        self._worker: WorkerSide | DeclinedRank | None = None
+        self._warned_no_handshake = False
         self._declined = self._check_supported(vllm_config, kv_cache_config)
         if self._declined:
             log.warning("lmkv: connector disabled: %s", self._declined)
@@ -369,6 +370,10 @@ class LMKVConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         if self._sched is None:
+            if not self._declined and not self._warned_no_handshake:
+                self._warned_no_handshake = True
+                log.warning("lmkv: connector idle: the ranks never said what their KV caches hold "
+                            "(no handshake from vLLM's workers), so no namespace is safe to use")
             return 0, False
         return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
