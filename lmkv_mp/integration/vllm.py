@@ -167,7 +167,8 @@ class LMKVConnector(KVConnectorBase_V1):
         layouts = [getattr(metadata.get(r), "layout", "") for r in range(self._tp_size)]
         missing = [r for r, lay in enumerate(layouts) if not lay]
         if missing:
-            log.warning("lmkv: connector disabled: TP rank(s) %s cannot read their KV cache", missing)
+            self._declined = f"TP rank(s) {missing} cannot read their KV cache"
+            log.warning("lmkv: connector disabled: %s", self._declined)
             return
         self._start_scheduler(layouts)
 
