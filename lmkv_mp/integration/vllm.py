@@ -364,7 +364,7 @@ class LMKVConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
-        elif not self._declined:
+        elif hasattr(self, "_client"):  # not built when the engine was declined at start
             self._client.close()
 
     # -- scheduler side -------------------------------------------------------------------
