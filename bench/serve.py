@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,11 @@ from serving.plan import Plan, plan_for, run_vllm_bench  # noqa: E402
 from serving.workload import Chats, arrivals, describe, unique_prompts  # noqa: E402
 
 SCENARIOS = ("1", "2", "3", "bench")
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"serve: {time.monotonic() - T0:6.1f} s: {msg}", file=sys.stderr, flush=True)
 
 
 def run_system(system: str, plan: Plan, scenarios: list[str], work: Path) -> dict[str, dict[str, Any]]:
@@ -66,10 +72,12 @@ def run_system(system: str, plan: Plan, scenarios: list[str], work: Path) -> dic
         small = EngineShape(plan.model, plan.max_model_len, plan.small_kv_bytes)
         shapes = [plan.engine, *([plan.engine] if "1" in scenarios and not plan.quick else []),
                   *([small] if "2" in scenarios or "1" in scenarios and plan.quick else [])]
+        log(f"{system}: starting {len(shapes)} API servers")
         servers = fleet.start_servers(shapes)
         normal = servers[:2] if "1" in scenarios else servers[:1]
         offload = servers[-1]
         for sc in scenarios:
+            log(f"{system}: scenario {sc}")
             if sc == "1":
                 lines["1"] = measure(fleet, "1", system, plan, normal, chats=Chats(plan.chat, plan.vocab, salt=1))
                 if system == "none":
