@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import sys
 import time
@@ -63,10 +64,11 @@ def log(msg: str) -> None:
     print(f"serve: {time.monotonic() - T0:6.1f} s: {msg}", file=sys.stderr, flush=True)
 
 
-def run_system(system: str, plan: Plan, scenarios: list[str], work: Path) -> dict[str, dict[str, Any]]:
+def run_system(system: str, plan: Plan, scenarios: list[str], work: Path,
+               lmkv_extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Start ``system``'s processes, run each scenario on them; its lines by scenario."""
     lines: dict[str, dict[str, Any]] = {}
-    with Fleet(system, work / system) as fleet:
+    with Fleet(system, work / system, lmkv_extra if system == "lmkv" else {}) as fleet:
         (work / system).mkdir(parents=True, exist_ok=True)
         fleet.start_cache(plan.pool_bytes)
         small = EngineShape(plan.model, plan.max_model_len, plan.small_kv_bytes)
@@ -154,6 +156,11 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="CI-sized: small model, few users, short runs (< 4 min)")
     ap.add_argument("--scenario", default=",".join(SCENARIOS), help="comma-separated, of 1,2,3,bench [all]")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated, of none,lmkv,lmcache [all]")
+    ap.add_argument("--records", type=Path, default=None,
+                    help="also write every request's record (JSON lines, texts left out) here, for profiling")
+    ap.add_argument("--lmkv-config", default="{}", metavar="JSON",
+                    help="more of lmkv's kv_connector_extra_config, e.g. '{\"lmkv.chunk_tokens\": 64}' "
+                         "(an experiment: the default run uses lmkv's defaults, as every system its own)")
     ap.add_argument("--lmcache", choices=("auto", "run", "skip"), default="auto",
                     help="auto: the lmcache system only where its venv is installed; run: install it if needed")
     args = ap.parse_args()
@@ -170,7 +177,7 @@ def main() -> int:
         rc |= 1 if args.lmcache == "run" else 0
     plan = plan_for(args.quick)
     work = scratch()
-    emit({"bench": "serve", "config": True, "quick": args.quick, "scenarios": scenarios, "systems": systems,
+    emit({"bench": "serve", "config": True, "quick": args.quick, "lmkv_config": json.loads(args.lmkv_config), "scenarios": scenarios, "systems": systems,
           "model": plan.model_desc, "chat": describe(plan.chat), "duration_s": plan.duration_s,
           "engine_kv_bytes": plan.engine.kv_cache_bytes, "offload_kv_bytes": plan.small_kv_bytes,
           "offload_kv_frac": plan.small_kv_frac, "unique": {"n": plan.unique_n, "tokens": plan.unique_tokens,
@@ -182,15 +189,29 @@ def main() -> int:
         results: dict[str, dict[str, dict[str, Any]]] = {}
         for system in systems:
             try:
-                results[system] = run_system(system, plan, scenarios, work)
+                results[system] = run_system(system, plan, scenarios, work, json.loads(args.lmkv_config))
             except Exception:
                 traceback.print_exc()
                 emit({"bench": "serve", "system": system, "error": traceback.format_exc(limit=2)[-600:]})
                 rc = 1
+        if args.records is not None:
+            write_records(args.records, results)
         rc |= report(results, scenarios)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if rc:  # the servers' logs say why
+            log(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     return rc
+
+
+def write_records(path: Path, results: dict[str, dict[str, dict[str, Any]]]) -> None:
+    with path.open("w") as f:
+        for system, lines in results.items():
+            for sc, line in lines.items():
+                for r in line.get("_records") or []:
+                    rec = {k: v for k, v in vars(r).items() if k not in ("messages", "token_ids", "itl_s")}
+                    f.write(json.dumps({"scenario": sc, "system": system, **rec}) + "\n")
 
 
 def report(results: dict[str, dict[str, dict[str, Any]]], scenarios: list[str]) -> int:

@@ -100,8 +100,10 @@ class ApiServer:
                 if get(f"{self.url}/health", timeout=2.0) is not None:
                     return
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-4000:]
-                raise RuntimeError(f"API server {self.name} did not start (exit {self.proc.poll()}):\n{tail}")
+                text = self.log.read_text(errors="replace").splitlines()
+                errors = [ln for ln in text if "Error" in ln and "Warning" not in ln][-6:]
+                raise RuntimeError(f"API server {self.name} did not start (exit {self.proc.poll()}); its log "
+                                   f"{self.log} ends:\n" + "\n".join([*text[-15:], "errors:", *errors]))
             time.sleep(0.5)  # its readiness is only visible over HTTP
 
     def metrics(self) -> dict[str, float]:
@@ -124,6 +126,7 @@ class Fleet:
 
     system: str
     work: Path
+    lmkv_extra: dict[str, Any] = field(default_factory=dict)  # more kv_connector_extra_config for lmkv
     servers: list[ApiServer] = field(default_factory=list)
     cache_proc: subprocess.Popen[Any] | None = None
     _sidecar: SidecarProcess | None = None
@@ -183,7 +186,8 @@ class Fleet:
             assert self._sidecar is not None
             return {"kv_connector": "LMKVConnector", "kv_connector_module_path": "lmkv_mp.integration.vllm",
                     "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-                    "kv_connector_extra_config": {"lmkv.endpoint": f"ipc://{self._sidecar.run_dir}/control.sock"}}
+                    "kv_connector_extra_config": {"lmkv.endpoint": f"ipc://{self._sidecar.run_dir}/control.sock",
+                                                  **self.lmkv_extra}}
         if self.system == "lmcache":
             return {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
                     "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1",
