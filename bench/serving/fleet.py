@@ -50,17 +50,19 @@ def get(url: str, timeout: float = 5.0) -> str:
         return r.read().decode()
 
 
-def stop_group(proc: subprocess.Popen[Any], grace: float = 20.0) -> None:
-    """SIGTERM to ``proc``'s process group, SIGKILL after ``grace`` seconds."""
-    if proc.poll() is not None and not _group_alive(proc.pid):
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
+def stop_group(proc: subprocess.Popen[Any], grace: float = 30.0) -> None:
+    """End ``proc`` and its process group: SIGTERM to ``proc`` alone first (vLLM's API
+    server then stops its engine core, which unlinks its shared-memory queues: a SIGTERM to
+    the whole group at once leaves them in /dev/shm), SIGKILL to the group after ``grace``."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(wait)
-        if not _group_alive(proc.pid):
-            return
+            proc.wait(0.5)  # reaps the leader; the group lives on while its children do
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _group_alive(pgid: int) -> bool:
