@@ -83,9 +83,8 @@ def run_system(system: str, plan: Plan, scenarios: list[str], work: Path,
             if sc == "1":
                 lines["1"] = measure(fleet, "1", system, plan, normal, chats=Chats(plan.chat, plan.vocab, salt=1))
                 if system == "none":
-                    lines["1-limit"] = limit_run(fleet, plan, normal[0], lines["1"]["_records"])
+                    lines["1-limit"] = limit_run(plan, normal[0], lines["1"]["_records"])
             elif sc == "2":
-                assert offload is not None
                 lines["2"] = measure(fleet, "2", system, plan, [offload], chats=Chats(plan.chat, plan.vocab, salt=2))
             elif sc == "3":
                 lines["3"] = measure(fleet, "3", system, plan, normal[:1],
@@ -131,7 +130,7 @@ def measure(fleet: Fleet, scenario: str, system: str, plan: Plan, servers: list[
     return line
 
 
-def limit_run(fleet: Fleet, plan: Plan, server: Any, records: list[Any]) -> dict[str, Any]:
+def limit_run(plan: Plan, server: Any, records: list[Any]) -> dict[str, Any]:
     """Scenario 1's requests on one instance that already holds every prefix: first each
     user's last prompt (whose prefixes are all earlier rounds' prompts), then the requests."""
     done = sorted(summary.ok(records), key=lambda r: r.send_s)
@@ -146,6 +145,7 @@ def limit_run(fleet: Fleet, plan: Plan, server: Any, records: list[Any]) -> dict
             **summary.summarize(replay, len(done)),
             "vllm_metrics": summary.connector_delta(before, server.metrics()),
             "note": "scenario 1's requests on one vLLM instance already holding every prefix in its own cache"}
+    line["ttft_p50_ms_by_round"] = summary.ttft_by_round(replay)
     line["ttft_ms"] = [summary.ms(r.ttft_s) for r in summary.ok(replay)]
     line["_records"] = replay
     return line

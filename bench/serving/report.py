@@ -124,7 +124,8 @@ def draw_rounds(plt: Any, rows: list[dict[str, Any]]) -> Any:
             by = r["ttft_p50_ms_by_round"]
             ks = sorted(by, key=int)
             ax.plot([int(k) + 1 for k in ks], [by[k] for k in ks], marker="o", label=r["system"],
-                    color=f"C{SYSTEM_ORDER.index(r['system'])}" if r["system"] in SYSTEM_ORDER else None)
+                    color=f"C{SYSTEM_ORDER.index(r['system'])}" if r["system"] in SYSTEM_ORDER else None,
+                    linestyle="--" if r["system"] == "own-cache-limit" else "-")
     ax.set_yscale("log")
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
