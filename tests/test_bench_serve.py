@@ -58,8 +58,11 @@ def test_summaries_count_failures_and_compare_answers() -> None:
     assert (line["requests"], line["failed"], line["not_sent"]) == (2, 1, 1)
     assert line["ttft_p50_ms"] == 200.0 and line["itl_p50_ms"] == 30.0 and line["cached_frac"] == 0.5
     assert line["req_per_s"] == round(2 / 2.3, 4) and line["errors"] == ["HTTP 500: boom"]
-    base = [_rec(0, 0.5, [1, 2]), _rec(1, 0.5, [3, 9])]
-    assert summary.answers_against(records, base) == {"answers_compared": 2, "answers_differ": 1}
+    base = [_rec(0, 0.5, [1, 2]), _rec(1, 0.5, [3, 9]), _rec(2, 0.5, [5, 6])]
+    base[1].cached_tokens = 0  # a different computation: its difference is reported, not judged
+    assert summary.answers_against(records, base) == {"answers_compared": 2, "answers_differ": 1,
+                                                      "answers_same_computation": 1,
+                                                      "answers_differ_same_computation": 0}
 
 
 def test_ratios_say_how_many_times_better_lmkv_is() -> None:

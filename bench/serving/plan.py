@@ -100,7 +100,7 @@ def run_vllm_bench(plan: Plan, server: ApiServer, work: Path, system: str) -> di
            "--prefix-repetition-output-len", str(plan.chat.answer_tokens), "--num-prompts", str(plan.bench_prompts),
            "--request-rate", str(plan.bench_qps), "--seed", "0", "--ignore-eos", "--temperature", "0",
            "--percentile-metrics", "ttft,itl,e2el", "--metric-percentiles", "50,90,99", "--disable-tqdm",
-           "--save-result", "--result-dir", str(work), "--result-filename", out.name]
+           "--save-result", "--save-detailed", "--result-dir", str(work), "--result-filename", out.name]
     env = {"NO_PROXY": "127.0.0.1,localhost", "HF_HUB_OFFLINE": "1", "VLLM_TARGET_DEVICE": "cpu"}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=plan.duration_s + plan.drain_s,
                          env={**os.environ, **env}, check=False)
@@ -114,6 +114,7 @@ def run_vllm_bench(plan: Plan, server: ApiServer, work: Path, system: str) -> di
             "ttft_p99_ms": round(r["p99_ttft_ms"], 1), "itl_p50_ms": round(r["median_itl_ms"], 1),
             "e2e_p50_ms": round(r["median_e2el_ms"], 1), "req_per_s": round(r["request_throughput"], 4),
             "out_tok_per_s": round(r["output_throughput"], 2),
+            "ttft_ms": [round(x * 1e3, 1) for x in r.get("ttfts") or [] if x],
             "dataset": {"prefix_len": plan.bench_prefix, "suffix_len": plan.bench_suffix, "num_prefixes": 2,
                         "output_len": plan.chat.answer_tokens, "num_prompts": plan.bench_prompts,
                         "request_rate": plan.bench_qps}}

@@ -14,7 +14,7 @@ SCENARIO_NAMES = {"1": "1: multi-round chat, 2 instances", "2": "2: offload, one
 METRIC_NAMES = {"ttft_p50_ms": "TTFT p50", "ttft_p99_ms": "TTFT p99", "req_per_s": "req/s",
                 "server_cpu_s_per_req": "cache server CPU s per request"}
 HEADER = ["scenario", "system", "TTFT p50", "p90", "p99", "ITL p50", "e2e p50", "req/s", "out tok/s", "cached",
-          "failed", "answers ≠ none", "cache server CPU s/req", "its RSS"]
+          "failed", "answers ≠ none (of those computed alike)", "cache server CPU s/req", "its RSS"]
 RATIO_HEADER = ["scenario", "metric", "system vs", "ours", "theirs", "ratio", "target", "met"]
 
 
@@ -56,6 +56,8 @@ def table_rows(lines: list[dict[str, Any]]) -> list[list[str]]:
     rows = []
     for r in result_lines(lines):
         differ = (f"{r['answers_differ']} of {r['answers_compared']}" if "answers_compared" in r else "—")
+        if "answers_same_computation" in r:
+            differ += f" ({r['answers_differ_same_computation']} of {r['answers_same_computation']} alike)"
         rows.append([r["scenario"], r["system"], _ms(r.get("ttft_p50_ms")), _ms(r.get("ttft_p90_ms")),
                      _ms(r.get("ttft_p99_ms")), _ms(r.get("itl_p50_ms")), _ms(r.get("e2e_p50_ms")),
                      _num(r.get("req_per_s"), ".3f"), _num(r.get("out_tok_per_s"), ".1f"),
@@ -71,8 +73,8 @@ def ratio_rows(lines: list[dict[str, Any]]) -> list[list[str]]:
         metric = r["metric"]
         fmt = (lambda x: _ms(x)) if metric.endswith("_ms") else (lambda x: _num(x, ".4g"))
         met = "—" if r["met"] is None else ("yes" if r["met"] else "no")
-        target = "—" if r["target"] is None else (f"> {r['target']:g}×" if metric == "ttft_p99_ms"
-                                                   else f"≥ {r['target']:g}×")
+        target = "—" if r["target"] is None else (f"> {r['target']:.3g}×" if metric == "ttft_p99_ms"
+                                                   else f"≥ {r['target']:.3g}×")
         rows.append([r["scenario"], METRIC_NAMES.get(metric, metric), f"{r.get('system', 'lmkv')} vs {r['against']}",
                      fmt(r.get("ours")), fmt(r.get("theirs")), _num(r["ratio"], ".2f") + "×", target, met])
     return rows
@@ -90,10 +92,17 @@ def describe(cfg: dict[str, Any] | None) -> str:
     return (f"Model: random Llama, hidden {m['hidden']} x {m['layers']} layers, bf16, seed {m['seed']}; each "
             f"instance pinned to one core. Chat: {c['users']} users x {c['rounds']} rounds, system prompt "
             f"{c['system_tokens']} tokens, history {c['history_tokens']}, question {c['question_tokens']}, answer "
-            f"{c['answer_tokens']} (greedy), Poisson arrivals at {c['qps']:g} QPS (LMCache's multi_round_qa shape "
-            f"scaled to 2 cores); scenario 2's engine cache holds {100 * cfg['offload_kv_frac']:.0f}% of the "
+            f"{c['answer_tokens']} (greedy), Poisson arrivals at {c['qps']:g} QPS "
+            f"({'CI-sized, --quick' if cfg.get('quick') else 'LMCache multi_round_qa shape scaled to 2 cores'}); "
+            f"scenario 2's engine cache holds {100 * cfg['offload_kv_frac']:.0f}% of the "
             f"{c['working_set_tokens']}-token working set; scenario 3: {cfg['unique']['n']} unique prompts of "
             f"{cfg['unique']['tokens']} tokens at {cfg['unique']['qps']:g} QPS.")
+
+
+def _plain_log_ticks(plt: Any, axis: Any) -> None:
+    """Log-scale ticks labelled 20, 50, 100 instead of 2x10^1 (minor labels overlap)."""
+    axis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x:g}"))
+    axis.set_minor_formatter(plt.NullFormatter())
 
 
 def draw_ttft(plt: Any, rows: list[dict[str, Any]]) -> Any:
@@ -108,6 +117,7 @@ def draw_ttft(plt: Any, rows: list[dict[str, Any]]) -> Any:
                 ax.step(xs, [100 * (i + 1) / len(xs) for i in range(len(xs))], where="post", label=r["system"],
                         color=color, linestyle="--" if r["system"] == "own-cache-limit" else "-")
         ax.set_xscale("log")
+        _plain_log_ticks(plt, ax.xaxis)
         ax.set_title(SCENARIO_NAMES[sc], fontsize=9)
         ax.set_xlabel("TTFT (ms, log scale)")
         ax.grid(True, which="both", alpha=0.3)
@@ -127,6 +137,7 @@ def draw_rounds(plt: Any, rows: list[dict[str, Any]]) -> Any:
                     color=f"C{SYSTEM_ORDER.index(r['system'])}" if r["system"] in SYSTEM_ORDER else None,
                     linestyle="--" if r["system"] == "own-cache-limit" else "-")
     ax.set_yscale("log")
+    _plain_log_ticks(plt, ax.yaxis)
     ax.set_xlabel("round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("TTFT p50 (ms, log scale)")

@@ -65,13 +65,20 @@ def summarize(records: list[Record], planned: int) -> dict[str, Any]:
 
 
 def answers_against(records: list[Record], baseline: list[Record]) -> dict[str, int]:
-    """How many requests (same user and round) this system and ``none`` both answered, and
-    in how many the tokens differ. Greedy on the same model, but vLLM's CPU kernels are not
-    bit-invariant across cached prefix lengths: a report, not a failure (and a later round
-    of a chat whose earlier answer differed has a different prompt)."""
-    base = {(r.user, r.round): r.token_ids for r in ok(baseline)}
-    pairs = [(r.token_ids, base[(r.user, r.round)]) for r in ok(records) if (r.user, r.round) in base]
-    return {"answers_compared": len(pairs), "answers_differ": sum(a != b for a, b in pairs)}
+    """This system's answers against ``none``'s for the same (user, round): how many pairs,
+    and in how many the tokens differ. Greedy on the same model, but vLLM's CPU kernels are
+    not bit-invariant across cached prefix lengths, and a chat whose earlier answer differed
+    has a different prompt later: a report, not a failure. Closer to an oracle are the pairs
+    that did the same computation (the same prompt, the same number of cached tokens): a
+    difference there (``answers_differ_same_computation``) is where to look first for wrong
+    cached bytes, though under load their batches still differ (bench/ttft.py is the
+    bit-exact check, one request at a time)."""
+    base = {(r.user, r.round): r for r in ok(baseline)}
+    pairs = [(r, base[(r.user, r.round)]) for r in ok(records) if (r.user, r.round) in base]
+    same = [(a, b) for a, b in pairs if a.messages == b.messages and a.cached_tokens == b.cached_tokens]
+    return {"answers_compared": len(pairs), "answers_differ": sum(a.token_ids != b.token_ids for a, b in pairs),
+            "answers_same_computation": len(same),
+            "answers_differ_same_computation": sum(a.token_ids != b.token_ids for a, b in same)}
 
 
 def ttft_by_round(records: list[Record]) -> dict[str, float | None]:
