@@ -132,6 +132,7 @@ class Fleet:
     servers: list[ApiServer] = field(default_factory=list)
     cache_proc: subprocess.Popen[Any] | None = None
     _sidecar: SidecarProcess | None = None
+    _rpc: int = 0  # the LMCache server's port
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def __enter__(self) -> Fleet:
@@ -149,7 +150,6 @@ class Fleet:
             self._sidecar.close()
             self._sidecar = None
 
-    # -- the cache server -------------------------------------------------------------
     def start_cache(self, pool_bytes: int) -> None:
         """The system's node-wide cache, its pool big enough for ``pool_bytes`` of KV."""
         if self.system == "lmkv":
@@ -182,7 +182,6 @@ class Fleet:
             return json.loads(out.stdout.splitlines()[0])
         return None
 
-    # -- the API servers --------------------------------------------------------------
     def transfer_config(self) -> dict[str, Any] | None:
         if self.system == "lmkv":
             assert self._sidecar is not None
