@@ -197,36 +197,47 @@ class Fleet:
 
     def start_servers(self, shapes: list[EngineShape]) -> list[ApiServer]:
         """One API server per shape, the i-th pinned to core i mod the cores, all started
-        before waiting for any (they load at the same time)."""
-        started = []
-        for i, shape in enumerate(shapes):
-            core = i % (os.cpu_count() or 1)
-            name = f"{self.system}-{len(self.servers)}"
-            port = free_port()
-            log = self.work / f"{name}.log"
-            cmd = [str(self.python()), str(HERE / "launch.py"), "api-server", "--model", shape.model,
-                   "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
-                   "--block-size", str(BLOCK_SIZE), "--max-model-len", str(shape.max_model_len),
-                   "--kv-cache-memory-bytes", str(shape.kv_cache_bytes), "--max-num-seqs", str(shape.max_num_seqs),
-                   "--max-num-batched-tokens", str(max(2048, shape.max_model_len)), "--seed", "0",
-                   "--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager",
-                   "--disable-uvicorn-access-log", "--generation-config", "vllm",
-                   # the worker in the engine core process: one interpreter fewer to start per instance
-                   "--distributed-executor-backend", "uni"]
-            tc = self.transfer_config()
-            if tc is not None:
-                cmd += ["--kv-transfer-config", json.dumps(tc)]
-            env = {**self.env(), "VLLM_CPU_OMP_THREADS_BIND": str(core)}
-            with log.open("wb") as f:
-                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=self.work,
-                                        start_new_session=True)
-            server = ApiServer(name, proc, port, log)
-            self.servers.append(server)
-            started.append(server)
+        before waiting for any (they load at the same time). One that fails to start is
+        started once more: on a shared machine a cleanup of "leaked" /dev/shm/sem.mp-* names
+        (tests/e2e/engines.py's, whose in-use check cannot see a named semaphore) has unlinked
+        the one vLLM hands its spawned worker, seen three times here; a second failure raises."""
+        started = [self._launch(shape, i % (os.cpu_count() or 1)) for i, shape in enumerate(shapes)]
         deadline = time.monotonic() + START_TIMEOUT_S
-        for s in started:
-            s.wait_ready(deadline)
+        for i, s in enumerate(started):
+            try:
+                s.wait_ready(deadline)
+            except RuntimeError as e:
+                lines = str(e).splitlines()
+                cause = next((ln for ln in lines if "Error" in ln and "RuntimeError" not in ln), lines[-1])
+                print(f"serve: {s.name} did not start, starting it once more ({cause.strip()[:200]}; log: {s.log})",
+                      file=sys.stderr, flush=True)
+                stop_group(s.proc)
+                self.servers.remove(s)
+                started[i] = self._launch(shapes[i], i % (os.cpu_count() or 1), retry=True)
+                started[i].wait_ready(time.monotonic() + START_TIMEOUT_S)
         return started
+
+    def _launch(self, shape: EngineShape, core: int, retry: bool = False) -> ApiServer:
+        name = f"{self.system}-{len(self.servers)}{'-retry' if retry else ''}"
+        port = free_port()
+        log = self.work / f"{name}.log"
+        cmd = [str(self.python()), str(HERE / "launch.py"), "api-server", "--model", shape.model,
+               "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port),
+               "--block-size", str(BLOCK_SIZE), "--max-model-len", str(shape.max_model_len),
+               "--kv-cache-memory-bytes", str(shape.kv_cache_bytes), "--max-num-seqs", str(shape.max_num_seqs),
+               "--max-num-batched-tokens", str(max(2048, shape.max_model_len)), "--seed", "0",
+               "--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager",
+               "--disable-uvicorn-access-log", "--generation-config", "vllm"]
+        tc = self.transfer_config()
+        if tc is not None:
+            cmd += ["--kv-transfer-config", json.dumps(tc)]
+        env = {**self.env(), "VLLM_CPU_OMP_THREADS_BIND": str(core)}
+        with log.open("wb") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=self.work,
+                                    start_new_session=True)
+        server = ApiServer(name, proc, port, log)
+        self.servers.append(server)
+        return server
 
     def python(self) -> Path:
         return venv_python(LMCACHE_VENV) if self.system == "lmcache" else Path(sys.executable)
