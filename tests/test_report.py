@@ -149,7 +149,7 @@ def _serve_ratio(scenario: str, metric: str, against: str, ours: float, theirs: 
 
 ROUNDS = {"ttft_p50_ms_by_round": {"0": 9000.0, "1": 700.0, "2": 650.0, "3": 640.0}}
 SERVE = [
-    json.dumps({"bench": "serve", "scenario": "4", "skipped": "not yet: needs kv_role support (issue 18)"}),
+    json.dumps({"bench": "serve", "scenario": "4", "skipped": "not yet: the 1P1D scenario over launch/pd_proxy.py is not written (issue 18)"}),
     json.dumps({"bench": "serve", "config": True, "quick": False, "scenarios": ["1", "2", "3", "bench"],
                 "systems": ["none", "lmkv", "lmcache"], "duration_s": 240, "cores_per_instance": 1,
                 "model": {"hidden": 1024, "layers": 8, "heads": 32, "head_dim": 32, "vocab": 4096,
@@ -280,7 +280,7 @@ def test_the_serving_figures_lead_the_block(tmp_path: Path) -> None:
         assert row in block, row
     prose = " ".join(block.split())
     assert prose.index("`python bench/serve.py`") < prose.index("`python bench/datapath.py")
-    assert "scenario 4: skipped (not yet: needs kv_role support (issue 18))." in prose
+    assert "scenario 4: skipped (not yet: the 1P1D scenario over launch/pd_proxy.py is not written (issue 18))." in prose
     assert "hidden 1024 x 8 layers" in prose and "5 users x 4 rounds" in prose and "28% of the 4186-token" in prose
 
 
