@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("httpx", reason="bench/serve.py's client: pip install -e '.[bench]'")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from serving import summary  # noqa: E402
 from serving.client import Record  # noqa: E402
