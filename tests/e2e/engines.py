@@ -21,8 +21,10 @@ from tests.conftest import Procs, SidecarHandle
 ENGINE_TIMEOUT = 600
 SHM = Path("/dev/shm")
 # What vLLM's CPU worker processes leave in /dev/shm when they are killed rather than shut
-# down (multiprocessing shared memory and semaphores, vLLM's TP shm buffers).
-ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-", "vllm_dist_")
+# down (multiprocessing shared memory, vLLM's TP shm buffers). Not their named semaphores
+# (sem.mp-*): a live one shows in no process's maps, so it cannot be told from a leaked one,
+# and unlinking it kills an engine that another test session is starting right then.
+ENGINE_SHM_PREFIXES = ("psm_", "vllm_dist_")
 
 
 def require_vllm() -> None:
