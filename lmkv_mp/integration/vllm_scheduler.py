@@ -51,7 +51,7 @@ class _Req:
     prefetch_deadline: float = 0.0      # set at the first LOOKUP that reported pending chunks
     last_ask: float = 0.0
     load: bool = True                   # False: never loaded (declined, or vLLM's skip_reading_prefix_cache)
-    key: RequestKey | None = None       # its seed and extras (None: declined), to hash its answer at the end
+    key: RequestKey | None = None       # its seed and extras (None: declined), to extend the chain over its answer
     device_tokens: int = 0              # of the planned load, tokens every rank reads from a GPU tier copy
 
 
